@@ -1,0 +1,455 @@
+"""The `crowd-sync` command: the only place that prints for people, and the exit codes.
+
+Exit codes (product contract): 0 all due work done; 3 finished but records are left
+failed, invalid or dead; 2 configuration error (bad settings, rejected credentials,
+unreachable database, another instance running); 1 unexpected error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from datetime import UTC, date, datetime
+from typing import Any, TextIO
+from urllib.parse import quote
+
+import structlog
+
+from sync import __version__, logs
+from sync import settings as settings_mod
+from sync.errors import ConfigError, SyncError, TransientError
+from sync.settings import Settings
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_CONFIG = 2
+EXIT_LEFT_OVER = 3
+
+log = structlog.get_logger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="settings file (default: $CROWD_SYNC_CONFIG, then ./settings.yaml)",
+    )
+    p = argparse.ArgumentParser(
+        prog="crowd-sync",
+        parents=[common],
+        description="重点人群“先诊疗后付费”诊疗记录上传 / key-population visit records to the Sichuan platform",
+        epilog="exit codes: 0 done; 3 records left failed/invalid/dead; 2 configuration error; 1 unexpected error",
+    )
+    p.add_argument("--version", action="version", version=f"crowd-sync {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=text, description=text)
+
+    add("run", "the daemon: scheduled poll, dispatch and nightly reconcile until SIGTERM/SIGINT")
+    add("once", "one poll of new settlements, then dispatch everything due, then exit")
+    rec = add("reconcile", "re-read a window of the HIS, enqueue what changed, dispatch")
+    rec.add_argument("--since", required=True, type=_date, metavar="YYYY-MM-DD")
+    rec.add_argument("--until", type=_date, metavar="YYYY-MM-DD", help="inclusive (default: now)")
+    st = add("status", "counts per status, oldest pending, last upload, last run, configuration error")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    rt = add("retry", "requeue records now")
+    grp = rt.add_mutually_exclusive_group(required=True)
+    grp.add_argument("--lsh", nargs="+", metavar="LSH")
+    grp.add_argument("--status", choices=["failed", "invalid", "dead", "skipped"])
+    add("check", "doctor: settings, HIS query, outbox schema, clock, login, one label lookup")
+    lk = add("lookup", "ask the label API about one ID number and print the labels")
+    lk.add_argument("id_number", metavar="ID_NUMBER")
+    lk.add_argument("--json", action="store_true")
+    add("migrate", "bring the outbox database to the current schema")
+    demo = add("demo", "a complete local run: demo HIS, built-in simulator, a few cycles, status")
+    demo.add_argument("--dir", default="var/demo", help="where the demo writes its databases (default var/demo)")
+    sim = add("simulator", "run the built-in platform simulator alone (loopback by default)")
+    sim.add_argument("--port", type=int, default=18080)
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--env", choices=["test", "prod"], default="test")
+    sim.add_argument("--latency-ms", type=int, default=0)
+    sim.add_argument("--people", metavar="FILE.json")
+    return p
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.command:
+        _parser().print_help()
+        return EXIT_CONFIG
+    out = sys.stdout
+    try:
+        if args.command == "simulator":
+            return _simulator(args)
+        if args.command == "demo":
+            from sync import demo
+
+            logs.configure(level="warning", fmt="console")
+            return demo.main(args.dir, out=out)
+        settings = _load_settings(getattr(args, "config", None))
+        handler: Callable[[argparse.Namespace, Settings, TextIO], int] = COMMANDS[args.command]
+        return handler(args, settings, out)
+    except ConfigError as exc:
+        _print_error(exc)
+        return EXIT_CONFIG
+    except TransientError as exc:
+        # A database or the platform cannot be reached at all: nothing to do until it can.
+        _print_error(exc)
+        return EXIT_CONFIG
+    except SyncError as exc:
+        _print_error(exc)
+        return EXIT_UNEXPECTED
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        log.error("unexpected_error", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+        print(
+            logs.redact(f"crowd-sync: unexpected error: {type(exc).__name__}: {exc}"),
+            file=sys.stderr,
+        )
+        return EXIT_UNEXPECTED
+
+
+def _print_error(exc: SyncError) -> None:
+    print(logs.redact(f"crowd-sync: {exc}"), file=sys.stderr)
+
+
+def _load_settings(path: str | None) -> Settings:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", settings_mod.SecretFileWarning)
+        settings = settings_mod.load(path)
+    logs.configure(level=settings.log.level, fmt=settings.log.format)
+    _register_secrets(settings)
+    for w in caught:
+        log.warning("secret_file_readable_by_others", detail=str(w.message))
+    if not settings.upstream.verify_tls and settings.upstream.base_url.startswith("https"):
+        log.warning("tls_verification_disabled", setting="upstream.verify_tls", fix="set upstream.verify_tls: true")
+    return settings
+
+
+def _register_secrets(settings: Settings) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from sync.upstream.signing import decode_app_key
+
+    key = settings.upstream.app_key.get_secret_value()
+    decoded = decode_app_key(key)
+    logs.register_secret(settings.upstream.password.get_secret_value(), key, decoded, quote(decoded, safe=""))
+    for url in (settings.his.url.get_secret_value(), settings.outbox.url.get_secret_value()):
+        try:
+            pw = make_url(url).password
+        except ArgumentError:
+            continue
+        if pw:
+            logs.register_secret(str(pw))
+
+
+# -- building blocks ------------------------------------------------------------
+
+
+def _store(settings: Settings) -> Any:
+    from sync.outbox.store import Store
+
+    store = Store(settings.outbox.url.get_secret_value(), lease_s=settings.outbox.lease_s)
+    return store
+
+
+def _pipeline(settings: Settings, store: Any) -> Any:
+    from sync.pipeline import Pipeline
+    from sync.upstream.client import Client
+
+    client = Client(settings.upstream, store.token_store())
+    return Pipeline(settings, store=store, client=client)
+
+
+def _exit_for(store: Any) -> int:
+    from sync.pipeline import utcnow
+
+    summary = store.summary(now=utcnow())
+    left = sum(summary.counts.get(s, 0) for s in ("failed", "invalid", "dead"))
+    config_error = summary.config_error
+    if config_error:
+        return EXIT_CONFIG
+    return EXIT_LEFT_OVER if left else EXIT_OK
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def cmd_migrate(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    store = _store(settings)
+    try:
+        before, after = store.migrate()
+    finally:
+        store.dispose()
+    print(f"outbox {store.url_for_humans}: schema {before or '(empty)'} -> {after}", file=out)
+    return EXIT_OK
+
+
+def _one_shot(args: argparse.Namespace, settings: Settings, out: TextIO, kind: str) -> int:
+    store = _store(settings)
+    with ExitStack() as stack:
+        stack.callback(store.dispose)
+        store.ensure_schema()
+        stack.enter_context(store.instance_lock(command=kind))
+        pipeline = _pipeline(settings, store)
+        stack.callback(pipeline.close)
+        pipeline.his.check()
+        stats = pipeline.reconcile(args.since, args.until) if kind == "reconcile" else pipeline.cycle("once")
+        print(
+            f"read {stats.rows_read}, enqueued {stats.enqueued}, sent {stats.sent} "
+            f"(created {stats.created}, updated {stats.updated}), failed {stats.failed}, "
+            f"invalid {stats.invalid}, skipped {stats.skipped}, dead {stats.dead}, {stats.duration_s:.1f}s",
+            file=out,
+        )
+        if stats.paused:
+            print(f"sending paused by a configuration error: {stats.paused}", file=sys.stderr)
+        return _exit_for(store)
+    return EXIT_UNEXPECTED  # pragma: no cover - ExitStack does not swallow
+
+
+def cmd_once(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    return _one_shot(args, settings, out, "once")
+
+
+def cmd_reconcile(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    return _one_shot(args, settings, out, "reconcile")
+
+
+def cmd_run(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    from sync.daemon import Daemon
+
+    store = _store(settings)
+    with ExitStack() as stack:
+        stack.callback(store.dispose)
+        store.ensure_schema()
+        stack.enter_context(store.instance_lock(command="run"))
+        pipeline = _pipeline(settings, store)
+        pipeline.his.check()
+        return Daemon(settings, pipeline).run()
+    return EXIT_UNEXPECTED  # pragma: no cover
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    from sync.pipeline import utcnow
+
+    store = _store(settings)
+    try:
+        store.ensure_schema()
+        summary = store.summary(now=utcnow())
+    finally:
+        store.dispose()
+    data = _summary_dict(summary, utcnow())
+    data["outbox"] = store.url_for_humans
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False, indent=2, default=str), file=out)
+        return EXIT_OK
+    print(_render_status(data), file=out)
+    return EXIT_OK
+
+
+def _summary_dict(summary: Any, now: datetime) -> dict[str, Any]:
+    oldest = summary.oldest_pending_at
+    return {
+        "counts": dict(summary.counts),
+        "oldest_pending_at": _iso(oldest),
+        "oldest_pending_age_s": int((now - oldest).total_seconds()) if oldest else None,
+        "last_sent_at": _iso(summary.last_sent_at),
+        "last_run": _jsonable(summary.last_run),
+        "last_successful_run": _jsonable(summary.last_successful_run),
+        "config_error": _jsonable(summary.config_error),
+        "leased": summary.leased,
+        "times": "UTC",
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.replace(tzinfo=UTC).isoformat() if value else None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, datetime):
+        return _iso(value)
+    return value
+
+
+_STATUS_NAMES = {
+    "pending": "待发送",
+    "sent": "已发送",
+    "failed": "失败待重试",
+    "invalid": "数据不合规",
+    "dead": "已放弃",
+    "skipped": "非重点人群",
+}
+
+
+def _render_status(d: dict[str, Any]) -> str:
+    lines = [f"crowd-sync 状态 / status — outbox {d['outbox']} (times UTC)"]
+    for name, zh in _STATUS_NAMES.items():
+        lines.append(f"  {zh:<6} {name:<8} {d['counts'].get(name, 0):>8}")
+    age = d["oldest_pending_age_s"]
+    lines.append(
+        "  最早待发送 oldest pending: "
+        + (f"{d['oldest_pending_at']} ({_human_age(age)} ago)" if age is not None else "none")
+    )
+    lines.append(f"  上次成功上传 last upload: {d['last_sent_at'] or 'never'}")
+    run = d.get("last_run")
+    if run:
+        lines.append(
+            f"  上次运行 last run: {run.get('kind')} {run.get('started_at')} — read {run.get('rows_read')}, "
+            f"enqueued {run.get('enqueued')}, sent {run.get('sent')}, failed {run.get('failed')}, "
+            f"invalid {run.get('invalid')}, skipped {run.get('skipped')}, dead {run.get('dead')}"
+            + (f" — error: {run['error']}" if run.get("error") else "")
+        )
+    else:
+        lines.append("  上次运行 last run: never")
+    ce = d.get("config_error")
+    if ce:
+        lines.append(f"  !! 发送已暂停 sending paused since {ce.get('since')}: {ce.get('message')}")
+        if ce.get("hint"):
+            lines.append(f"     处理 fix: {ce.get('hint')}")
+    else:
+        lines.append("  配置错误 configuration error: none")
+    return "\n".join(lines)
+
+
+def _human_age(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 172800:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 86400} d"
+
+
+def cmd_retry(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    from sync.outbox.store import Status
+    from sync.pipeline import utcnow
+
+    store = _store(settings)
+    try:
+        store.ensure_schema()
+        if args.lsh:
+            n = store.requeue(now=utcnow(), lshs=list(args.lsh))
+        else:
+            n = store.requeue(now=utcnow(), statuses=[Status(args.status)])
+    finally:
+        store.dispose()
+    print(f"requeued {n} record(s): they are sent at the next cycle (or run `crowd-sync once`)", file=out)
+    return EXIT_OK
+
+
+def cmd_lookup(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    from sync.upstream.client import Client
+
+    store = _store(settings)
+    try:
+        store.ensure_schema()
+        client = Client(settings.upstream, store.token_store())
+        try:
+            result = client.lookup(args.id_number.strip().upper())
+        finally:
+            client.close()
+    finally:
+        store.dispose()
+    person = result.person
+    if args.json:
+        print(json.dumps(_person_dict(person, settings), ensure_ascii=False, indent=2), file=out)
+        return EXIT_OK
+    print(_render_person(person, args.id_number, settings), file=out)
+    return EXIT_OK
+
+
+def _person_dict(person: Any, settings: Settings) -> dict[str, Any]:
+    if person is None:
+        return {"found": False, "key_population": False}
+    own = settings.institution.county_code
+    return {
+        "found": True,
+        "key_population": person.is_key_population,
+        "name": person.name,
+        "id_number": logs.mask_id(person.id_number),
+        "household_county": person.household_county,
+        "household_county_name": person.household_county_name,
+        "in_own_county": (person.household_county == own) if own and person.household_county else None,
+        "credit_constrained": person.credit_constrained,
+        "labels": [
+            {"family": family, "code": lbl.code, "name": lbl.name, "credit_constrained": lbl.attr1 == "1"}
+            for family, items in (
+                ("demographic", person.demographic),
+                ("socio_economic", person.socio_economic),
+                ("health", person.health),
+                ("management", person.management),
+            )
+            for lbl in items
+        ],
+    }
+
+
+def _render_person(person: Any, id_number: str, settings: Settings) -> str:
+    masked = logs.mask_id(id_number)
+    if person is None:
+        return f"{masked}: 不在重点人群中 / not in the key population (the platform returned no data)"
+    d = _person_dict(person, settings)
+    lines = [
+        f"{masked}: {d['name'] or ''} — "
+        + ("重点人群 / key population" if d["key_population"] else "无标签 / no labels"),
+        f"  户籍地 household county: {d['household_county'] or '-'} {d['household_county_name'] or ''}",
+    ]
+    if d["in_own_county"] is not None:
+        lines.append(
+            "  本县户籍 in the hospital's county: " + ("是 / yes" if d["in_own_county"] else "否 / no")
+        )
+    lines.append(
+        "  信用约束 credit-constraint list: " + ("是 / yes" if d["credit_constrained"] else "否 / no")
+    )
+    for lbl in d["labels"]:
+        flag = " (信用约束)" if lbl["credit_constrained"] else ""
+        lines.append(f"  [{lbl['family']}] {lbl['code']} {lbl['name']}{flag}")
+    return "\n".join(lines)
+
+
+def cmd_check(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    from sync.doctor import run_checks
+
+    ok = run_checks(settings, out=out)
+    return EXIT_OK if ok else EXIT_CONFIG
+
+
+def _simulator(args: argparse.Namespace) -> int:
+    from sync.upstream import simulator
+
+    argv = ["--port", str(args.port), "--host", args.host, "--env", args.env, "--latency-ms", str(args.latency_ms)]
+    if args.people:
+        argv += ["--people", args.people]
+    return simulator.main(argv)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], int]] = {
+    "migrate": cmd_migrate,
+    "once": cmd_once,
+    "reconcile": cmd_reconcile,
+    "run": cmd_run,
+    "status": cmd_status,
+    "retry": cmd_retry,
+    "lookup": cmd_lookup,
+    "check": cmd_check,
+}

@@ -1,0 +1,171 @@
+"""The service: scheduled cycles and the nightly reconcile, signals, systemd notify.
+
+APScheduler 3 keeps the jobs in memory (every durable fact lives in the outbox).
+Both jobs share one worker thread, so a reconcile waits for a running cycle
+instead of racing it; each job runs one instance at a time, missed runs are
+coalesced into one, and a late run is never dropped (no misfire deadline), so a
+job that overran or a host that slept still does the work when it wakes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from datetime import date, datetime, timedelta
+from types import FrameType
+from typing import Any
+
+import structlog
+from apscheduler.executors.pool import ThreadPoolExecutor as JobExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from sync.errors import SyncError
+from sync.pipeline import Pipeline
+from sync.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+STOP_GRACE_S = 10.0
+
+
+class SystemdNotifier:
+    """sd_notify(3) over $NOTIFY_SOCKET; silent when not run by systemd."""
+
+    def __init__(self) -> None:
+        addr = os.environ.get("NOTIFY_SOCKET", "")
+        self._addr: str | None = None
+        if addr:
+            self._addr = "\0" + addr[1:] if addr.startswith("@") else addr
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        self.watchdog_s: float | None = None
+        if usec.isdigit() and (not pid or pid == str(os.getpid())):
+            self.watchdog_s = int(usec) / 1_000_000
+
+    def notify(self, message: str) -> None:
+        if not self._addr:
+            return
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.connect(self._addr)
+                s.sendall(message.encode("utf-8"))
+        except OSError as exc:
+            log.warning("systemd_notify_failed", error=str(exc))
+
+
+class Daemon:
+    def __init__(self, settings: Settings, pipeline: Pipeline, *, notifier: SystemdNotifier | None = None) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.notifier = notifier or SystemdNotifier()
+        self._stop = threading.Event()
+        self._job_started: float | None = None
+        self._job_lock = threading.Lock()
+        self.last_cycle_ok: bool | None = None
+        self.last_cycle_at: float | None = None
+        self.scheduler = BackgroundScheduler(
+            executors={"default": JobExecutor(max_workers=1)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            timezone=settings.schedule.tz,
+        )
+
+    # -- jobs -----------------------------------------------------------------
+
+    def _guarded(self, name: str, fn: Any) -> None:
+        if self._stop.is_set():
+            return
+        with self._job_lock:
+            self._job_started = time.monotonic()
+        self.pipeline.progress.tick()
+        try:
+            fn()
+            self.last_cycle_ok = True
+        except SyncError as exc:
+            self.last_cycle_ok = False
+            log.error(f"{name}_failed", error=exc.message, fix=exc.hint)
+        except Exception as exc:
+            self.last_cycle_ok = False
+            log.exception(f"{name}_crashed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.last_cycle_at = time.time()
+            with self._job_lock:
+                self._job_started = None
+
+    def _cycle(self) -> None:
+        self._guarded("cycle", lambda: self.pipeline.cycle("cycle"))
+
+    def _reconcile(self) -> None:
+        since = reconcile_since(self.settings)
+        self._guarded("reconcile", lambda: self.pipeline.reconcile(since))
+
+    # -- main loop ------------------------------------------------------------
+
+    def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
+        if not self._stop.is_set():
+            log.info("stop_requested", signal=signal.Signals(signum).name if signum else None)
+        self._stop.set()
+        self.pipeline.request_stop()
+
+    def _healthy_for_watchdog(self) -> bool:
+        """Fed only while the loop really progresses: idle between jobs, or a job that
+        keeps making progress (a batch recorded, an upload answered)."""
+        with self._job_lock:
+            started = self._job_started
+        if started is None:
+            return True
+        limit = (self.notifier.watchdog_s or 600.0) / 2
+        return time.monotonic() - self.pipeline.progress.at < limit
+
+    def run(self) -> int:
+        s = self.settings.schedule
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self.scheduler.add_job(
+            self._cycle,
+            IntervalTrigger(seconds=s.poll_every_s, timezone=s.tz),
+            id="cycle",
+            next_run_time=datetime.now(s.tz),
+        )
+        at = s.reconcile_time
+        self.scheduler.add_job(
+            self._reconcile, CronTrigger(hour=at.hour, minute=at.minute, timezone=s.tz), id="reconcile"
+        )
+        self.scheduler.start()
+        log.info(
+            "daemon_started",
+            poll_every_s=s.poll_every_s,
+            reconcile_at=s.reconcile_at,
+            timezone=s.timezone,
+            pid=os.getpid(),
+        )
+        self.notifier.notify(f"READY=1\nSTATUS=polling every {s.poll_every_s}s")
+        tick = min(5.0, (self.notifier.watchdog_s or 10.0) / 4)
+        while not self._stop.wait(tick):
+            if self._healthy_for_watchdog():
+                self.notifier.notify("WATCHDOG=1")
+            else:
+                log.warning("watchdog_starved", seconds_without_progress=round(time.monotonic() - self.pipeline.progress.at))
+        self.notifier.notify("STOPPING=1")
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        deadline = time.monotonic() + STOP_GRACE_S
+        self.scheduler.shutdown(wait=False)
+        while time.monotonic() < deadline:
+            with self._job_lock:
+                if self._job_started is None:
+                    break
+            time.sleep(0.05)
+        self.pipeline.close(wait_s=max(0.0, deadline - time.monotonic()))
+        log.info("daemon_stopped")
+        return 0
+
+
+def reconcile_since(settings: Settings, today: date | None = None) -> date:
+    base = today or datetime.now(settings.schedule.tz).date()
+    return base - timedelta(days=settings.schedule.reconcile_days)

@@ -1,0 +1,107 @@
+"""`crowd-sync check`: every precondition of a working service, each failure with its fix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TextIO
+
+from sync.errors import SyncError
+from sync.settings import Settings
+
+# Document section 3.1: ID numbers that answer with labels in each environment.
+PROBE_IDS = {"test": "510100198506020036", "prod": "110104198506020037"}
+MAX_SKEW_S = 300
+
+
+def run_checks(settings: Settings, *, out: TextIO) -> bool:
+    """Run every check, print one line each; True when nothing failed."""
+    from sync.his import HisSource
+    from sync.outbox.store import Store
+    from sync.upstream.client import Client
+
+    failures = 0
+
+    def report(name: str, fn: Callable[[], str]) -> bool:
+        nonlocal failures
+        try:
+            detail = fn()
+        except SyncError as exc:
+            failures += 1
+            print(f"[FAIL] {name}: {exc.message}", file=out)
+            if exc.platform_message and exc.platform_message not in exc.message:
+                print(f"       平台返回 platform said: {exc.platform_message}", file=out)
+            if exc.hint:
+                print(f"       处理 fix: {exc.hint}", file=out)
+            return False
+        print(f"[ OK ] {name}: {detail}" if detail else f"[ OK ] {name}", file=out)
+        return True
+
+    print(f"[ OK ] settings: {settings.source_path} parsed", file=out)
+
+    store = Store(settings.outbox.url.get_secret_value(), lease_s=settings.outbox.lease_s)
+    his = HisSource(settings.his, need_key_crowd=settings.key_crowd.source == "column")
+    client: Client | None = None
+    try:
+        def outbox() -> str:
+            store.ensure_schema()
+            return f"{store.url_for_humans} schema current"
+
+        outbox_ok = report("outbox", outbox)
+
+        def his_query() -> str:
+            columns = his.check()
+            now = his.now()
+            return f"query returns the {len(columns)} expected columns; HIS clock {now:%Y-%m-%d %H:%M:%S}"
+
+        report("HIS database and query", his_query)
+
+        if not outbox_ok:
+            print("[SKIP] platform checks: they need the outbox (it keeps the shared login token)", file=out)
+            return False
+        client = Client(settings.upstream, store.token_store())
+        c = client
+
+        def login() -> str:
+            from sync.upstream.tokens import utcnow
+
+            tok = store.token_store().current()
+            if tok is not None and tok.valid_at(utcnow()):
+                return (
+                    "the shared token is still valid (not logging in again: that would push out "
+                    "the running service's session)"
+                )
+            store.token_store().renew(None, c.login)
+            return f"logged in as {settings.upstream.username}"
+
+        login_ok = report("platform login", login)
+
+        def lookup() -> str:
+            probe = PROBE_IDS[settings.upstream.env]
+            result = c.lookup(probe)
+            if result.person is None:
+                return f"label API answered (no labels for the document's probe ID {probe[:6]}…)"
+            return f"label API answered: {len(result.person.labels)} label(s) for the document's probe ID"
+
+        if login_ok:
+            report("label lookup", lookup)
+
+        def clock() -> str:
+            skew = c.clock_skew_s()
+            if skew is None:
+                return "platform sent no Date header; cannot compare"
+            if abs(skew) > MAX_SKEW_S:
+                raise SyncError(
+                    f"this host's clock differs from the platform's by {skew:+.0f} s",
+                    hint="the platform answers (401) 未经授权 when hie_time_stamp is not current: "
+                    "synchronise the clock (chrony/ntp)",
+                )
+            return f"within {abs(skew):.0f} s of the platform"
+
+        report("clock", clock)
+    finally:
+        if client is not None:
+            client.close()
+        his.dispose()
+        store.dispose()
+    print("all checks passed" if not failures else f"{failures} check(s) failed", file=out)
+    return failures == 0

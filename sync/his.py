@@ -1,0 +1,407 @@
+"""Run the hospital's own query over a time window and stream canonical rows.
+
+``his.query`` is the hospital's SELECT with ``:since`` and ``:until``; it returns the
+canonical columns of the product contract under any letter case. It is run wrapped
+as ``SELECT * FROM (<query>) q ORDER BY changed_at, lsh`` so that the caller can
+advance its cursor batch by batch, through a server-side cursor so that memory
+stays flat however large the window.
+
+The HIS is somebody else's production database: connections are few, read-only
+where the database makes that cheap, and a connection the network or the DBA cut
+is dropped from the pool so that the next poll works without anyone stepping in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
+
+from sync import records
+from sync.errors import ConfigError, TransientError
+from sync.logs import redact, register_secret
+from sync.settings import His
+
+log = structlog.get_logger(__name__)
+
+# A window that holds no rows: used to learn the query's columns without reading any.
+_EMPTY_AT = datetime(2000, 1, 1)
+# Long enough for a heavy window query on a busy HIS; a hung socket still ends.
+_CONNECT_TIMEOUT_S = 10
+_READ_TIMEOUT_S = 600
+# Columns whose values the cursor and the date rules need as date/datetime, even
+# where the HIS keeps them as text (common) or the driver has no date type (SQLite).
+_DATE_COLUMNS = frozenset({"changed_at", "enter_date", "leave_date", "settlement_date"})
+_MONEY_COLUMNS = frozenset({"total_fee", "ins_fee", "total_prepayment", "deficient_fee"})
+_ISO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?)?$")
+
+# Database errors that pass by themselves: lock waits, deadlocks, a killed or
+# timed-out statement, a server going down or refusing connections for a while.
+_MYSQL_TRANSIENT = frozenset({1040, 1053, 1205, 1213, 1317, 1927, 2002, 2003, 2006, 2013, 2055, 3024, 4031})
+_PG_TRANSIENT_CLASSES = ("08", "40", "53", "57")
+_TRANSIENT_TEXT = (
+    "database is locked",  # SQLite: another process holds the write lock
+    "ORA-03113", "ORA-03114", "ORA-03135", "ORA-12170", "ORA-12541", "ORA-12543", "ORA-01013",
+    "DPY-4011", "DPY-6005",  # python-oracledb thin mode: connection closed / cannot connect
+    "Adaptive Server connection failed", "Unable to connect", "Read from the server failed",
+)
+# Connection failures that will not pass by waiting: the account or database is wrong.
+_MYSQL_AUTH = frozenset({1044, 1045, 1049, 1698})
+_AUTH_TEXT = (
+    "password authentication failed", "no pg_hba.conf entry", "does not exist",  # PostgreSQL
+    "ORA-01017", "ORA-12514", "ORA-28000", "ORA-28001",  # Oracle: credentials, service name, locked, expired
+    "Login failed",  # SQL Server 18456
+)
+
+# DisconnectionError is the pool's own signal of a dead connection; it is no DBAPIError.
+_DB_ERRORS = (sa.exc.DBAPIError, sa.exc.DisconnectionError)
+
+_QUERY_HINT = (
+    "his.query runs as SELECT * FROM (<his.query>) q ORDER BY changed_at, lsh; run it by hand against the HIS "
+    "with :since and :until filled in, and leave out a final ORDER BY or LIMIT (SQL Server and Oracle also "
+    "refuse a leading WITH inside a subquery: use a derived table instead)"
+)
+
+
+def polling_window(
+    cursor_at: datetime | None,
+    *,
+    db_now: datetime,
+    start_from: datetime,
+    lookback_s: int,
+    settle_delay_s: int,
+) -> tuple[datetime, datetime] | None:
+    """The ``[since, until)`` window of the next poll, or None when there is nothing to read yet.
+
+    Each poll re-reads ``lookback_s`` behind the cursor because rows may commit
+    with a ``changed_at`` older than rows already seen; rows younger than
+    ``settle_delay_s`` by the HIS's own clock are left for the next poll because
+    their transaction may still be open.
+    """
+    since = cursor_at - timedelta(seconds=lookback_s) if cursor_at is not None else start_from
+    until = db_now - timedelta(seconds=settle_delay_s)
+    if until <= since:
+        return None
+    return since, until
+
+
+def now_sql(dialect: Dialect) -> sa.TextClause:
+    """The statement giving the database's own local wall-clock time, as its DATETIME columns hold it."""
+    name = dialect.name
+    if name in ("mysql", "mariadb"):
+        text = "SELECT CURRENT_TIMESTAMP"
+    elif name == "postgresql":
+        # LOCALTIMESTAMP is naive, in the session time zone, as `timestamp` columns are filled.
+        text = "SELECT LOCALTIMESTAMP"
+    elif name == "oracle":
+        # SYSDATE is what HIS triggers and defaults use for DATE columns (server OS time).
+        text = "SELECT SYSDATE FROM DUAL"
+    elif name == "mssql":
+        text = "SELECT SYSDATETIME()"
+    elif name == "sqlite":
+        text = "SELECT datetime('now', 'localtime')"
+    else:
+        text = "SELECT CURRENT_TIMESTAMP"
+    return sa.text(text)
+
+
+def window_sql(query: str, dialect: Dialect, *, order_by: Sequence[str] | None = None) -> sa.TextClause:
+    """The hospital's query wrapped for one window.
+
+    With ``order_by`` (the actual column names, as the result keys spell them) the
+    rows come back in cursor order; without it the statement reads no rows at all
+    and only reveals the column names. The derived table has no ``AS`` before its
+    alias because Oracle rejects one.
+    """
+    inner = query.strip().rstrip(";").strip()
+    if order_by is None:
+        tail = "WHERE 1 = 0"
+    else:
+        # Quoted only when needed: an Oracle key `lsh` stands for the folded LSH and must
+        # stay unquoted, a PostgreSQL alias "LSH" must be quoted to be found again.
+        preparer = dialect.identifier_preparer
+        tail = "ORDER BY " + ", ".join(preparer.quote(name) for name in order_by)
+    return sa.text(f"SELECT * FROM (\n{inner}\n) q {tail}")
+
+
+class HisSource:
+    """The hospital database, seen through ``his.query``."""
+
+    def __init__(self, his: His, *, need_key_crowd: bool) -> None:
+        self._his = his
+        self._need_key_crowd = need_key_crowd
+        self._url = _parse_url(his.url.get_secret_value())
+        self.display_url = self._url.render_as_string(hide_password=True)
+        self._engine = _create_engine(self._url, his)
+
+    # -- public -----------------------------------------------------------------
+
+    def now(self) -> datetime:
+        """The HIS database's current time: naive, in the HIS's local time."""
+        with self._connect() as conn:
+            try:
+                value = conn.execute(now_sql(conn.dialect)).scalar_one()
+            except _DB_ERRORS as exc:
+                raise self._error(exc, doing="reading the database clock") from None
+        return _as_naive_datetime(value)
+
+    def check(self) -> list[str]:
+        """Connect, run the query over an empty window, validate its columns; return them."""
+        with self._connect() as conn:
+            columns = self._columns(conn)
+            # The ordered form too, so a query the wrapping breaks is found now, not at the first poll.
+            try:
+                conn.execute(
+                    window_sql(self._his.query, conn.dialect, order_by=_sort_keys(columns)),
+                    {"since": _EMPTY_AT, "until": _EMPTY_AT},
+                ).close()
+            except _DB_ERRORS as exc:
+                raise self._error(exc, doing="running his.query") from None
+        log.info("his_checked", url=self.display_url, columns=len(columns))
+        return columns
+
+    def rows(self, since: datetime, until: datetime) -> Iterator[dict[str, Any]]:
+        """Stream the rows of ``[since, until)`` ordered by ``changed_at, lsh``, keys in lower case.
+
+        The columns are checked before the first row is yielded, so a bad query
+        fails before any row is processed.
+        """
+        count = 0
+        with self._connect() as conn:
+            columns = self._columns(conn)
+            keys = [c.lower() for c in columns]
+            stream = conn.execution_options(stream_results=True, yield_per=self._his.batch_size)
+            try:
+                # Closed even when the caller stops early: an unbuffered MySQL result left
+                # open would poison the pooled connection for the next poll.
+                with stream.execute(
+                    window_sql(self._his.query, conn.dialect, order_by=_sort_keys(columns)),
+                    {"since": since, "until": until},
+                ) as result:
+                    for row in result:
+                        count += 1
+                        yield _canonical(dict(zip(keys, row, strict=True)))
+            except _DB_ERRORS as exc:
+                raise self._error(exc, doing="reading the window") from None
+        log.info("his_window_read", since=since.isoformat(), until=until.isoformat(), rows=count)
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self._engine.dispose()
+
+    # -- internals ---------------------------------------------------------------
+
+    def _connect(self) -> Connection:
+        try:
+            return self._engine.connect()
+        except _DB_ERRORS as exc:
+            raise self._connect_error(exc) from None
+
+    def _columns(self, conn: Connection) -> list[str]:
+        try:
+            result = conn.execute(window_sql(self._his.query, conn.dialect), {"since": _EMPTY_AT, "until": _EMPTY_AT})
+            columns = list(result.keys())
+            result.close()
+        except _DB_ERRORS as exc:
+            raise self._error(exc, doing="running his.query") from None
+        records.check_columns(columns, need_key_crowd=self._need_key_crowd)
+        return columns
+
+    def _connect_error(self, exc: sa.exc.SQLAlchemyError) -> ConfigError | TransientError:
+        message = _db_message(exc)
+        code = _mysql_code(exc)
+        if code in _MYSQL_AUTH or any(t.lower() in message.lower() for t in _AUTH_TEXT):
+            log.error("his_connect_refused", url=self.display_url, error=message)
+            return ConfigError(
+                f"the HIS database {self.display_url} refused the connection: {message}",
+                hint="check the user name, password and database name in his.url, and that this account may connect from this host",
+            )
+        log.warning("his_unreachable", url=self.display_url, error=message)
+        return TransientError(
+            f"cannot reach the HIS database {self.display_url}: {message}",
+            hint="check host and port in his.url, that the database is running, the firewall between the two hosts, and the credentials",
+        )
+
+    def _error(self, exc: sa.exc.SQLAlchemyError, *, doing: str) -> ConfigError | TransientError:
+        message = _db_message(exc)
+        if _is_transient(exc):
+            # The pool has already discarded an invalidated connection: the next poll reconnects.
+            log.warning("his_connection_lost", url=self.display_url, doing=doing, error=message)
+            return TransientError(
+                f"the HIS database connection failed while {doing}: {message}",
+                hint="retried at the next poll; if it keeps failing, check the network to the HIS and the database's timeouts",
+            )
+        log.error("his_query_rejected", url=self.display_url, doing=doing, error=message)
+        return ConfigError(f"the HIS database rejected his.query: {message}", hint=_QUERY_HINT)
+
+
+def _parse_url(raw: str) -> URL:
+    try:
+        url = make_url(raw.strip())
+    except sa.exc.ArgumentError:
+        raise ConfigError(
+            "his.url is not a database URL",
+            hint="write it as dialect+driver://user:password@host:port/database, e.g. mysql+pymysql://reader:secret@10.0.0.5/his",
+        ) from None
+    register_secret(url.password if isinstance(url.password, str) else None)
+    return url
+
+
+def _create_engine(url: URL, his: His) -> Engine:
+    shown = url.render_as_string(hide_password=True)
+    backend = url.get_backend_name()
+    try:
+        # Without an explicit +driver this loads the dialect to learn its default driver.
+        driver = url.get_driver_name()
+    except sa.exc.NoSuchModuleError:
+        raise _unknown_dialect(shown, url.drivername) from None
+    given = set(url.query)
+    connect_args: dict[str, Any] = {}
+
+    def default(key: str, value: Any) -> None:
+        # A value written in the URL's query string wins over ours.
+        if key not in given:
+            connect_args[key] = value
+
+    if backend in ("mysql", "mariadb"):
+        if "charset" not in given:
+            # Patients' names need 4-byte characters; the drivers' own default is narrower.
+            url = url.update_query_dict({"charset": "utf8mb4"})
+        if driver in ("pymysql", "mysqldb"):
+            default("connect_timeout", _CONNECT_TIMEOUT_S)
+            default("read_timeout", _READ_TIMEOUT_S)
+    elif backend == "postgresql" and driver in ("psycopg2", "psycopg"):
+        default("connect_timeout", _CONNECT_TIMEOUT_S)
+    elif backend == "oracle" and driver == "oracledb":
+        default("tcp_connect_timeout", _CONNECT_TIMEOUT_S)
+    elif backend == "mssql" and driver == "pymssql":
+        default("login_timeout", _CONNECT_TIMEOUT_S)
+        default("timeout", _READ_TIMEOUT_S)
+
+    options: dict[str, Any] = {
+        # A daemon outlives firewalls' idle cuts and MySQL's wait_timeout: test each
+        # connection before use and renew it well before the server would drop it.
+        "pool_pre_ping": True,
+        "pool_recycle": his.pool_recycle_s,
+        "connect_args": connect_args,
+    }
+    if backend != "sqlite":
+        # One query at a time is all a poll needs; stay light on the hospital's server.
+        options.update(pool_size=2, max_overflow=2)
+    try:
+        engine = sa.create_engine(url, **options)
+    except sa.exc.NoSuchModuleError:
+        raise _unknown_dialect(shown, url.drivername) from None
+    except ImportError as exc:
+        if driver == "cx_oracle":
+            hint = "install cx_Oracle, or use oracle+oracledb:// which needs no client libraries"
+        else:
+            hint = f"install the Python package of driver {driver!r}, or pick a driver that is installed"
+        raise ConfigError(f"his.url {shown}: the database driver cannot be loaded ({exc})", hint=hint) from None
+    except (sa.exc.ArgumentError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"his.url {shown} is not usable: {redact(str(exc))}",
+            hint="check the URL's driver options (the part after ?)",
+        ) from None
+    if backend in ("mysql", "mariadb", "postgresql"):
+        _make_read_only(engine, backend)
+    return engine
+
+
+def _unknown_dialect(shown: str, drivername: str) -> ConfigError:
+    return ConfigError(
+        f"his.url {shown}: unknown database dialect or driver {drivername!r}",
+        hint="use one of mysql+pymysql, postgresql+psycopg2, oracle+oracledb, mssql+pymssql, sqlite",
+    )
+
+
+def _make_read_only(engine: Engine, backend: str) -> None:
+    """Ask the server to refuse writes on our sessions: a cheap guarantee we never touch the HIS."""
+    statement = (
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"
+        if backend == "postgresql"
+        else "SET SESSION TRANSACTION READ ONLY"  # MySQL >= 5.6.5, MariaDB >= 10.0
+    )
+    dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute(statement)
+        except dbapi_error as exc:
+            # An old server without the statement still works; reading is all we do anyway.
+            log.warning("his_read_only_unavailable", error=redact(str(exc)))
+            dbapi_conn.rollback()
+        else:
+            dbapi_conn.commit()
+        finally:
+            cursor.close()
+
+
+def _sort_keys(columns: Sequence[str]) -> list[str]:
+    by_lower = {c.lower(): c for c in columns}
+    return [by_lower["changed_at"], by_lower["lsh"]]
+
+
+def _canonical(row: dict[str, Any]) -> dict[str, Any]:
+    for key in _DATE_COLUMNS.intersection(row):
+        value = row[key]
+        if isinstance(value, str) and _ISO_DATETIME.match(value.strip()):
+            text = value.strip()
+            row[key] = datetime.fromisoformat(text) if len(text) > 10 else date.fromisoformat(text)
+    for key in _MONEY_COLUMNS.intersection(row):
+        value = row[key]
+        if isinstance(value, float):
+            # FLOAT/DOUBLE columns and SQLite's NUMERIC: the shortest repr is the stored value.
+            row[key] = Decimal(repr(value))
+    if isinstance(row.get("changed_at"), date) and not isinstance(row["changed_at"], datetime):
+        d = row["changed_at"]
+        row["changed_at"] = datetime(d.year, d.month, d.day)
+    return row
+
+
+def _as_naive_datetime(value: Any) -> datetime:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.strip())
+    if not isinstance(value, datetime):
+        raise TypeError(f"the database clock returned {type(value).__name__}, not a datetime")
+    # An aware value's wall clock is the session's local time, which is what DATETIME columns hold.
+    return value.replace(tzinfo=None)
+
+
+def _db_message(exc: sa.exc.SQLAlchemyError) -> str:
+    # The driver's own message, without the SQL text and parameters SQLAlchemy appends.
+    orig = getattr(exc, "orig", None)
+    text = " ".join(str(orig).split()) if orig is not None else str(exc).split("\n")[0]
+    return redact(text)[:500]
+
+
+def _mysql_code(exc: sa.exc.SQLAlchemyError) -> int | None:
+    orig = getattr(exc, "orig", None)
+    # Only MySQL drivers: other drivers' numbers (SQL Server's) mean other things.
+    if orig is None or not type(orig).__module__.startswith(("pymysql", "MySQLdb")):
+        return None
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):
+        return args[0]
+    return None
+
+
+def _is_transient(exc: sa.exc.SQLAlchemyError) -> bool:
+    if isinstance(exc, sa.exc.DisconnectionError) or getattr(exc, "connection_invalidated", False):
+        return True
+    if _mysql_code(exc) in _MYSQL_TRANSIENT:
+        return True
+    orig = getattr(exc, "orig", None)
+    pgcode = getattr(orig, "pgcode", None)
+    if isinstance(pgcode, str) and pgcode.startswith(_PG_TRANSIENT_CLASSES):
+        return True
+    message = str(orig if orig is not None else exc).lower()
+    return any(t.lower() in message for t in _TRANSIENT_TEXT)

@@ -1,0 +1,908 @@
+"""The outbox store: the only code that reads or writes the local database.
+
+Rows move ``pending -> sent`` (or ``failed``/``invalid``/``dead``/``skipped``)
+under a lease, so several workers, threads or processes can dispatch from the
+same outbox without sending a row twice at once. ``enqueue`` is idempotent on
+``(lsh, payload_hash)`` and moves the poll cursor in the same transaction.
+
+Every timestamp handed in is UTC; aware values are converted and stored naive
+(see ``sync.outbox.schema``). ``source_changed_at`` and the cursor are the HIS's
+own clock and stored as given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+import structlog
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.pool import StaticPool
+
+import migrations
+from sync.errors import ConfigError
+from sync.outbox.lock import AlreadyRunning, InstanceLock
+from sync.outbox.schema import (
+    sync_cursor,
+    sync_label_cache,
+    sync_outbox,
+    sync_run,
+    sync_state,
+    sync_token,
+)
+from sync.upstream.tokens import Token, TokenStore
+
+__all__ = [
+    "AlreadyRunning",
+    "Claimed",
+    "DbTokenStore",
+    "EnqueueResult",
+    "Incoming",
+    "InstanceLock",
+    "Status",
+    "Store",
+    "Summary",
+    "current_revision",
+    "head_revision",
+    "render_offline",
+    "upgrade",
+]
+
+log = structlog.get_logger(__name__)
+
+VERSION_TABLE = "sync_schema_version"
+CURSOR_NAME = "his"
+# Bound parameters per IN list: well under every dialect's limit (Oracle: 1000,
+# SQL Server: 2100 parameters per statement).
+_CHUNK = 500
+_MIGRATE_HINT = "run `crowd-sync migrate`"
+
+T = TypeVar("T")
+
+
+class Status(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+    INVALID = "invalid"
+    DEAD = "dead"
+    SKIPPED = "skipped"
+
+
+_DUE = (Status.PENDING.value, Status.FAILED.value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Incoming:
+    """One visit read from the HIS, after local validation."""
+
+    lsh: str
+    payload_json: str
+    payload_hash: str
+    status: Status  # PENDING, SKIPPED or INVALID
+    key_crowd: str | None
+    reason: str | None  # becomes last_error for SKIPPED and INVALID
+    source_changed_at: datetime | None
+    card_type: str | None
+    card_no: str | None
+    visit_type: str | None
+    settlement_date: date | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnqueueResult:
+    inserted: int
+    changed: int
+    unchanged: int
+    # Of the rows written (inserted or changed), how many were parked at once.
+    invalid: int = 0
+    skipped: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Claimed:
+    """A row leased to one worker for uploading."""
+
+    lsh: str
+    payload_json: str
+    payload_hash: str
+    key_crowd: str | None
+    card_type: str | None
+    card_no: str | None
+    attempts: int
+    generic_failures: int
+    first_failed_at: datetime | None
+    lease_owner: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Summary:
+    """What ``crowd-sync status`` shows.
+
+    ``oldest_pending_at``: among pending and failed rows, the earliest moment one
+    has been waiting since: its first transient failure if it has failed, else
+    its last change (enqueued, changed or requeued). None when nothing waits.
+    """
+
+    counts: dict[str, int]  # every Status value, as plain text
+    oldest_pending_at: datetime | None
+    last_sent_at: datetime | None
+    last_run: dict[str, Any] | None
+    last_successful_run: dict[str, Any] | None
+    config_error: dict[str, Any] | None
+    leased: int
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _utc(value: datetime) -> datetime:
+    """Naive UTC, whatever was handed in (naive values are taken as UTC already)."""
+    if value.tzinfo is not None:
+        return value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
+def _wall(value: datetime | None) -> datetime | None:
+    """The HIS clock as stored: naive, wall time kept."""
+    return None if value is None else value.replace(tzinfo=None)
+
+
+def _fit(value: str | None, size: int) -> str | None:
+    """Metadata columns are a convenience for the DBA; never fail a batch on their length."""
+    return None if value is None else value[:size]
+
+
+def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def card_hash(card_no: str) -> str:
+    """The label cache key: sha256 of the ID number, so the cache need not repeat it."""
+    return hashlib.sha256(card_no.strip().upper().encode("utf-8")).hexdigest()
+
+
+def _is_memory_sqlite(url: sa.URL) -> bool:
+    db = url.database
+    return url.get_backend_name() == "sqlite" and (not db or db == ":memory:")
+
+
+# -- migrations ----------------------------------------------------------------
+
+
+def _alembic_config(output: io.StringIO | None = None) -> Config:
+    cfg = Config(output_buffer=output) if output is not None else Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    return cfg
+
+
+def head_revision() -> str:
+    """The schema revision this version of crowd-sync needs."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def _known_revisions() -> set[str]:
+    return {rev.revision for rev in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
+
+
+def _current_on(conn: sa.Connection) -> str | None:
+    ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+    return ctx.get_current_revision()
+
+
+def current_revision(engine: sa.Engine) -> str | None:
+    """The database's schema revision; None for a database Alembic never touched."""
+    with engine.connect() as conn:
+        return _current_on(conn)
+
+
+def _upgrade_on(conn: sa.Connection) -> None:
+    cfg = _alembic_config()
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, "head")
+
+
+def upgrade(engine_or_url: sa.Engine | str) -> None:
+    """Bring the outbox database to the head revision."""
+    if isinstance(engine_or_url, str):
+        store = Store(engine_or_url)
+        try:
+            store.migrate()
+        finally:
+            store.dispose()
+        return
+    with engine_or_url.begin() as conn:
+        _upgrade_on(conn)
+
+
+def render_offline(dialect_url: str) -> str:
+    """The DDL of every migration as SQL text for a DBA to run by hand (Alembic ``--sql``)."""
+    buf = io.StringIO()
+    cfg = _alembic_config(buf)
+    cfg.attributes["url"] = dialect_url
+    command.upgrade(cfg, "head", sql=True)
+    return buf.getvalue()
+
+
+# -- engine ----------------------------------------------------------------------
+
+
+def _make_engine(url: str) -> sa.Engine:
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        # pre_ping and recycle: the outbox connection idles between polls, and
+        # servers and firewalls cut idle connections.
+        return sa.create_engine(parsed, pool_pre_ping=True, pool_recycle=1800)
+    memory = _is_memory_sqlite(parsed)
+    if memory:
+        # One shared connection, or every pool connection would see its own empty database.
+        engine = sa.create_engine(parsed, poolclass=StaticPool, connect_args={"check_same_thread": False})
+    else:
+        assert parsed.database is not None
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed, connect_args={"timeout": 30})
+
+    # The pysqlite recipe from the SQLAlchemy documentation: let SQLAlchemy emit
+    # BEGIN itself, and make it BEGIN IMMEDIATE, so a writer takes the write lock
+    # at the start of its transaction and others queue on busy_timeout instead of
+    # failing with "database is locked" when upgrading a read lock.
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            if not memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _skip_locked_ok(dialect: sa.Dialect) -> bool:
+    """Whether ``FOR UPDATE SKIP LOCKED`` exists (MariaDB from 10.6, MySQL from 8.0)."""
+    name = dialect.name
+    if name in ("postgresql", "oracle", "mssql"):
+        return True
+    if name in ("mysql", "mariadb"):
+        version = dialect.server_version_info or (0,)
+        if getattr(dialect, "is_mariadb", False):
+            return tuple(version[:2]) >= (10, 6)
+        return tuple(version[:1]) >= (8,)
+    return False
+
+
+def _row_dict(row: sa.Row[Any] | None) -> dict[str, Any] | None:
+    return None if row is None else dict(row._mapping)
+
+
+class Store:
+    """The outbox database."""
+
+    def __init__(self, url: str, *, lease_s: int = 300) -> None:
+        self.engine: sa.Engine = _make_engine(url)
+        self.url_for_humans: str = self.engine.url.render_as_string(hide_password=True)
+        self.lease_s = lease_s
+        self._dialect = self.engine.dialect.name
+        self._token_store: DbTokenStore | None = None
+
+    # -- schema --------------------------------------------------------------
+    def ensure_schema(self) -> None:
+        """Refuse to run against a schema other than head (a fresh SQLite file is created)."""
+        head = head_revision()
+        with self.engine.begin() as conn:
+            current = _current_on(conn)
+            if current == head:
+                return
+            if current is None:
+                has_tables = sa.inspect(conn).has_table(sync_outbox.name)
+                if self._dialect == "sqlite" and not has_tables:
+                    _upgrade_on(conn)
+                    log.info("outbox_created", url=self.url_for_humans, revision=head)
+                    return
+                if has_tables:
+                    raise ConfigError(
+                        f"the outbox database {self.url_for_humans} has crowd-sync tables but no schema version "
+                        f"in {VERSION_TABLE}, this version needs {head}",
+                        hint=f"if the schema is complete, record it with `alembic stamp {head}`; "
+                        "otherwise point outbox.url at an empty database and run `crowd-sync migrate`",
+                    )
+            elif current not in _known_revisions():
+                raise ConfigError(
+                    f"the outbox schema is at {current}, newer than this version of crowd-sync knows (it needs {head})",
+                    hint="upgrade crowd-sync to the version that migrated this database",
+                )
+        raise ConfigError(
+            f"the outbox schema is at {current or 'none (empty database)'}, this version needs {head}",
+            hint=_MIGRATE_HINT,
+        )
+
+    def migrate(self) -> tuple[str | None, str]:
+        """Upgrade to head; returns the revisions before and after."""
+        with self.engine.begin() as conn:
+            before = _current_on(conn)
+            _upgrade_on(conn)
+        after = current_revision(self.engine)
+        assert after is not None
+        log.info("outbox_migrated", url=self.url_for_humans, before=before, after=after)
+        return before, after
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- cursor --------------------------------------------------------------------
+    def get_cursor(self) -> tuple[datetime, str] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(sync_cursor.c.changed_at, sync_cursor.c.lsh).where(sync_cursor.c.name == CURSOR_NAME)
+            ).first()
+        if row is None or row.changed_at is None:
+            return None
+        return row.changed_at, row.lsh or ""
+
+    def _move_cursor(self, conn: sa.Connection, cursor: tuple[datetime, str], now: datetime) -> None:
+        changed_at, lsh = _wall(cursor[0]), cursor[1]
+        assert changed_at is not None
+        row = conn.execute(
+            sa.select(sync_cursor.c.changed_at, sync_cursor.c.lsh)
+            .where(sync_cursor.c.name == CURSOR_NAME)
+            .with_for_update()
+        ).first()
+        if row is None:
+            conn.execute(sa.insert(sync_cursor).values(name=CURSOR_NAME, changed_at=changed_at, lsh=lsh, updated_at=now))
+            return
+        if row.changed_at is not None and (row.changed_at, row.lsh or "") >= (changed_at, lsh):
+            return  # only forward: a late batch never rewinds the cursor
+        conn.execute(
+            sa.update(sync_cursor)
+            .where(sync_cursor.c.name == CURSOR_NAME)
+            .values(changed_at=changed_at, lsh=lsh, updated_at=now)
+        )
+
+    # -- enqueue -------------------------------------------------------------------
+    def enqueue(
+        self, items: Sequence[Incoming], *, now: datetime, cursor: tuple[datetime, str] | None = None
+    ) -> EnqueueResult:
+        """Record a batch of visits (and the cursor covering them) in one transaction.
+
+        Idempotent on ``(lsh, payload_hash)``: an unchanged row is not written at all.
+        A changed row starts over: its new status, attempts reset, due now if pending.
+        """
+        now = _utc(now)
+        latest: dict[str, Incoming] = {}
+        for item in items:
+            if len(item.lsh) > sync_outbox.c.lsh.type.length:  # type: ignore[attr-defined]
+                log.warning("lsh_too_long_to_store", lsh=item.lsh[:60], length=len(item.lsh))
+                continue
+            latest[item.lsh] = item  # duplicates inside a batch: the last wins
+        inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        with self.engine.begin() as conn:
+            known: dict[str, str] = {}
+            for chunk in _chunks(list(latest)):
+                rows = conn.execute(
+                    sa.select(sync_outbox.c.lsh, sync_outbox.c.payload_hash).where(sync_outbox.c.lsh.in_(chunk))
+                )
+                known.update({r.lsh: r.payload_hash for r in rows})
+            for lsh, item in latest.items():
+                values = self._incoming_values(item, now)
+                if lsh not in known:
+                    inserts.append({**values, "lsh": lsh, "first_seen_at": now})
+                elif known[lsh] != item.payload_hash:
+                    updates.append({**values, "b_lsh": lsh})
+            if inserts:
+                conn.execute(sa.insert(sync_outbox), inserts)
+            if updates:
+                stmt = (
+                    sa.update(sync_outbox)
+                    .where(sync_outbox.c.lsh == sa.bindparam("b_lsh"))
+                    .values({k: sa.bindparam(k) for k in updates[0] if k != "b_lsh"})
+                )
+                conn.execute(stmt, updates)
+            if cursor is not None:
+                self._move_cursor(conn, cursor, now)
+        written = [v["status"] for v in (*inserts, *updates)]
+        result = EnqueueResult(
+            inserted=len(inserts),
+            changed=len(updates),
+            unchanged=len(latest) - len(inserts) - len(updates),
+            invalid=written.count(Status.INVALID.value),
+            skipped=written.count(Status.SKIPPED.value),
+        )
+        log.debug("outbox_enqueued", inserted=result.inserted, changed=result.changed, unchanged=result.unchanged)
+        return result
+
+    @staticmethod
+    def _incoming_values(item: Incoming, now: datetime) -> dict[str, Any]:
+        status = Status(item.status)
+        return {
+            "status": status.value,
+            "payload": item.payload_json,
+            "payload_hash": item.payload_hash,
+            "key_crowd": _fit(item.key_crowd, 1),
+            "card_type": _fit(item.card_type, 8),
+            "card_no": _fit(item.card_no, 64),
+            "visit_type": _fit(item.visit_type, 1),
+            "settlement_date": item.settlement_date,
+            "source_changed_at": _wall(item.source_changed_at),
+            "attempts": 0,
+            "generic_failures": 0,
+            "first_failed_at": None,
+            "next_attempt_at": now if status is Status.PENDING else None,
+            "last_error": item.reason,
+            "last_http_status": None,
+            "updated_at": now,
+        }
+
+    # -- dispatch --------------------------------------------------------------------
+    def claim_due(self, *, now: datetime, limit: int, owner: str) -> list[Claimed]:
+        """Lease up to ``limit`` due rows to ``owner``, oldest due first.
+
+        Concurrent claimers never get the same row: ``FOR UPDATE SKIP LOCKED`` where
+        the dialect has it, SQLite's BEGIN IMMEDIATE elsewhere, and the UPDATE only
+        takes rows that are still free.
+        """
+        now = _utc(now)
+        if limit <= 0:
+            return []
+        o = sync_outbox
+        free = sa.or_(o.c.lease_until.is_(None), o.c.lease_until < now)
+        due = sa.and_(o.c.status.in_(_DUE), o.c.next_attempt_at <= now, free)
+        until = now + timedelta(seconds=self.lease_s)
+        with self._claim_connection() as conn, conn.begin():
+            if self._dialect == "oracle":
+                # Oracle refuses FOR UPDATE together with FETCH FIRST (ORA-02014):
+                # pick candidates first, then lock those still free.
+                candidates = conn.scalars(sa.select(o.c.lsh).where(due).order_by(o.c.next_attempt_at).limit(limit)).all()
+                lshs = conn.scalars(
+                    sa.select(o.c.lsh).where(o.c.lsh.in_(candidates), due).with_for_update(skip_locked=True)
+                ).all() if candidates else []
+            else:
+                query = sa.select(o.c.lsh).where(due).order_by(o.c.next_attempt_at, o.c.lsh).limit(limit)
+                if self._dialect != "sqlite":
+                    query = query.with_for_update(skip_locked=_skip_locked_ok(self.engine.dialect))
+                lshs = conn.scalars(query).all()
+            if not lshs:
+                return []
+            conn.execute(
+                sa.update(o).where(o.c.lsh.in_(lshs), free).values(lease_owner=owner, lease_until=until)
+            )
+            rows = conn.execute(
+                sa.select(
+                    o.c.lsh, o.c.payload, o.c.payload_hash, o.c.key_crowd, o.c.card_type, o.c.card_no,
+                    o.c.attempts, o.c.generic_failures, o.c.first_failed_at, o.c.next_attempt_at,
+                ).where(o.c.lsh.in_(lshs), o.c.lease_owner == owner)
+            ).all()
+        rows = sorted(rows, key=lambda r: (r.next_attempt_at, r.lsh))
+        claims = [
+            Claimed(
+                lsh=r.lsh, payload_json=r.payload, payload_hash=r.payload_hash, key_crowd=r.key_crowd,
+                card_type=r.card_type, card_no=r.card_no, attempts=r.attempts, generic_failures=r.generic_failures,
+                first_failed_at=r.first_failed_at, lease_owner=owner,
+            )
+            for r in rows
+        ]
+        if claims:
+            log.debug("outbox_claimed", count=len(claims), owner=owner)
+        return claims
+
+    @contextmanager
+    def _claim_connection(self) -> Iterator[sa.Connection]:
+        with self.engine.connect() as conn:
+            if self._dialect in ("mysql", "mariadb"):
+                # InnoDB's default REPEATABLE READ takes gap locks on the scanned
+                # index range, holding up enqueues and other claimers; READ COMMITTED
+                # locks only the rows it returns.
+                conn = conn.execution_options(isolation_level="READ COMMITTED")
+            yield conn
+
+    def _finish(self, c: Claimed, values: dict[str, Any]) -> bool:
+        """Write the outcome if the row is still ours and unchanged; always drop our lease."""
+        o = sync_outbox
+        ours = sa.and_(o.c.lsh == c.lsh, o.c.lease_owner == c.lease_owner)
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                sa.update(o)
+                .where(ours, o.c.payload_hash == c.payload_hash)
+                .values(**values, lease_owner=None, lease_until=None)
+            ).rowcount
+            if not done:
+                # The source changed while uploading (or the lease ran out and the
+                # row went elsewhere): the row keeps its new state, due as it was.
+                conn.execute(sa.update(o).where(ours).values(lease_owner=None, lease_until=None))
+        if not done:
+            log.info("outbox_outcome_dropped", lsh=c.lsh, reason="payload changed or lease lost")
+        return bool(done)
+
+    def mark_sent(
+        self, c: Claimed, *, sent_json: str, key_crowd: str, answer: str, http_status: int | None, now: datetime,
+        payload_hash: str | None = None,
+    ) -> bool:
+        """The platform accepted ``c``; False when the row changed meanwhile (it stays pending).
+
+        ``payload_hash`` replaces the stored hash when the sent payload was rebuilt at
+        dispatch (a requeued record parked invalid by local validation), so the next
+        read of the unchanged HIS row finds it current instead of sending it again.
+        """
+        now = _utc(now)
+        new_hash = payload_hash or c.payload_hash
+        return self._finish(
+            c,
+            {
+                "status": Status.SENT.value, "sent_at": now, "sent_hash": new_hash, "payload_hash": new_hash,
+                "payload": sent_json,
+                "key_crowd": _fit(key_crowd, 1), "last_answer": _fit(answer, 200), "last_http_status": http_status,
+                "last_error": None, "next_attempt_at": None, "updated_at": now,
+            },
+        )
+
+    def mark_failed(
+        self, c: Claimed, *, error: str, http_status: int | None, now: datetime, next_attempt_at: datetime,
+        generic: bool,
+    ) -> None:
+        """A transient failure: try again at ``next_attempt_at``."""
+        now = _utc(now)
+        o = sync_outbox
+        self._finish(
+            c,
+            {
+                "status": Status.FAILED.value, "last_error": error, "last_http_status": http_status,
+                "next_attempt_at": _utc(next_attempt_at), "attempts": o.c.attempts + 1,
+                "generic_failures": o.c.generic_failures + (1 if generic else 0),
+                "first_failed_at": sa.func.coalesce(o.c.first_failed_at, now), "updated_at": now,
+            },
+        )
+
+    def mark_dead(self, c: Claimed, *, error: str, http_status: int | None, now: datetime) -> None:
+        """Given up after failing for too long: tried again only on ``retry``."""
+        self._park(c, Status.DEAD, error=error, http_status=http_status, now=now, attempt=True)
+
+    def mark_invalid(self, c: Claimed, *, error: str, http_status: int | None, now: datetime) -> None:
+        """Rejected by validation: tried again when the source row changes or on ``retry``."""
+        self._park(c, Status.INVALID, error=error, http_status=http_status, now=now, attempt=True)
+
+    def mark_skipped(self, c: Claimed, *, reason: str, now: datetime) -> None:
+        """Not in the key population: not uploaded, re-checked by the nightly reconcile."""
+        self._park(c, Status.SKIPPED, error=reason, http_status=None, now=now, attempt=False, key_crowd="0")
+
+    def _park(
+        self, c: Claimed, status: Status, *, error: str, http_status: int | None, now: datetime, attempt: bool,
+        key_crowd: str | None = None,
+    ) -> None:
+        now = _utc(now)
+        values: dict[str, Any] = {
+            "status": status.value, "last_error": error, "last_http_status": http_status,
+            "next_attempt_at": None, "updated_at": now,
+        }
+        if attempt:
+            values["attempts"] = sync_outbox.c.attempts + 1
+        if key_crowd is not None:
+            values["key_crowd"] = key_crowd
+        self._finish(c, values)
+
+    def release(self, claims: Iterable[Claimed], *, now: datetime) -> None:
+        """Drop leases and change nothing else (configuration pause, shutdown)."""
+        by_owner: dict[str, list[str]] = {}
+        for c in claims:
+            by_owner.setdefault(c.lease_owner, []).append(c.lsh)
+        if not by_owner:
+            return
+        o = sync_outbox
+        with self.engine.begin() as conn:
+            for owner, lshs in by_owner.items():
+                for chunk in _chunks(lshs):
+                    conn.execute(
+                        sa.update(o)
+                        .where(o.c.lsh.in_(chunk), o.c.lease_owner == owner)
+                        .values(lease_owner=None, lease_until=None)
+                    )
+
+    def release_owner(self, owner: str) -> int:
+        """Drop every lease ``owner`` holds (a restarted worker reusing its name)."""
+        o = sync_outbox
+        with self.engine.begin() as conn:
+            return int(
+                conn.execute(sa.update(o).where(o.c.lease_owner == owner).values(lease_owner=None, lease_until=None))
+                .rowcount
+            )
+
+    def requeue(
+        self, *, now: datetime, lshs: Sequence[str] | None = None, statuses: Sequence[Status] | None = None
+    ) -> int:
+        """Make rows due now with a fresh retry budget; by lsh, by status, or both (AND)."""
+        if lshs is None and statuses is None:
+            raise ValueError("requeue needs lshs or statuses")
+        now = _utc(now)
+        o = sync_outbox
+        values = {
+            "status": Status.PENDING.value, "attempts": 0, "generic_failures": 0, "first_failed_at": None,
+            "next_attempt_at": now, "updated_at": now,
+        }
+        conds: list[sa.ColumnElement[bool]] = []
+        if statuses is not None:
+            conds.append(o.c.status.in_([Status(s).value for s in statuses]))
+        total = 0
+        with self.engine.begin() as conn:
+            if lshs is None:
+                total = conn.execute(sa.update(o).where(*conds).values(values)).rowcount
+            else:
+                for chunk in _chunks(list(lshs)):
+                    total += conn.execute(sa.update(o).where(o.c.lsh.in_(chunk), *conds).values(values)).rowcount
+        log.info("outbox_requeued", count=total)
+        return int(total)
+
+    def recheck_skipped(self, *, now: datetime, changed_since: datetime) -> int:
+        """Skipped visits changed since ``changed_since`` (HIS clock) go back to pending with
+        the key-population decision forgotten, so the label API is asked again."""
+        now = _utc(now)
+        o = sync_outbox
+        with self.engine.begin() as conn:
+            n = conn.execute(
+                sa.update(o)
+                .where(o.c.status == Status.SKIPPED.value, o.c.source_changed_at >= _wall(changed_since))
+                .values(
+                    status=Status.PENDING.value, key_crowd=None, attempts=0, generic_failures=0,
+                    first_failed_at=None, next_attempt_at=now, updated_at=now,
+                )
+            ).rowcount
+        return int(n)
+
+    def next_due_at(self) -> datetime | None:
+        """When the next pending or failed row falls due (a leased row: not before its lease ends)."""
+        o = sync_outbox
+        due_at = sa.case((o.c.lease_until > o.c.next_attempt_at, o.c.lease_until), else_=o.c.next_attempt_at)
+        with self.engine.connect() as conn:
+            value = conn.execute(sa.select(sa.func.min(due_at)).where(o.c.status.in_(_DUE))).scalar()
+        return value if isinstance(value, datetime) or value is None else None
+
+    # -- runs ----------------------------------------------------------------------------
+    def start_run(self, kind: str, *, now: datetime) -> int:
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                sa.insert(sync_run).values(kind=kind, started_at=_utc(now), host=socket.gethostname()[:255], pid=os.getpid())
+            )
+            pk = result.inserted_primary_key
+        assert pk is not None
+        return int(pk[0])
+
+    def finish_run(
+        self, run_id: int, *, now: datetime, rows_read: int = 0, enqueued: int = 0, sent: int = 0, failed: int = 0,
+        invalid: int = 0, skipped: int = 0, dead: int = 0, error: str | None = None,
+    ) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(sync_run)
+                .where(sync_run.c.id == run_id)
+                .values(
+                    finished_at=_utc(now), rows_read=rows_read, enqueued=enqueued, sent=sent, failed=failed,
+                    invalid=invalid, skipped=skipped, dead=dead, error=error,
+                )
+            )
+
+    # -- status ----------------------------------------------------------------------------
+    def summary(self, *, now: datetime) -> Summary:
+        now = _utc(now)
+        o = sync_outbox
+        with self.engine.connect() as conn:
+            counts = {s.value: 0 for s in Status}
+            for status, n in conn.execute(sa.select(o.c.status, sa.func.count()).group_by(o.c.status)):
+                counts[str(status)] = int(n)
+            oldest = conn.execute(
+                sa.select(sa.func.min(sa.func.coalesce(o.c.first_failed_at, o.c.updated_at))).where(o.c.status.in_(_DUE))
+            ).scalar()
+            last_sent = conn.execute(sa.select(sa.func.max(o.c.sent_at))).scalar()
+            leased = conn.execute(sa.select(sa.func.count()).select_from(o).where(o.c.lease_until > now)).scalar()
+            last_run = conn.execute(sa.select(sync_run).order_by(sync_run.c.id.desc()).limit(1)).first()
+            last_ok = conn.execute(
+                sa.select(sync_run)
+                .where(sync_run.c.finished_at.is_not(None), sync_run.c.error.is_(None))
+                .order_by(sync_run.c.id.desc())
+                .limit(1)
+            ).first()
+            config_error = self._get_state(conn, "config_error")
+        return Summary(
+            counts=counts, oldest_pending_at=oldest, last_sent_at=last_sent, last_run=_row_dict(last_run),
+            last_successful_run=_row_dict(last_ok), config_error=config_error, leased=int(leased or 0),
+        )
+
+    # -- sync_state ----------------------------------------------------------------------------
+    @staticmethod
+    def _get_state(conn: sa.Connection, name: str) -> dict[str, Any] | None:
+        value = conn.execute(sa.select(sync_state.c.value).where(sync_state.c.name == name)).scalar()
+        if not value:
+            return None
+        try:
+            data = json.loads(value)
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _put_state(self, name: str, value: dict[str, Any] | None, *, now: datetime) -> None:
+        text = None if value is None else json.dumps(value, ensure_ascii=False, default=str)
+        for attempt in (1, 2):
+            try:
+                with self.engine.begin() as conn:
+                    updated = conn.execute(
+                        sa.update(sync_state).where(sync_state.c.name == name).values(value=text, updated_at=_utc(now))
+                    ).rowcount
+                    if not updated:
+                        conn.execute(sa.insert(sync_state).values(name=name, value=text, updated_at=_utc(now)))
+                return
+            except sa.exc.IntegrityError:
+                # Another process inserted the same name first: update it instead.
+                if attempt == 2:
+                    raise
+
+    def set_config_error(self, *, message: str, hint: str, now: datetime) -> None:
+        """Hold sending back until the configuration is fixed; ``since`` keeps the first occurrence."""
+        previous = self.get_config_error()
+        since = previous.get("since") if previous else None
+        self._put_state(
+            "config_error",
+            {"message": message, "hint": hint, "since": since or _utc(now).isoformat(timespec="seconds")},
+            now=now,
+        )
+
+    def clear_config_error(self) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(sync_state).where(sync_state.c.name == "config_error"))
+
+    def get_config_error(self) -> dict[str, Any] | None:
+        """``{message, hint, since}`` (since: ISO text, UTC) while sending is held back, else None."""
+        with self.engine.connect() as conn:
+            return self._get_state(conn, "config_error")
+
+    # -- label cache --------------------------------------------------------------------------
+    def cache_get(self, card_nos: Sequence[str], *, now: datetime, ttl_s: float) -> dict[str, tuple[str | None]]:
+        """Fresh cached labels: card_no -> (data JSON, or None when not in the key population)."""
+        by_hash = {card_hash(c): c for c in card_nos}
+        fresh_from = _utc(now) - timedelta(seconds=ttl_s)
+        t = sync_label_cache
+        found: dict[str, tuple[str | None]] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(by_hash)):
+                rows = conn.execute(
+                    sa.select(t.c.card_hash, t.c.data).where(t.c.card_hash.in_(chunk), t.c.fetched_at >= fresh_from)
+                )
+                for r in rows:
+                    found[by_hash[r.card_hash]] = (r.data,)
+        return found
+
+    def cache_put(self, entries: Mapping[str, str | None], *, now: datetime) -> None:
+        """Remember labels (card_no -> data JSON or None)."""
+        if not entries:
+            return
+        now = _utc(now)
+        rows = {
+            card_hash(card): {"card_hash": card_hash(card), "data": data, "key_crowd": "0" if data is None else "1", "fetched_at": now}
+            for card, data in entries.items()
+        }
+        t = sync_label_cache
+        for attempt in (1, 2):
+            try:
+                with self.engine.begin() as conn:
+                    # Delete then insert: the same two statements on every dialect.
+                    for chunk in _chunks(list(rows)):
+                        conn.execute(sa.delete(t).where(t.c.card_hash.in_(chunk)))
+                    conn.execute(sa.insert(t), list(rows.values()))
+                return
+            except sa.exc.IntegrityError:
+                # Another process cached the same person at the same moment.
+                if attempt == 2:
+                    raise
+
+    # -- token ---------------------------------------------------------------------------------
+    def token_store(self) -> TokenStore:
+        """The login token shared through ``sync_token`` by every thread and process."""
+        if self._token_store is None:
+            self._token_store = DbTokenStore(self.engine)
+        return self._token_store
+
+    # -- single instance -------------------------------------------------------------------------
+    def instance_lock(self, *, command: str) -> InstanceLock:
+        """Context manager: one crowd-sync per outbox; raises ``AlreadyRunning`` naming the holder."""
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command}
+
+        def read_holder() -> dict[str, Any] | None:
+            with self.engine.connect() as conn:
+                return self._get_state(conn, "instance")
+
+        def on_acquired() -> None:
+            started = datetime.now(UTC).replace(tzinfo=None)
+            self._put_state("instance", {**me, "started_at": started.isoformat(timespec="seconds") + "Z"}, now=started)
+
+        def on_released() -> None:
+            holder = read_holder()
+            if holder and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                with self.engine.begin() as conn:
+                    conn.execute(sa.delete(sync_state).where(sync_state.c.name == "instance"))
+
+        return InstanceLock(
+            self.engine, command=command, read_holder=read_holder, on_acquired=on_acquired, on_released=on_released
+        )
+
+
+class DbTokenStore:
+    """``sync.upstream.tokens.TokenStore`` on the single ``sync_token`` row.
+
+    Single flight across threads (a lock in the process) and across processes
+    (the row is locked in the renewing transaction: ``SELECT ... FOR UPDATE``, or
+    SQLite's BEGIN IMMEDIATE), so concurrent renewals cause exactly one login.
+    """
+
+    def __init__(self, engine: sa.Engine, clock: Callable[[], datetime] | None = None) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    @staticmethod
+    def _token(row: sa.Row[Any] | None) -> Token | None:
+        if row is None or not row.token or row.expires_at is None:
+            return None
+        return Token(
+            value=row.token,
+            obtained_at=(row.obtained_at or row.expires_at).replace(tzinfo=UTC),
+            expires_at=row.expires_at.replace(tzinfo=UTC),
+        )
+
+    def _select(self) -> sa.Select[Any]:
+        t = sync_token
+        return sa.select(t.c.token, t.c.obtained_at, t.c.expires_at).where(t.c.id == 1)
+
+    def current(self) -> Token | None:
+        with self._engine.connect() as conn:
+            return self._token(conn.execute(self._select()).first())
+
+    def renew(self, stale: str | None, login: Callable[[], Token]) -> Token:
+        with self._lock, self._engine.begin() as conn:
+            row = conn.execute(self._select().with_for_update()).first()
+            if row is None:
+                # The migration inserts the row; recreate it if someone deleted it.
+                conn.execute(sa.insert(sync_token).values(id=1))
+                row = conn.execute(self._select().with_for_update()).first()
+            tok = self._token(row)
+            if tok is not None and tok.value != stale and tok.valid_at(self._clock()):
+                return tok
+            tok = login()
+            conn.execute(
+                sa.update(sync_token)
+                .where(sync_token.c.id == 1)
+                .values(
+                    token=tok.value, obtained_at=_utc(tok.obtained_at), expires_at=_utc(tok.expires_at),
+                    updated_at=_utc(self._clock()),
+                )
+            )
+            log.info("token_stored", expires_at=tok.expires_at.isoformat())
+            return tok
+
+    def discard(self, value: str) -> None:
+        with self._lock, self._engine.begin() as conn:
+            conn.execute(
+                sa.update(sync_token)
+                .where(sync_token.c.id == 1, sync_token.c.token == value)
+                .values(token=None, obtained_at=None, expires_at=None, updated_at=_utc(self._clock()))
+            )

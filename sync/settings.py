@@ -1,0 +1,436 @@
+"""Load and validate ``settings.yaml``.
+
+- ``${NAME}`` anywhere in a string value is replaced by that environment variable
+  (``$$`` writes a literal ``$``); an unset variable is a problem naming it.
+- A secret may come from a file instead: ``password_file: /path`` (also
+  ``app_key_file``, ``username_file``, and ``url_file`` under ``his``/``outbox``).
+  systemd credentials are files too: ``password_file: ${CREDENTIALS_DIRECTORY}/password``.
+- Every problem is collected and reported at once, each naming its key and the fix.
+
+Relative SQLite paths in ``outbox.url`` and ``his.url`` are resolved against the
+directory holding the settings file, so a service finds the same database
+whatever its working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import warnings
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from sync.errors import ConfigError
+
+DEFAULT_CONFIG_NAME = "settings.yaml"
+CONFIG_ENV = "CROWD_SYNC_CONFIG"
+
+# Keys that may be given as `<key>_file:` and are read from that file.
+_FILE_KEYS = {
+    "upstream": ("app_key", "username", "password"),
+    "his": ("url",),
+    "outbox": ("url",),
+}
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Institution(_Model):
+    name: str = ""
+    county_code: str | None = Field(default=None, description="the platform's county code, document section 5")
+    # HIS county code -> platform county code, where the two differ (document 3.1.2 note 1).
+    county_map: dict[str, str] = Field(default_factory=dict)
+
+
+class EventCodes(_Model):
+    login: str | None = None
+    labels: str | None = None
+    upload: str | None = None
+
+
+class Upstream(_Model):
+    env: Literal["test", "prod"] = "test"
+    base_url: str = "http://183.220.195.216:9080"
+    app_key: SecretStr
+    username: str
+    password: SecretStr
+    timeout_s: float = Field(default=15.0, gt=0, le=600)
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    concurrency: int = Field(default=4, ge=1, le=64)
+    rate_limit_per_s: float = Field(default=20.0, gt=0, le=1000)
+    verify_tls: bool = True
+    ca_bundle: str | None = None
+    # How long a token is trusted before logging in again (the document: 12 hours in prod).
+    token_ttl_h: float = Field(default=12.0, gt=0, le=48)
+    event_codes: EventCodes = Field(default_factory=EventCodes)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        v = v.strip().rstrip("/")
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must start with http:// or https:// followed by a host, e.g. http://11.6.226.2:9091")
+        return v
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty")
+        return v.strip()
+
+    @field_validator("app_key", "password")
+    @classmethod
+    def _not_empty(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value().strip():
+            raise ValueError("is empty")
+        return SecretStr(v.get_secret_value().strip())
+
+
+class His(_Model):
+    url: SecretStr
+    query: str
+    start_from: date | None = None
+    settle_delay_s: int = Field(default=60, ge=0, le=86400)
+    lookback_s: int = Field(default=600, ge=0, le=30 * 86400)
+    batch_size: int = Field(default=1000, ge=1, le=100_000)
+    # Below MySQL's wait_timeout (8 h by default) and the usual firewall idle cut.
+    pool_recycle_s: int = Field(default=1800, ge=30)
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, v: str) -> str:
+        text = v.strip().rstrip(";").strip()
+        missing = [p for p in (":since", ":until") if not re.search(re.escape(p) + r"\b", text)]
+        if missing:
+            raise ValueError(
+                f"must use the bind parameters :since and :until (missing {', '.join(missing)}), e.g. "
+                "WHERE changed_at >= :since AND changed_at < :until"
+            )
+        if not re.match(r"(?is)^\s*(select|with)\b", text):
+            raise ValueError("must be a SELECT (or WITH ... SELECT) statement")
+        return text
+
+
+class KeyCrowd(_Model):
+    source: Literal["column", "lookup"] = "lookup"
+    cache_ttl_h: float = Field(default=24.0, ge=0, le=24 * 90)
+    upload_only_key_crowd: bool = True
+
+
+class Outbox(_Model):
+    url: SecretStr = SecretStr("sqlite:///var/crowd-sync.db")
+    # How long a claimed row stays reserved for one worker before others may take it.
+    lease_s: int = Field(default=300, ge=10, le=86400)
+
+
+class Schedule(_Model):
+    timezone: str = "Asia/Shanghai"
+    poll_every_s: int = Field(default=120, ge=5, le=86400)
+    reconcile_at: str = "02:30"
+    reconcile_days: int = Field(default=31, ge=1, le=366)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}; use a name such as Asia/Shanghai") from None
+        return v
+
+    @field_validator("reconcile_at", mode="before")
+    @classmethod
+    def _at(cls, v: Any) -> str:
+        read_as = ""
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            # YAML 1.1 reads an unquoted 02:30 as the sexagesimal number 150.
+            v = f"{v // 60:02d}:{v % 60:02d}"
+            read_as = f" (read as {v}; put the time in quotes)"
+        if isinstance(v, time):
+            v = v.strftime("%H:%M")
+        if not isinstance(v, str) or not re.fullmatch(r"([01]?\d|2[0-3]):[0-5]\d", v.strip()):
+            raise ValueError(f'must be a time of day "HH:MM", e.g. "02:30"{read_as}')
+        return v.strip()
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    @property
+    def reconcile_time(self) -> time:
+        h, m = self.reconcile_at.split(":")
+        return time(int(h), int(m))
+
+
+class Retry(_Model):
+    first_delay_s: float = Field(default=30.0, gt=0)
+    max_delay_s: float = Field(default=3600.0, gt=0)
+    give_up_after_h: float = Field(default=72.0, gt=0)
+    # The platform's generic 中间请求异常 is retried at most this many times.
+    max_generic_attempts: int = Field(default=5, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _order(self) -> Retry:
+        if self.max_delay_s < self.first_delay_s:
+            raise ValueError(
+                f"max_delay_s ({self.max_delay_s:g}) must not be smaller than first_delay_s ({self.first_delay_s:g})"
+            )
+        return self
+
+
+class Log(_Model):
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Metrics(_Model):
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        m = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})", v.strip())
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:9464")
+        return v.strip()
+
+
+class Settings(_Model):
+    institution: Institution = Field(default_factory=Institution)
+    upstream: Upstream
+    his: His
+    key_crowd: KeyCrowd = Field(default_factory=KeyCrowd)
+    outbox: Outbox = Field(default_factory=Outbox)
+    schedule: Schedule = Field(default_factory=Schedule)
+    retry: Retry = Field(default_factory=Retry)
+    log: Log = Field(default_factory=Log)
+    metrics: Metrics = Field(default_factory=Metrics)
+
+    # Where the settings came from (for messages); not a setting.
+    source_path: str | None = Field(default=None, exclude=True)
+
+
+def default_config_path() -> Path:
+    """``$CROWD_SYNC_CONFIG``, else ``./settings.yaml``."""
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME)
+
+
+def load(path: str | Path | None = None, *, env: dict[str, str] | None = None) -> Settings:
+    """Read, interpolate and validate the settings file; raise ConfigError listing every problem."""
+    p = Path(path) if path is not None else default_config_path()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"settings file {p} not found",
+            hint="pass --config PATH, set CROWD_SYNC_CONFIG, or copy settings.yaml from the project",
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"settings file {p} cannot be read: {exc}", hint="check its permissions and encoding (UTF-8)"
+        ) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        # The problem text is PyYAML's short description ("mapping values are not allowed
+        # here"); the snippet it can also print is left out since it may hold a secret.
+        problem = getattr(exc, "problem", None)
+        what = f": {problem}" if problem else ""
+        raise ConfigError(
+            f"settings file {p} is not valid YAML{where}{what}",
+            hint="check indentation (spaces, not tabs) and quote values containing ':' or '#'",
+        ) from None
+    return parse(raw, env=os.environ.copy() if env is None else env, base_dir=p.resolve().parent, source=str(p))
+
+
+def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "settings") -> Settings:
+    """Validate already-parsed YAML; ``base_dir`` anchors relative SQLite paths."""
+    problems: list[str] = []
+    # Keys already reported (unset variable, unreadable file): the validation error that
+    # follows from the same cause would only repeat it less clearly.
+    reported: set[str] = set()
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of sections (upstream:, his:, ...), not a {type(raw).__name__}",
+            hint="start from the example settings.yaml",
+        )
+    data = _interpolate(raw, env, "", problems, reported)
+    # A section whose keys are all commented out reads as null: it means "all defaults".
+    for section in Settings.model_fields:
+        if section in data and data[section] is None:
+            del data[section]
+    data.pop("source_path", None)
+    _read_secret_files(data, problems, reported)
+    if isinstance(data.get("outbox", {}), dict):
+        # The embedded default is relative too, and must not depend on the working directory.
+        data.setdefault("outbox", {}).setdefault("url", Outbox.model_fields["url"].get_default().get_secret_value())
+    for section in ("his", "outbox"):
+        block = data.get(section)
+        if isinstance(block, dict) and isinstance(block.get("url"), str):
+            block["url"] = resolve_sqlite_url(block["url"], base_dir)
+    settings: Settings | None
+    try:
+        settings = Settings.model_validate({**data, "source_path": source})
+    except ValidationError as exc:
+        problems.extend(p for loc, p in _describe(exc) if loc not in reported)
+        settings = None
+    if problems or settings is None:
+        raise ConfigError(
+            f"{source} has {len(problems)} problem{'s' if len(problems) != 1 else ''}",
+            problems=problems,
+            hint="fix each key listed, then run `crowd-sync check`",
+        )
+    return settings
+
+
+def _interpolate(value: Any, env: dict[str, str], where: str, problems: list[str], reported: set[str]) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _interpolate(v, env, f"{where}.{k}" if where else str(k), problems, reported) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_interpolate(v, env, f"{where}[{i}]", problems, reported) for i, v in enumerate(value)]
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            name = m.group(1)
+            if name not in env:
+                reported.add(where)
+                problems.append(
+                    f"{where}: environment variable {name} is not set "
+                    f"(export {name}=..., or put it in the service's environment file)"
+                )
+                return ""
+            return env[name]
+
+        return _VAR.sub(sub, value)
+    return value
+
+
+def _read_secret_files(data: dict[str, Any], problems: list[str], reported: set[str]) -> None:
+    for section, keys in _FILE_KEYS.items():
+        block = data.get(section)
+        if not isinstance(block, dict):
+            continue
+        for key in keys:
+            file_key = f"{key}_file"
+            if file_key not in block:
+                continue
+            path_value = block.pop(file_key)
+            where = f"{section}.{file_key}"
+            if where in reported:
+                # The path itself is broken (unset variable): reading it would only add noise.
+                reported.add(f"{section}.{key}")
+                continue
+            if key in block:
+                problems.append(f"{where}: give either {section}.{key} or {where}, not both")
+                continue
+            reported.add(f"{section}.{key}")
+            if not isinstance(path_value, str) or not path_value.strip():
+                problems.append(f"{where}: must be the path of a file holding the secret")
+                continue
+            path = Path(path_value.strip())
+            try:
+                content = path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                problems.append(
+                    f"{where}: cannot read {path} ({exc.strerror or type(exc).__name__}); "
+                    "check the path and that the service user may read it"
+                )
+                continue
+            except UnicodeDecodeError:
+                problems.append(f"{where}: {path} is not UTF-8 text")
+                continue
+            if not content:
+                problems.append(f"{where}: {path} is empty; write the secret into it")
+                continue
+            reported.discard(f"{section}.{key}")
+            try:
+                mode = path.stat().st_mode
+            except OSError:
+                mode = 0
+            if mode & (stat.S_IRGRP | stat.S_IROTH | stat.S_IWOTH):
+                warnings.warn(
+                    f"{where}: {path} is readable by other users; run `chmod 600 {path}`",
+                    SecretFileWarning,
+                    stacklevel=2,
+                )
+            block[key] = content
+
+
+class SecretFileWarning(UserWarning):
+    """A secret file is readable by users other than its owner."""
+
+
+def resolve_sqlite_url(url: str, base_dir: Path) -> str:
+    """Make a relative ``sqlite:///relative/path`` absolute against ``base_dir``."""
+    m = re.match(r"^(sqlite(?:\+\w+)?):///(?!/)(.+)$", url.strip())
+    if not m or m.group(2).startswith(":memory:") or m.group(2).startswith("file:"):
+        return url
+    path_part, sep, query = m.group(2).partition("?")
+    return f"{m.group(1)}:///{(base_dir / path_part).resolve()}{sep}{query}"
+
+
+def _describe(exc: ValidationError) -> list[tuple[str, str]]:
+    """(key, problem) for each validation error; secret values are never echoed."""
+    out: list[tuple[str, str]] = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        kind = err["type"]
+        msg = err["msg"]
+        if kind == "missing":
+            out.append((loc, f"{loc}: required setting is missing"))
+        elif kind == "extra_forbidden":
+            out.append(
+                (loc, f"{loc}: unknown setting (check its spelling and indentation; see settings.yaml for the keys)")
+            )
+        else:
+            value = err.get("input")
+            shown = ""
+            # Our own validators already describe the value; echo it only for type and range
+            # errors, never for a secret, and not when it is a block of text (the query).
+            if kind != "value_error" and not _looks_secret(err["loc"]) and not isinstance(value, dict | list):
+                shown = f" (got {value!r})" if len(repr(value)) <= 80 else ""
+            msg = msg.removeprefix("Value error, ")
+            if msg.startswith("Input should be "):
+                msg = "must be " + msg.removeprefix("Input should be ")
+            if kind == "string_type":
+                # YAML turns unquoted 0123 into a number (octal 83 in YAML 1.1), so quoting is the fix.
+                msg = "must be text; put the value in quotes"
+            out.append((loc, f"{loc}: {msg}{shown}"))
+    return out
+
+
+def _looks_secret(loc: tuple[int | str, ...]) -> bool:
+    # The last part names the field: `upstream.password`, `his.url`; `upstream.base_url` is no secret.
+    return bool(loc) and str(loc[-1]) in {"password", "app_key", "url", "username"}
+
+
+def start_from_default(today: date | None = None) -> datetime:
+    """The first run back-fills 31 days unless ``his.start_from`` says otherwise."""
+    from datetime import timedelta
+
+    base = today or date.today()
+    d = base - timedelta(days=31)
+    return datetime(d.year, d.month, d.day)

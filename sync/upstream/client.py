@@ -1,0 +1,554 @@
+"""The platform client: signed HTTP calls, the shared login token, labels and uploads.
+
+What the platform demands and this module keeps:
+- every call carries fresh signed query parameters (signing.py), the ``ehrkey``
+  header in the test environment, and ``accesstoken`` on every call but login;
+- logging in again pushes the previous token out (FAQ 4), so the token lives in
+  a shared ``TokenStore`` and is renewed by exactly one login however many
+  threads saw it refused;
+- nothing is retried inside the HTTP layer: an upload that reached the platform
+  but lost its answer is retried by the outbox, and the upsert by ``lsh`` makes
+  that harmless;
+- one call never takes longer than ``upstream.timeout_s`` in total, even
+  against a server that trickles its answer a byte at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
+
+import requests
+import structlog
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.poolmanager import PoolManager
+
+from sync.errors import ConfigError, TransientError
+from sync.logs import mask_id, register_secret
+from sync.settings import Upstream
+from sync.upstream.answers import Answer, Outcome, classify, to_error
+from sync.upstream.signing import EHRKEY_HEADER, ENDPOINTS, EndpointName, decode_app_key, event_code, signed_query
+from sync.upstream.tokens import Token, TokenStore
+
+log = structlog.get_logger(__name__)
+
+# The platform refuses time stamps this far from its own clock with "(401) 未经授权" (FAQ 12).
+CLOCK_SKEW_WARN_S = 300.0
+CLOCK_SKEW_WARN_EVERY_S = 600.0
+_READ_CHUNK = 4096
+_NETWORK_FIX = (
+    "请检查网络、防火墙与 upstream.base_url；稍后自动重试 / "
+    "check the network, firewall and upstream.base_url: retried later"
+)
+
+
+# ---------------------------------------------------------------- values
+
+
+@dataclass(frozen=True, kw_only=True)
+class Label:
+    code: str
+    name: str
+    remark: str | None
+    attr1: str | None  # "1": the person is on the credit-constraint list
+    attr2: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Person:
+    name: str | None
+    id_number: str
+    household_county: str | None  # hjdQh: the platform's county code (document section 5)
+    household_county_name: str | None
+    residence_county: str | None
+    residence_county_name: str | None
+    insured: bool | None
+    demographic: tuple[Label, ...]
+    socio_economic: tuple[Label, ...]
+    health: tuple[Label, ...]
+    management: tuple[Label, ...]
+
+    @property
+    def labels(self) -> tuple[Label, ...]:
+        return self.demographic + self.socio_economic + self.health + self.management
+
+    @property
+    def credit_constrained(self) -> bool:
+        return any(label.attr1 == "1" for label in self.labels)
+
+    @property
+    def is_key_population(self) -> bool:
+        # FAQ 15: a person imported without labels is not recognised as key population.
+        return bool(self.labels)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LookupResult:
+    person: Person | None
+    data: dict[str, Any] | None  # the raw `data` object, for the label cache
+
+
+@dataclass(frozen=True, kw_only=True)
+class UploadResult:
+    created: bool  # 新增成功 (True) or 修改成功 (False)
+    message: str
+    http_status: int
+
+
+def _opt_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _labels(value: Any) -> tuple[Label, ...]:
+    if not isinstance(value, list):
+        return ()
+    return tuple(
+        Label(
+            code=str(item.get("code") or ""),
+            name=str(item.get("name") or ""),
+            remark=_opt_str(item.get("remark")),
+            attr1=_opt_str(item.get("attr1")),
+            attr2=_opt_str(item.get("attr2")),
+        )
+        for item in value
+        if isinstance(item, Mapping)
+    )
+
+
+def parse_person(data: Mapping[str, Any] | None) -> Person | None:
+    """The rybq answer's ``data`` object as a Person; None when the platform says null."""
+    if not isinstance(data, Mapping):
+        return None
+    insured = _opt_str(data.get("ylbx"))
+    return Person(
+        name=_opt_str(data.get("xm")),
+        id_number=_opt_str(data.get("zjhm")) or "",
+        household_county=_opt_str(data.get("hjdQh")),
+        household_county_name=_opt_str(data.get("hjdQhName")),
+        residence_county=_opt_str(data.get("xjdQh")),
+        residence_county_name=_opt_str(data.get("xjdQhName")),
+        insured={"1": True, "0": False}.get(insured or ""),
+        demographic=_labels(data.get("rkxBq")),
+        socio_economic=_labels(data.get("jjxBq")),
+        health=_labels(data.get("jkBq")),
+        management=_labels(data.get("glztBq")),
+    )
+
+
+# ---------------------------------------------------------------- rate limit
+
+
+class RateLimiter:
+    """Token bucket shared by every call of one Client.
+
+    Over any second the requests let through never exceed ``rate`` by more than
+    ``burst`` (one by default). Callers reserve their slot under the lock and
+    sleep outside it, so waiting threads are served in arrival order.
+    """
+
+    def __init__(
+        self,
+        rate_per_s: float,
+        *,
+        burst: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError("rate_per_s must be > 0 and burst >= 1")
+        self._rate = rate_per_s
+        self._burst = burst
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._tokens = burst
+        self._updated = clock()
+
+    def acquire(self, deadline: float | None = None) -> None:
+        """Wait for a slot; TransientError if it would come after ``deadline`` (same clock)."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self._burst, self._tokens + (now - self._updated) * self._rate)
+            self._updated = now
+            wait = 0.0 if self._tokens >= 1 else (1 - self._tokens) / self._rate
+            if deadline is not None and now + wait > deadline:
+                raise TransientError(
+                    "too many requests queued for upstream.rate_limit_per_s to send this one in time",
+                    hint="raise upstream.rate_limit_per_s or lower upstream.concurrency",
+                )
+            # Reserve now (the balance may go negative): later callers queue behind this one.
+            self._tokens -= 1
+        if wait > 0:
+            self._sleep(wait)
+
+
+# ---------------------------------------------------------------- total deadline
+
+# requests' read timeout restarts with every byte received, so a server that
+# trickles its answer would hold a call for ever. Each call therefore arms a
+# timer that shuts down the socket in use when the deadline passes; the
+# connection classes below tell the call which socket that is.
+
+
+class _Guard:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conn: HTTPConnection | None = None
+        self._done = False
+        self.fired = False
+
+    def attach(self, conn: HTTPConnection) -> None:
+        with self._lock:
+            self._conn = conn
+
+    def cut(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.fired = True
+            sock = self._conn.sock if self._conn is not None else None
+        if sock is not None:
+            with suppress(OSError):  # already closed: nothing left to cut
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        with self._lock:
+            self._done = True
+
+
+_current = threading.local()
+
+
+def _attach(conn: HTTPConnection) -> None:
+    guard: _Guard | None = getattr(_current, "guard", None)
+    if guard is not None:
+        guard.attach(conn)
+
+
+class _GuardedHTTPConnection(HTTPConnection):
+    def connect(self) -> None:
+        _attach(self)
+        super().connect()
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        # Reused keep-alive connections skip connect(): register them here too.
+        _attach(self)
+        super().request(*args, **kwargs)
+
+
+class _GuardedHTTPSConnection(HTTPSConnection):
+    def connect(self) -> None:
+        _attach(self)
+        super().connect()
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach(self)
+        super().request(*args, **kwargs)
+
+
+class _GuardedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _GuardedHTTPConnection
+
+
+class _GuardedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _GuardedHTTPSConnection
+
+
+def _guard_pools(manager: PoolManager) -> None:
+    manager.pool_classes_by_scheme = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
+
+
+class _Adapter(HTTPAdapter):
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+        _guard_pools(self.poolmanager)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if isinstance(manager, PoolManager):
+            _guard_pools(manager)
+        return manager
+
+
+@contextmanager
+def _deadline_guard(seconds: float) -> Iterator[_Guard]:
+    guard = _Guard()
+    timer = threading.Timer(max(seconds, 0.0), guard.cut)
+    timer.daemon = True
+    _current.guard = guard
+    timer.start()
+    try:
+        yield guard
+    finally:
+        guard.finish()
+        timer.cancel()
+        _current.guard = None
+
+
+# ---------------------------------------------------------------- client
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Raw:
+    status: int
+    body: bytes
+    content_type: str | None
+    date: str | None
+
+
+class Client:
+    """Calls the platform; safe to share between threads."""
+
+    def __init__(self, upstream: Upstream, store: TokenStore, *, wall_clock: Callable[[], float] = time.time) -> None:
+        self._up = upstream
+        self._store = store
+        self._wall = wall_clock
+        raw_key = upstream.app_key.get_secret_value()
+        self._key = decode_app_key(raw_key)
+        register_secret(raw_key, self._key, upstream.password.get_secret_value())
+        self._codes = {name: event_code(upstream.env, name, upstream.event_codes) for name in ENDPOINTS}
+        self._verify: bool | str = upstream.ca_bundle or upstream.verify_tls
+        self._limiter = RateLimiter(upstream.rate_limit_per_s)
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+        self._skew: float | None = None
+        self._skew_warned_at: float | None = None
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    # -- public calls
+
+    def login(self) -> Token:
+        """One real login; the store calls this when the token must be renewed."""
+        body = json.dumps(
+            {"username": self._up.username, "password": self._up.password.get_secret_value()}, ensure_ascii=False
+        ).encode("utf-8")
+        self._count("logins")
+        answer = self._send("login", body=body, token=None)
+        token_value = answer.data.get("token") if answer.ok and isinstance(answer.data, Mapping) else None
+        if not isinstance(token_value, str) or not token_value:
+            if answer.ok:
+                answer = replace(
+                    answer, outcome=Outcome.GENERIC, cause="login answered without a token",
+                    message=answer.message or "data.token missing",
+                )
+            log.warning(
+                "login_failed", username=self._up.username, outcome=str(answer.outcome),
+                http_status=answer.http_status, platform_message=answer.message,
+            )
+            raise to_error(answer)
+        register_secret(token_value)
+        now = self._now()
+        token = Token(value=token_value, obtained_at=now, expires_at=now + timedelta(hours=self._up.token_ttl_h))
+        log.info("login_succeeded", username=self._up.username, expires_at=token.expires_at.isoformat())
+        return token
+
+    def lookup(self, id_number: str) -> LookupResult:
+        """The person's key-population labels; ``person`` is None when not key population."""
+        id_number = id_number.strip()
+        if not id_number:
+            raise ValueError("id_number is empty")
+        self._count("lookups")
+        answer = self._authorized("labels", suffix=quote(id_number, safe=""), body=None, lsh=None, id_number=id_number)
+        data = dict(answer.data) if isinstance(answer.data, Mapping) else None
+        person = parse_person(data)
+        if person is not None and not person.id_number:
+            person = replace(person, id_number=id_number)
+        log.info(
+            "label_lookup", id_number=mask_id(id_number), key_population=bool(person and person.is_key_population),
+            labels=len(person.labels) if person else 0,
+            credit_constrained=bool(person and person.credit_constrained),
+        )
+        return LookupResult(person=person, data=data)
+
+    def upload(self, payload_json: str, *, lsh: str) -> UploadResult:
+        """Upsert one visit record; the body is sent exactly as given."""
+        self._count("uploads")
+        answer = self._authorized("upload", suffix="", body=payload_json.encode("utf-8"), lsh=lsh, id_number=None)
+        message = answer.data if isinstance(answer.data, str) else answer.message
+        created = message == "新增成功"
+        self._count("creates" if created else "updates")
+        log.info("record_uploaded", lsh=lsh, created=created, message=message)
+        return UploadResult(created=created, message=message, http_status=answer.http_status)
+
+    def clock_skew_s(self) -> float | None:
+        """The platform's Date header minus our clock, from the latest answer (None before any)."""
+        return self._skew
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- token handling
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._wall(), UTC)
+
+    def _token(self) -> Token:
+        token = self._store.current()
+        if token is not None and token.valid_at(self._now()):
+            return token
+        # Passing the value we saw lets a renewal another thread just made be reused.
+        return self._store.renew(token.value if token is not None else None, self.login)
+
+    def _authorized(
+        self, endpoint: EndpointName, *, suffix: str, body: bytes | None, lsh: str | None, id_number: str | None
+    ) -> Answer:
+        token = self._token()
+        answer = self._send(endpoint, suffix=suffix, body=body, token=token.value)
+        if answer.outcome is Outcome.AUTH:
+            # Refused (expired early, or pushed out by a login elsewhere): renew once, retry once.
+            self._count("auth_retries")
+            log.info("token_refused", endpoint=endpoint, platform_message=answer.message)
+            token = self._store.renew(token.value, self.login)
+            answer = self._send(endpoint, suffix=suffix, body=body, token=token.value)
+        if not answer.ok:
+            self._count(f"errors_{answer.outcome}")
+            log.warning(
+                "upstream_error", endpoint=endpoint, outcome=str(answer.outcome), http_status=answer.http_status,
+                lsh=lsh, id_number=mask_id(id_number) if id_number else None, platform_message=answer.message,
+                fix=answer.fix,
+            )
+            raise to_error(answer, lsh=lsh)
+        return answer
+
+    # -- HTTP
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            # Retries belong to the outbox: an upload retried here could hide a lost answer.
+            adapter = _Adapter(pool_connections=1, pool_maxsize=self._up.concurrency, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.counters[name] += 1
+
+    def _send(self, endpoint: EndpointName, *, suffix: str = "", body: bytes | None, token: str | None) -> Answer:
+        """One signed HTTP exchange, classified; network failures raise TransientError."""
+        spec = ENDPOINTS[endpoint]
+        deadline = time.monotonic() + self._up.timeout_s
+        self._limiter.acquire(deadline)
+        query = signed_query(self._codes[endpoint], self._key, int(self._wall() * 1000))
+        url = f"{self._up.base_url}{spec.path}{suffix}?{query}"
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json;charset=UTF-8"
+        if self._up.env == "test":
+            headers[EHRKEY_HEADER[0]] = EHRKEY_HEADER[1]
+        if token is not None:
+            headers["accesstoken"] = token
+        self._count("requests")
+        raw = self._exchange(spec.method, url, body, headers, deadline, endpoint)
+        self._note_clock(raw.date)
+        return classify(raw.status, raw.body, raw.content_type)
+
+    def _exchange(
+        self, method: str, url: str, body: bytes | None, headers: dict[str, str], deadline: float, endpoint: str
+    ) -> _Raw:
+        remaining = deadline - time.monotonic()
+        timeout_s = self._up.timeout_s
+        with _deadline_guard(remaining) as guard:
+            try:
+                response = self._session().request(
+                    method, url, data=body, headers=headers, stream=True, allow_redirects=False,
+                    timeout=(min(self._up.connect_timeout_s, max(remaining, 0.001)), max(remaining, 0.001)),
+                    verify=self._verify,
+                )
+                try:
+                    chunks: list[bytes] = []
+                    for chunk in response.iter_content(_READ_CHUNK):
+                        chunks.append(chunk)
+                        if time.monotonic() > deadline:
+                            guard.fired = True
+                            raise TransientError("deadline")
+                    return _Raw(
+                        status=response.status_code, body=b"".join(chunks),
+                        content_type=response.headers.get("Content-Type"), date=response.headers.get("Date"),
+                    )
+                finally:
+                    response.close()
+            except requests.exceptions.SSLError as exc:
+                raise ConfigError(
+                    f"TLS verification of {self._up.base_url} failed ({type(exc).__name__})",
+                    hint="设置 upstream.ca_bundle 为医院/平台的 CA 证书 / set upstream.ca_bundle to the CA "
+                    "certificate file (verify_tls: false only as a last resort)",
+                ) from None
+            except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
+                raise ConfigError(
+                    f"upstream.base_url {self._up.base_url!r} is not a usable URL ({type(exc).__name__})",
+                    hint="e.g. http://11.6.226.2:9091",
+                ) from None
+            except (requests.exceptions.RequestException, OSError, TransientError) as exc:
+                # Never chain the original: its text holds the signed URL.
+                if guard.fired or time.monotonic() >= deadline:
+                    message = f"{endpoint}: no complete answer within upstream.timeout_s={timeout_s:g}s"
+                else:
+                    message = f"{endpoint}: network error ({type(exc).__name__})"
+                self._count("network_errors")
+                log.warning("upstream_error", endpoint=endpoint, outcome="transient", http_status=None,
+                            error=message)
+                raise TransientError(message, hint=_NETWORK_FIX) from None
+
+    def _note_clock(self, date_header: str | None) -> None:
+        if not date_header:
+            return
+        try:
+            server = parsedate_to_datetime(date_header).timestamp()
+        except (TypeError, ValueError):
+            return
+        skew = server - self._wall()
+        self._skew = skew
+        if abs(skew) <= CLOCK_SKEW_WARN_S:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if self._skew_warned_at is not None and now - self._skew_warned_at < CLOCK_SKEW_WARN_EVERY_S:
+                return
+            self._skew_warned_at = now
+        log.warning(
+            "clock_skew", skew_s=round(skew, 1), limit_s=CLOCK_SKEW_WARN_S,
+            consequence="the platform answers (401) 未经授权 to time stamps this far off",
+            fix="同步本机时钟（开启 NTP） / synchronise this machine's clock (enable NTP)",
+        )
+
+
+__all__ = [
+    "Client",
+    "Label",
+    "LookupResult",
+    "Person",
+    "RateLimiter",
+    "UploadResult",
+    "parse_person",
+]

@@ -1,0 +1,902 @@
+"""A faithful stand-in for the Sichuan key-population platform (先诊疗后付费 interface).
+
+It answers the three endpoints of the province's interface document exactly as
+the platform does (gateway checks, signature, login and tokens, labels, upload
+validation with the platform's own Chinese messages) and can inject the faults
+seen in the field (504 from nginx, dropped connections, a commit whose answer is
+lost, a slow trickle, the platform down, a revoked app key).
+
+It deliberately imports only the standard library and re-derives the signature
+and every rule from the document itself: sharing code with the client would let
+a bug in the client hide behind the same bug here.
+
+Used by tests on an ephemeral loopback port, by the demo, and by
+``crowd-sync simulator`` / ``python -m sync.upstream.simulator``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime as dt
+import hashlib
+import json
+import logging
+import random
+import re
+import secrets
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Final
+
+log = logging.getLogger(__name__)
+
+# --- constants from the interface document -------------------------------------------------
+
+# The document prints the test key percent-encoded; the canonical key is its decoded base64 text.
+TEST_APP_KEY_ENCODED: Final = (
+    "MFwwDQYJKoZIhvcNAQEBBQADSwAwSAJBAMQnkRMriK2hsKxFZnu5O5152ITG7EiafzU8Sxj%2BT6Irh8IdwcV3AS7Qt2M7aIXHrnprb"
+    "%2BpsxlkaMGdTeN7%2F8WkCAwEAAQ%3D%3D"
+)
+TEST_APP_KEY: Final = urllib.parse.unquote(TEST_APP_KEY_ENCODED)
+TEST_USERNAME: Final = "ceshi-rybq"
+TEST_PASSWORD: Final = "Ehr123456@"  # noqa: S105 - published in the document for the test environment
+TEST_IDS: Final = ("510100198506020036", "510100198506020132", "510100198506020028")
+# The document's production test ID number; labelled here too so a prod-mode simulator answers it.
+PROD_TEST_ID: Final = "110104198506020037"
+EHRKEY: Final = "ehr#health@check"
+SIGN_SALT: Final = "HIE_ADAPTER_382d8d3b4e6bc62de8b984ac84acf492"
+
+LOGIN_PATH: Final = "/adapter/http/ehrc/login/integration"
+RYBQ_PREFIX: Final = "/adapter/http/ehrc/v1.0/api/ehr/rybq/"
+UPLOAD_PATH: Final = "/adapter/http/ehrc/v1.0/api/crowd/medical/record/insertOrUpdate"
+
+# endpoint -> env -> event code. Login uses the same code in both environments.
+EVENT_CODES: Final[dict[str, dict[str, str]]] = {
+    "login": {"test": "177cf201a6997f4ca0b8da298e31e3f1", "prod": "177cf201a6997f4ca0b8da298e31e3f1"},
+    "rybq": {"test": "2af82deac11d4670977580bcc01aaa94", "prod": "8f6fa17d4dbf4b95bf1dfb01b0837345"},
+    "upload": {"test": "a7a87688f52e4100ab33a2514ec1971f", "prod": "b60eb517bdcd4525958aebadeef76d63"},
+}
+
+# The platform's own messages (document section 6 and its examples).
+MSG_APP_KEY: Final = "没找到该appKey对应的权限记录,或是该权限记录已被停用"
+MSG_NO_PERMISSION: Final = "没有访问该接口的权限"
+MSG_BAD_SIGNATURE: Final = "加密验证未通过"
+MSG_BAD_LOGIN: Final = "用户不存在或密码错误"
+MSG_LOGIN_FIRST: Final = "请先登录"
+MSG_LOGIN_EXPIRED: Final = "登录过期或未登录"
+MSG_KICKED: Final = "你的账号于[{when}]，在其他地方登录，当前账号被挤出"
+MSG_MIDDLE: Final = "中间请求异常"
+MSG_PATH_MISMATCH: Final = "中间请求异常：路径【{path}】跟eventCode【{code}】不匹配"
+MSG_MISSING_API_KEY: Final = "Missing API key found in request"
+MSG_UNAUTHORISED: Final = "(401) 未经授权"
+MSG_VALIDATION_PREFIX: Final = "参数校验错误："
+
+HTML_504: Final = (
+    "<html><head><title>504 Gateway Time-out</title></head><body><center><h1>504 Gateway Time-out</h1></center>"
+    "<hr><center>nginx</center></body></html>\r\n"
+)
+HTML_503: Final = (
+    "<html><head><title>503 Service Temporarily Unavailable</title></head><body><center>"
+    "<h1>503 Service Temporarily Unavailable</h1></center><hr><center>nginx</center></body></html>\r\n"
+)
+
+# The platform runs in China; times it prints (the kick-out message) are Beijing time.
+BEIJING: Final = dt.timezone(dt.timedelta(hours=8))
+MONEY_MAX: Final = Decimal("999999.99")
+CARD_TYPES: Final = frozenset({"10", "30", "43", "44", "50", "60"})
+DATE_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def sign(event_code: str, app_key: str, time_stamp: str) -> str:
+    """hie_secret as the document defines it: md5 of the plain concatenation, 32 lower-case hex digits."""
+    return hashlib.md5((event_code + app_key + time_stamp + SIGN_SALT).encode("utf-8")).hexdigest()
+
+
+# --- default people --------------------------------------------------------------------------
+
+
+def _label(code: str, name: str, attr1: str = "1") -> dict[str, Any]:
+    return {"code": code, "name": name, "remark": None, "attr1": attr1, "attr2": None}
+
+
+def _person(id_number: str, **kw: Any) -> dict[str, Any]:
+    """A rybq ``data`` object with every key the platform sends; ``kw`` overrides the defaults."""
+    data: dict[str, Any] = {
+        "xm": "测试人员",
+        "zjhm": id_number,
+        "hjdQh": "510115",
+        "hjdQhName": "温江区",
+        "xjdQh": None,
+        "xjdQhName": None,
+        "ylbx": "1",
+        "rkxBq": [],
+        "jjxBq": [],
+        "jkBq": [],
+        "glztBq": [],
+    }
+    data.update(kw)
+    return data
+
+
+def default_people() -> dict[str, dict[str, Any] | None]:
+    """The test environment's labelled ID numbers, the first exactly as in the document's example."""
+    return {
+        TEST_IDS[0]: _person(
+            TEST_IDS[0],
+            xm="李四",
+            hjdQh="511425",
+            hjdQhName="青神县",
+            jjxBq=[_label("J01.01", "特困人员"), _label("J01.02", "农村低保对象")],
+        ),
+        TEST_IDS[1]: _person(
+            TEST_IDS[1],
+            xm="王芳",
+            hjdQh="510115",
+            hjdQhName="温江区",
+            xjdQh="510104",
+            xjdQhName="锦江区",
+            jjxBq=[_label("J01.03", "孤儿")],
+            jkBq=[_label("H01.01", "高血压", "0")],
+        ),
+        TEST_IDS[2]: _person(
+            TEST_IDS[2],
+            xm="赵敏",
+            hjdQh="513431",
+            hjdQhName="昭觉县",
+            ylbx="0",
+            jjxBq=[_label("J01.05", "边缘易致贫户", "0")],
+        ),
+        PROD_TEST_ID: _person(PROD_TEST_ID, xm="张三", jjxBq=[_label("J01.07", "一般脱贫户", "0")]),
+    }
+
+
+# --- configuration and faults ----------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class SimConfig:
+    """How the simulated platform behaves. Mutable: tests may change it while the server runs."""
+
+    env: str = "test"
+    app_key: str = TEST_APP_KEY
+    accounts: dict[str, str] = field(default_factory=lambda: {TEST_USERNAME: TEST_PASSWORD})
+    token_ttl_s: float = 12 * 3600
+    max_clock_skew_s: float = 300
+    people: dict[str, dict[str, Any] | None] = field(default_factory=default_people)
+    clock: Callable[[], float] = time.time
+
+
+@dataclass(kw_only=True)
+class Faults:
+    """Injected faults; every field may be changed at any time while the server runs.
+
+    The ``next_*`` counters are deterministic: the next N requests (for
+    ``next_commit_then_reset``: the next N accepted uploads) get that fault.
+    The ``p_*`` probabilities draw from a generator seeded with ``seed``.
+    """
+
+    latency_s: float = 0.0
+    p_504: float = 0.0
+    p_reset: float = 0.0
+    p_commit_then_reset: float = 0.0
+    trickle_s: float = 0.0
+    down: bool = False
+    app_key_revoked: bool = False
+    next_504: int = 0
+    next_reset: int = 0
+    next_commit_then_reset: int = 0
+    seed: int | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._rng.seed(self.seed)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        # Assigning a seed restarts the sequence, so a test sees the same faults on every run.
+        if name == "seed" and "_rng" in self.__dict__:
+            with self._lock:
+                self._rng.seed(value)
+
+    def clear(self) -> None:
+        """Remove every fault (the seed is kept)."""
+        with self._lock:
+            self.latency_s = self.p_504 = self.p_reset = self.p_commit_then_reset = self.trickle_s = 0.0
+            self.down = self.app_key_revoked = False
+            self.next_504 = self.next_reset = self.next_commit_then_reset = 0
+
+    def take(self, kind: str) -> bool:
+        """Whether this request gets fault ``kind`` ("504", "reset", "commit_then_reset"); consumes a next_* count."""
+        with self._lock:
+            name = f"next_{kind}"
+            pending: int = getattr(self, name)
+            if pending > 0:
+                setattr(self, name, pending - 1)
+                return True
+            p: float = getattr(self, f"p_{kind}")
+            return p > 0 and self._rng.random() < p
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestSeen:
+    """One request as it arrived: path and query exactly as on the wire, header names lower-case."""
+
+    method: str
+    path: str
+    raw_query: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(kw_only=True)
+class _Session:
+    username: str
+    issued_at: float
+    kicked_at: str | None = None  # Beijing time of the login that replaced this token
+
+
+class _Drop(Exception):
+    """Close the connection without answering (reset or commit-then-reset)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Answer:
+    status: int
+    body: bytes
+    content_type: str
+
+
+def _json_answer(obj: Any, status: int = 200) -> _Answer:
+    text = json.dumps(obj, ensure_ascii=False, default=str)
+    return _Answer(status=status, body=text.encode("utf-8"), content_type="application/json;charset=UTF-8")
+
+
+def _text_answer(text: str, status: int, content_type: str = "text/plain;charset=UTF-8") -> _Answer:
+    return _Answer(status=status, body=text.encode("utf-8"), content_type=content_type)
+
+
+def _business_error(code: int, message: str) -> _Answer:
+    # Business errors travel as HTTP 200, as in the document's failure example.
+    return _json_answer({"code": code, "data": None, "message": message, "success": False})
+
+
+# --- upload validation -----------------------------------------------------------------------
+
+# (field, Chinese name from the document's table, max length or None for dictionary fields, required)
+_STRING_FIELDS: Final = (
+    ("type", "诊疗类型", None, True),
+    ("cardType", "证件类型", None, True),
+    ("lsh", "业务流水号", 50, True),
+    ("cardNo", "证件号码", 40, True),
+    ("code", "业务编号", 50, True),
+    ("keyCrowd", "是否重点人群", None, True),
+    ("icdName", "主诊断", 200, False),
+    ("icdCode", "主诊断编码", 100, False),
+)
+_DICTIONARIES: Final[dict[str, frozenset[str]]] = {
+    "type": frozenset({"1", "2"}),
+    "cardType": CARD_TYPES,
+    "keyCrowd": frozenset({"1", "0"}),
+}
+_DATE_FIELDS: Final = (("enterDate", "诊疗时间"), ("leaveDate", "出院时间"), ("settlementDate", "结算日期"))
+_MONEY_FIELDS: Final = (
+    ("totalFee", "总费用"),
+    ("insFee", "医保已报销金额"),
+    ("totalPrepayment", "住院预交金"),
+    ("deficientFee", "欠费金额"),
+)
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _parse_date(value: Any) -> dt.date | None:
+    if not isinstance(value, str) or not DATE_RE.fullmatch(value):
+        return None
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:  # 2024-02-30 has the right shape but is no date
+        return None
+
+
+def validate_upload(body: dict[str, Any]) -> list[str]:
+    """Every rule of the document's upload table; returns all violations in the platform's words."""
+    errors: list[str] = []
+    for name, label, max_len, required in _STRING_FIELDS:
+        value = body.get(name)
+        if _blank(value):
+            if required:
+                errors.append(f"{label}不能为空！")
+            continue
+        if not isinstance(value, str):
+            # The document says 字符型; a number here is a client bug even if a lenient server coerced it.
+            errors.append(f"{label}格式不正确！")
+        elif name in _DICTIONARIES and value not in _DICTIONARIES[name]:
+            errors.append(f"{label}不正确！")
+        elif max_len is not None and len(value) > max_len:
+            errors.append(f"{label}长度不能超过{max_len}！")
+
+    dates: dict[str, dt.date] = {}
+    for name, label in _DATE_FIELDS:
+        value = body.get(name)
+        if _blank(value):
+            # leaveDate is required for inpatients only (type 1).
+            if name != "leaveDate" or body.get("type") == "1":
+                errors.append(f"{label}不能为空！")
+            continue
+        parsed = _parse_date(value)
+        if parsed is None:
+            errors.append(f"{label}格式不正确！")
+        else:
+            dates[name] = parsed
+
+    money: dict[str, Decimal] = {}
+    for name, label in _MONEY_FIELDS:
+        value = body.get(name)
+        if value is None:
+            errors.append(f"{label}不能为空！")
+            continue
+        # bool is an int in Python but true/false is no amount; a JSON string is not 数字型.
+        if isinstance(value, bool) or not isinstance(value, int | Decimal):
+            errors.append(f"{label}格式不正确！")
+            continue
+        amount = Decimal(value)
+        exponent = amount.as_tuple().exponent
+        if not amount.is_finite() or (isinstance(exponent, int) and exponent < -2):
+            errors.append(f"{label}格式不正确！")
+        elif amount < 0:
+            errors.append(f"{label}不能为负数！")
+        elif amount > MONEY_MAX:
+            errors.append(f"{label}超出范围！")
+        else:
+            money[name] = amount
+
+    if "totalFee" in money and "deficientFee" in money and money["totalFee"] < money["deficientFee"]:
+        errors.append("总费用不能小于欠费金额！")
+    if "enterDate" in dates:
+        if "leaveDate" in dates and dates["leaveDate"] < dates["enterDate"]:
+            errors.append("出院时间不能小于诊疗时间！")
+        if "settlementDate" in dates and dates["settlementDate"] < dates["enterDate"]:
+            errors.append("结算日期不能小于诊疗时间！")
+    return errors
+
+
+# --- the server ------------------------------------------------------------------------------
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], sim: Simulator) -> None:
+        self.sim = sim
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "nginx"
+    sys_version = ""
+    # Like nginx's keepalive_timeout: idle keep-alive connections do not hold a thread forever.
+    timeout = 75
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.sim._track(self.connection, add=True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.sim._track(self.connection, add=False)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("simulator_http %s", format % args)
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        return formatdate(self.server.sim.config.clock() if timestamp is None else timestamp, usegmt=True)
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def do_PUT(self) -> None:
+        self._serve("PUT")
+
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._serve("PATCH")
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks: list[bytes] = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _serve(self, method: str) -> None:
+        sim = self.server.sim
+        body = self._read_body()
+        split = urllib.parse.urlsplit(self.path)
+        seen = RequestSeen(
+            method=method,
+            path=split.path,
+            raw_query=split.query,
+            headers={k.lower(): v for k, v in self.headers.items()},
+            body=body,
+        )
+        try:
+            answer = sim._answer(seen)
+        except _Drop:
+            self._drop()
+            return
+        self._write(answer)
+
+    def _drop(self) -> None:
+        # SO_LINGER 0 makes the close an RST: the client sees "connection reset", not a clean end.
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+
+    def _write(self, answer: _Answer) -> None:
+        sim = self.server.sim
+        reason = self.responses.get(answer.status, ("",))[0]
+        head = [
+            f"{self.protocol_version} {answer.status} {reason}",
+            f"Server: {self.server_version}",
+            f"Date: {self.date_time_string()}",
+            f"Content-Type: {answer.content_type}",
+            f"Content-Length: {len(answer.body)}",
+            f"Connection: {'close' if self.close_connection else 'keep-alive'}",
+        ]
+        raw = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + answer.body
+        trickle = sim.faults.trickle_s
+        try:
+            if trickle > 0:
+                for i in range(len(raw)):
+                    if sim._stopping.is_set():
+                        self.close_connection = True
+                        return
+                    self.wfile.write(raw[i : i + 1])
+                    self.wfile.flush()
+                    sim._stopping.wait(trickle)
+            else:
+                self.wfile.write(raw)
+        except OSError:
+            # The client gave up (timeout) or the server is stopping: nothing left to say.
+            self.close_connection = True
+
+
+class Simulator:
+    """The provincial platform on a local port. Use as a context manager or call start()/stop()."""
+
+    def __init__(self, config: SimConfig | None = None, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.config = config or SimConfig()
+        self.faults = Faults()
+        self.records: dict[str, dict[str, Any]] = {}
+        # requests: every request seen; logins: successful logins; lookups: rybq answered;
+        # uploads: uploads past the gateway and token checks; creates/updates: uploads stored;
+        # rejections: uploads refused by validation; auth_failures: bad logins and refused tokens;
+        # gateway_rejections: refused by steps 2-7 (path, ehrkey, app key, time stamp, event code, secret);
+        # faults: injected faults.
+        self.counters: Counter[str] = Counter()
+        self.requests_log: list[RequestSeen] = []
+        self._host = host
+        self._port = port
+        self._lock = threading.Lock()
+        self._sessions: dict[str, _Session] = {}  # token -> session
+        self._current: dict[str, str] = {}  # username -> its current token
+        self._conns: set[socket.socket] = set()
+        self._stopping = threading.Event()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ---
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("the simulator is not started; call start() first")
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> Simulator:
+        if self._server is not None:
+            return self
+        self._stopping.clear()
+        self._server = _Server((self._host, self._port), self)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="platform-simulator", daemon=True
+        )
+        self._thread.start()
+        log.info("simulator_started url=%s env=%s", self.url, self.config.env)
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._stopping.set()
+        server.shutdown()
+        # Keep-alive handlers sit in readline() until their client speaks; shutting their sockets wakes them.
+        with self._lock:
+            conns = list(self._conns)
+            self._conns.clear()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> Simulator:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _track(self, conn: socket.socket, *, add: bool) -> None:
+        with self._lock:
+            if add:
+                self._conns.add(conn)
+            else:
+                self._conns.discard(conn)
+
+    # --- control from tests and the demo ---
+
+    def revoke_tokens(self) -> None:
+        """Every issued token becomes invalid (answers 登录过期或未登录)."""
+        with self._lock:
+            self._sessions.clear()
+            self._current.clear()
+
+    def kick(self, username: str = TEST_USERNAME) -> None:
+        """As if ``username`` logged in elsewhere: its current token answers the kick-out message."""
+        with self._lock:
+            token = self._current.pop(username, None)
+            if token is not None and token in self._sessions:
+                self._sessions[token].kicked_at = self._beijing_now()
+
+    def add_person(self, id_number: str, data: dict[str, Any] | None = None, **kw: Any) -> None:
+        """Label ``id_number``. ``data=None`` without keywords: not key population (rybq answers data null).
+
+        Keywords build or amend a full rybq object, e.g. ``add_person(id, xm="王五", jjxBq=[...])``.
+        """
+        if data is None and not kw:
+            person: dict[str, Any] | None = None
+        else:
+            person = _person(id_number, **(data or {}))
+            person.update(kw)
+        with self._lock:
+            self.config.people[id_number] = person
+
+    def reset_counters(self) -> None:
+        """Zero every counter (records, tokens and the request log are kept)."""
+        with self._lock:
+            self.counters.clear()
+
+    def issued_tokens(self) -> int:
+        """How many tokens are currently valid (not kicked); shared-token clients keep this at one."""
+        with self._lock:
+            return sum(1 for s in self._sessions.values() if s.kicked_at is None)
+
+    # --- the platform ---
+
+    def _count(self, *keys: str) -> None:
+        with self._lock:
+            for key in keys:
+                self.counters[key] += 1
+
+    def _beijing_now(self) -> str:
+        return dt.datetime.fromtimestamp(self.config.clock(), BEIJING).strftime("%Y-%m-%d %H:%M:%S")
+
+    def _answer(self, req: RequestSeen) -> _Answer:
+        """The platform's answer, in the order its gateway and application check things."""
+        with self._lock:
+            self.requests_log.append(req)
+            self.counters["requests"] += 1
+
+        # 1. faults
+        faults = self.faults
+        if faults.latency_s > 0:
+            self._stopping.wait(faults.latency_s)
+        if faults.down:
+            self._count("faults")
+            return _text_answer(HTML_503, 503, "text/html")
+        if faults.take("504"):
+            self._count("faults")
+            return _text_answer(HTML_504, 504, "text/html")
+        if faults.take("reset"):
+            self._count("faults")
+            raise _Drop
+
+        # 2. routing
+        endpoint, method = self._route(req.path)
+        if endpoint is None:
+            self._count("gateway_rejections")
+            return _json_answer({"code": 404, "message": MSG_MIDDLE}, 404)
+        if req.method != method:
+            self._count("gateway_rejections")
+            return _text_answer("Method Not Allowed", 405)
+
+        gateway = self._gateway(req, endpoint)
+        if gateway is not None:
+            self._count("gateway_rejections")
+            return gateway
+
+        if endpoint == "login":
+            return self._login(req)
+        token_error = self._check_token(req.headers.get("accesstoken"))
+        if token_error is not None:
+            self._count("auth_failures")
+            return _business_error(401, token_error)
+        if endpoint == "rybq":
+            return self._rybq(req.path[len(RYBQ_PREFIX) :])
+        return self._upload(req.body)
+
+    @staticmethod
+    def _route(path: str) -> tuple[str | None, str]:
+        if path == LOGIN_PATH:
+            return "login", "POST"
+        if path == UPLOAD_PATH:
+            return "upload", "POST"
+        if path.startswith(RYBQ_PREFIX) and path[len(RYBQ_PREFIX) :] and "/" not in path[len(RYBQ_PREFIX) :]:
+            return "rybq", "GET"
+        return None, ""
+
+    def _gateway(self, req: RequestSeen, endpoint: str) -> _Answer | None:
+        """Steps 3-7: ehrkey header, app key, time stamp, event code, signature."""
+        cfg = self.config
+        if cfg.env == "test" and req.headers.get("ehrkey") != EHRKEY:
+            return _json_answer({"message": MSG_MISSING_API_KEY}, 401)
+
+        # parse_qsl decodes exactly once, so a double-encoded key (%252B) stays wrong, as on the platform.
+        params = dict(urllib.parse.parse_qsl(req.raw_query, keep_blank_values=True))
+        names = ("hie_event_code", "hie_app_key", "hie_time_stamp", "hie_secret")
+        if any(not params.get(n) for n in names) or self.faults.app_key_revoked or params["hie_app_key"] != cfg.app_key:
+            return _business_error(500, MSG_APP_KEY)
+
+        stamp = params["hie_time_stamp"]
+        if not (stamp.isascii() and stamp.isdigit()) or abs(int(stamp) / 1000 - cfg.clock()) > cfg.max_clock_skew_s:
+            return _text_answer(MSG_UNAUTHORISED, 401)
+
+        event_code = params["hie_event_code"]
+        codes = EVENT_CODES[endpoint]
+        expected = codes.get(cfg.env, codes["test"])
+        if event_code != expected:
+            if event_code in codes.values():
+                return _business_error(500, MSG_NO_PERMISSION)
+            return _business_error(500, MSG_PATH_MISMATCH.format(path=req.path, code=event_code))
+
+        if params["hie_secret"] != sign(event_code, params["hie_app_key"], stamp):
+            return _business_error(500, MSG_BAD_SIGNATURE)
+        return None
+
+    def _login(self, req: RequestSeen) -> _Answer:
+        try:
+            body = json.loads(req.body)
+        except ValueError:
+            body = None
+        username = body.get("username") if isinstance(body, dict) else None
+        password = body.get("password") if isinstance(body, dict) else None
+        if (
+            not isinstance(username, str)
+            or not isinstance(password, str)
+            or self.config.accounts.get(username) != password
+        ):
+            self._count("auth_failures")
+            return _business_error(500, MSG_BAD_LOGIN)
+
+        token = secrets.token_hex(16)
+        now = self.config.clock()
+        with self._lock:
+            previous = self._current.get(username)
+            if previous is not None and previous in self._sessions:
+                self._sessions[previous].kicked_at = self._beijing_now()
+            self._sessions[token] = _Session(username=username, issued_at=now)
+            self._current[username] = token
+            self.counters["logins"] += 1
+        data = {
+            "userId": hashlib.md5(username.encode("utf-8")).hexdigest(),
+            "loginId": username,
+            "username": username,
+            "orgId": "510115",
+            "orgName": "温江区卫健局",
+            "areaId": "510115",
+            "areaName": "温江区",
+            "orgType": "29",
+            "orgCode": None,
+            "orgArea": "510115",
+            "field10": None,
+            "ownAreaIds": ["510115"],
+            "token": token,
+        }
+        return _json_answer(
+            {
+                "code": 200,
+                "data": data,
+                "message": None,
+                "success": True,
+                "requestId": secrets.token_hex(16),
+                "datasourceIndex": 0,
+                "serviceSuccess": True,
+                "systemErrorCode": None,
+            }
+        )
+
+    def _check_token(self, token: str | None) -> str | None:
+        """None if the token is good, else the platform's message."""
+        if not token:
+            return MSG_LOGIN_FIRST
+        now = self.config.clock()
+        with self._lock:
+            session = self._sessions.get(token)
+            if session is None:
+                return MSG_LOGIN_EXPIRED
+            if session.kicked_at is not None:
+                return MSG_KICKED.format(when=session.kicked_at)
+            if now - session.issued_at > self.config.token_ttl_s:
+                del self._sessions[token]
+                if self._current.get(session.username) == token:
+                    del self._current[session.username]
+                return MSG_LOGIN_EXPIRED
+        return None
+
+    def _rybq(self, raw_id: str) -> _Answer:
+        id_number = urllib.parse.unquote(raw_id)
+        with self._lock:
+            person = copy.deepcopy(self.config.people.get(id_number))
+            self.counters["lookups"] += 1
+        return _json_answer(
+            {
+                "code": 200,
+                "data": person,
+                "message": None,
+                "detailMessage": None,
+                "success": True,
+                "requestId": secrets.token_hex(16),
+                "datasourceIndex": None,
+                "serviceSuccess": True,
+                "systemErrorCode": None,
+            }
+        )
+
+    def _upload(self, raw: bytes) -> _Answer:
+        self._count("uploads")
+        try:
+            body = json.loads(raw, parse_float=Decimal)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            # An unreadable body never reaches the validator; the platform answers its generic error.
+            self._count("rejections")
+            return _business_error(500, MSG_MIDDLE)
+        errors = validate_upload(body)
+        if errors:
+            self._count("rejections")
+            return _business_error(500, MSG_VALIDATION_PREFIX + "".join(e + "," for e in errors))
+
+        lsh = body["lsh"]
+        with self._lock:
+            created = lsh not in self.records
+            self.records[lsh] = body
+            self.counters["creates" if created else "updates"] += 1
+        if self.faults.take("commit_then_reset"):
+            # Stored, but the answer is lost: the client must upload again and get 修改成功.
+            self._count("faults")
+            raise _Drop
+        return _json_answer({"code": 200, "data": "新增成功" if created else "修改成功", "message": None})
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def _load_people(path: str) -> dict[str, dict[str, Any] | None]:
+    with open(path, encoding="utf-8") as f:
+        loaded = json.load(f)
+    if not isinstance(loaded, dict):
+        raise SystemExit(f"{path}: expected a JSON object {{ID number: rybq data or null}}")
+    people: dict[str, dict[str, Any] | None] = {}
+    for id_number, data in loaded.items():
+        people[str(id_number)] = None if data is None else _person(str(id_number), **data)
+    return people
+
+
+def _banner(sim: Simulator) -> Iterator[str]:
+    cfg = sim.config
+    yield f"省平台模拟器已启动 / Platform simulator listening on {sim.url}  (env: {cfg.env})"
+    yield "在 settings.yaml 中填写 / Put this in settings.yaml:"
+    yield "  upstream:"
+    yield f"    env: {cfg.env}"
+    yield f"    base_url: {sim.url}"
+    yield f'    app_key: "{cfg.app_key}"'
+    for username, password in cfg.accounts.items():
+        yield f"    username: {username}"
+        yield f'    password: "{password}"'
+        break
+    labelled = [k for k, v in cfg.people.items() if v is not None]
+    yield f"有标签的身份证号 / ID numbers with labels: {', '.join(labelled) or '-'}"
+    if cfg.env == "test":
+        yield f"测试环境需要请求头 / test env requires header  ehrkey: {EHRKEY}"
+    yield "按 Ctrl-C 停止 / Press Ctrl-C to stop"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve the simulator until SIGINT or SIGTERM; prints the URL and the settings to use."""
+    parser = argparse.ArgumentParser(
+        prog="crowd-sync simulator", description="省平台模拟器 / Sichuan key-population platform simulator"
+    )
+    parser.add_argument("--port", type=int, default=18080)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--env", choices=("test", "prod"), default="test")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="added before every answer")
+    parser.add_argument("--people", metavar="FILE.json", help="JSON object {ID number: rybq data or null}")
+    args = parser.parse_args(argv)
+
+    config = SimConfig(env=args.env)
+    if args.people:
+        config.people = _load_people(args.people)
+    sim = Simulator(config, host=args.host, port=args.port)
+    sim.faults.latency_s = max(args.latency_ms, 0.0) / 1000
+    done = threading.Event()
+
+    def _on_signal(signum: int, frame: object) -> None:
+        done.set()
+
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, _on_signal)
+    sim.start()
+    try:
+        for line in _banner(sim):
+            print(line, flush=True)
+        while not done.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sim.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    print("模拟器已停止 / simulator stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+"""The outbox on SQLite: what a DBA and the dispatcher see after each operation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from sync.errors import ConfigError
+from sync.outbox.lock import AlreadyRunning
+from sync.outbox.schema import sync_outbox
+from sync.outbox.store import Incoming, Status, Store, current_revision, head_revision
+from sync.upstream.tokens import Token
+
+T0 = datetime(2026, 3, 1, 8, 0, 0)
+
+
+def item(lsh: str, body: str = "v1", *, status: Status = Status.PENDING, reason: str | None = None,
+         changed: datetime | None = None, key_crowd: str | None = None) -> Incoming:
+    payload = json.dumps({"lsh": lsh, "body": body, "icdName": "肺结核"}, ensure_ascii=False)
+    return Incoming(
+        lsh=lsh, payload_json=payload, payload_hash=hashlib.sha256(payload.encode()).hexdigest(), status=status,
+        key_crowd=key_crowd, reason=reason, source_changed_at=changed or T0, card_type="10",
+        card_no="510100198506020036", visit_type="2", settlement_date=date(2026, 3, 1),
+    )
+
+
+def row(store: Store, lsh: str) -> sa.RowMapping:
+    with store.engine.connect() as conn:
+        r = conn.execute(sa.select(sync_outbox).where(sync_outbox.c.lsh == lsh)).mappings().one()
+    return r
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(f"sqlite:///{tmp_path / 'var' / 'outbox.db'}", lease_s=300)
+    s.ensure_schema()
+    yield s
+    s.dispose()
+
+
+# -- schema ------------------------------------------------------------------------
+
+
+def test_a_fresh_sqlite_file_is_created_at_head(tmp_path: Path) -> None:
+    s = Store(f"sqlite:///{tmp_path / 'new' / 'dir' / 'outbox.db'}")
+    s.ensure_schema()
+    assert current_revision(s.engine) == head_revision()
+    assert (tmp_path / "new" / "dir" / "outbox.db").exists()
+    s.ensure_schema()  # idempotent
+    s.dispose()
+
+
+def test_a_schema_newer_than_the_code_asks_to_upgrade_crowd_sync(store: Store) -> None:
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE sync_schema_version SET version_num = '9999'")
+    with pytest.raises(ConfigError) as err:
+        store.ensure_schema()
+    assert "9999" in str(err.value)
+    assert "upgrade crowd-sync" in err.value.hint
+
+
+def test_tables_without_a_version_are_refused(store: Store) -> None:
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM sync_schema_version")
+    with pytest.raises(ConfigError, match="no schema version"):
+        store.ensure_schema()
+
+
+def test_password_is_hidden_from_humans() -> None:
+    s = Store("postgresql+psycopg2://crowd:s3cret-pw@db.example/outbox")
+    assert "s3cret-pw" not in s.url_for_humans
+    assert "db.example/outbox" in s.url_for_humans
+    s.dispose()
+
+
+# -- enqueue ------------------------------------------------------------------------
+
+
+def test_enqueue_twice_writes_nothing_the_second_time(store: Store) -> None:
+    items = [item(f"L{i}") for i in range(3)]
+    first = store.enqueue(items, now=T0)
+    assert (first.inserted, first.changed, first.unchanged) == (3, 0, 0)
+    again = store.enqueue(items, now=T0 + timedelta(hours=1))
+    assert (again.inserted, again.changed, again.unchanged) == (0, 0, 3)
+    r = row(store, "L1")
+    assert r["updated_at"] == T0
+    assert r["status"] == "pending"
+    assert r["next_attempt_at"] == T0
+    assert r["first_seen_at"] == T0
+
+
+def test_a_resettled_sent_visit_goes_back_to_pending_with_a_fresh_retry_budget(store: Store) -> None:
+    store.enqueue([item("L1")], now=T0)
+    [c] = store.claim_due(now=T0, limit=10, owner="w1")
+    store.mark_failed(c, error="timeout", http_status=None, now=T0, next_attempt_at=T0, generic=True)
+    [c] = store.claim_due(now=T0 + timedelta(seconds=1), limit=10, owner="w1")
+    assert store.mark_sent(c, sent_json=c.payload_json, key_crowd="1", answer="新增成功", http_status=200, now=T0)
+    sent = row(store, "L1")
+    assert sent["status"] == "sent"
+    assert sent["last_answer"] == "新增成功"
+
+    later = T0 + timedelta(days=1)
+    result = store.enqueue([item("L1", "v2")], now=later)
+    assert (result.inserted, result.changed) == (0, 1)
+    r = row(store, "L1")
+    assert r["status"] == "pending"
+    assert (r["attempts"], r["generic_failures"], r["first_failed_at"]) == (0, 0, None)
+    assert r["next_attempt_at"] == later
+    assert r["sent_hash"] == sent["payload_hash"]  # what the platform holds is still known
+    assert r["first_seen_at"] == T0
+
+
+def test_duplicates_in_one_batch_the_last_wins(store: Store) -> None:
+    result = store.enqueue([item("L1", "old"), item("L1", "new")], now=T0)
+    assert result.inserted == 1
+    assert json.loads(row(store, "L1")["payload"])["body"] == "new"
+
+
+def test_skipped_and_invalid_rows_keep_their_reason_and_are_not_due(store: Store) -> None:
+    store.enqueue([
+        item("S", status=Status.SKIPPED, reason="label lookup: not key population", key_crowd="0"),
+        item("I", status=Status.INVALID, reason="cardNo: 必填"),
+    ], now=T0)
+    assert row(store, "S")["last_error"] == "label lookup: not key population"
+    assert row(store, "I")["last_error"] == "cardNo: 必填"
+    assert row(store, "I")["next_attempt_at"] is None
+    assert store.claim_due(now=T0 + timedelta(days=1), limit=10, owner="w") == []
+    # The invalid visit is fixed in the HIS: it arrives re-validated, pending again.
+    store.enqueue([item("I", "fixed")], now=T0)
+    assert [c.lsh for c in store.claim_due(now=T0, limit=10, owner="w")] == ["I"]
+
+
+def test_large_batches_are_chunked(store: Store) -> None:
+    items = [item(f"L{i:05d}") for i in range(1200)]
+    assert store.enqueue(items, now=T0).inserted == 1200
+    assert store.enqueue(items, now=T0).unchanged == 1200
+
+
+# -- cursor ------------------------------------------------------------------------
+
+
+def test_cursor_moves_only_forward(store: Store) -> None:
+    assert store.get_cursor() is None
+    store.enqueue([], now=T0, cursor=(T0, "B"))
+    store.enqueue([], now=T0, cursor=(T0, "A"))  # same instant, smaller lsh: behind
+    assert store.get_cursor() == (T0, "B")
+    store.enqueue([], now=T0, cursor=(T0 - timedelta(minutes=5), "Z"))
+    assert store.get_cursor() == (T0, "B")
+    store.enqueue([], now=T0, cursor=(T0 + timedelta(seconds=1), "A"))
+    assert store.get_cursor() == (T0 + timedelta(seconds=1), "A")
+
+
+def test_a_failed_enqueue_leaves_neither_rows_nor_cursor(store: Store) -> None:
+    store.enqueue([item("L0")], now=T0, cursor=(T0, "L0"))
+    bad_cursor = ("not a time", "L9")  # fails after the rows are written, inside the transaction
+    with pytest.raises(TypeError):
+        store.enqueue([item("L1"), item("L2")], now=T0, cursor=bad_cursor)  # type: ignore[arg-type]
+    assert store.get_cursor() == (T0, "L0")
+    with store.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(sync_outbox)).scalar() == 1
+
+
+# -- claim and outcomes ---------------------------------------------------------------
+
+
+def test_a_crashed_workers_rows_come_back_when_the_lease_ends(store: Store) -> None:
+    store.enqueue([item("L1"), item("L2")], now=T0)
+    claimed = store.claim_due(now=T0, limit=10, owner="crashed")
+    assert {c.lsh for c in claimed} == {"L1", "L2"}
+    assert store.claim_due(now=T0 + timedelta(seconds=299), limit=10, owner="other") == []
+    assert store.next_due_at() == T0 + timedelta(seconds=300)
+    back = store.claim_due(now=T0 + timedelta(seconds=301), limit=10, owner="other")
+    assert {c.lsh for c in back} == {"L1", "L2"}
+    # The crashed worker wakes up late: its outcome no longer counts.
+    assert not store.mark_sent(claimed[0], sent_json="{}", key_crowd="1", answer="新增成功", http_status=200, now=T0)
+    assert row(store, claimed[0].lsh)["lease_owner"] == "other"
+    assert row(store, claimed[0].lsh)["status"] == "pending"
+
+
+def test_claim_respects_limit_and_due_order(store: Store) -> None:
+    store.enqueue([item("late")], now=T0 + timedelta(seconds=10))
+    store.enqueue([item("early")], now=T0)
+    store.enqueue([item("future")], now=T0 + timedelta(hours=1))
+    assert [c.lsh for c in store.claim_due(now=T0 + timedelta(minutes=1), limit=1, owner="w")] == ["early"]
+    assert [c.lsh for c in store.claim_due(now=T0 + timedelta(minutes=1), limit=5, owner="w")] == ["late"]
+
+
+def test_mark_sent_with_a_stale_hash_leaves_the_new_payload_pending(store: Store) -> None:
+    store.enqueue([item("L1", "v1")], now=T0)
+    [c] = store.claim_due(now=T0, limit=10, owner="w")
+    store.enqueue([item("L1", "v2")], now=T0 + timedelta(seconds=5))  # re-settled while uploading
+    assert not store.mark_sent(c, sent_json=c.payload_json, key_crowd="1", answer="新增成功", http_status=200,
+                               now=T0 + timedelta(seconds=6))
+    r = row(store, "L1")
+    assert r["status"] == "pending"
+    assert r["sent_at"] is None
+    assert json.loads(r["payload"])["body"] == "v2"
+    assert r["lease_owner"] is None
+    [again] = store.claim_due(now=T0 + timedelta(seconds=7), limit=10, owner="w")
+    assert again.payload_hash == item("L1", "v2").payload_hash
+
+
+def test_failures_count_and_the_first_failure_is_kept(store: Store) -> None:
+    store.enqueue([item("L1")], now=T0)
+    [c] = store.claim_due(now=T0, limit=10, owner="w")
+    store.mark_failed(c, error="502", http_status=502, now=T0, next_attempt_at=T0 + timedelta(seconds=30), generic=False)
+    assert store.claim_due(now=T0 + timedelta(seconds=29), limit=10, owner="w") == []
+    [c] = store.claim_due(now=T0 + timedelta(seconds=30), limit=10, owner="w")
+    assert (c.attempts, c.generic_failures, c.first_failed_at) == (1, 0, T0)
+    store.mark_failed(c, error="中间请求异常", http_status=200, now=T0 + timedelta(seconds=31),
+                      next_attempt_at=T0 + timedelta(seconds=90), generic=True)
+    r = row(store, "L1")
+    assert (r["status"], r["attempts"], r["generic_failures"], r["first_failed_at"]) == ("failed", 2, 1, T0)
+    assert r["last_error"] == "中间请求异常"
+    assert r["last_http_status"] == 200
+
+
+def test_dead_invalid_and_skipped_rows_wait_for_a_person(store: Store) -> None:
+    store.enqueue([item("D"), item("I"), item("S")], now=T0)
+    claims = {c.lsh: c for c in store.claim_due(now=T0, limit=10, owner="w")}
+    store.mark_dead(claims["D"], error="failing for 72 h", http_status=503, now=T0)
+    store.mark_invalid(claims["I"], error="参数校验错误: cardNo", http_status=200, now=T0)
+    store.mark_skipped(claims["S"], reason="not key population (label API)", now=T0)
+    assert store.claim_due(now=T0 + timedelta(days=30), limit=10, owner="w") == []
+    assert row(store, "S")["key_crowd"] == "0"
+    assert row(store, "I")["last_error"] == "参数校验错误: cardNo"
+    assert row(store, "D")["status"] == "dead"
+    assert store.next_due_at() is None
+
+    assert store.requeue(now=T0, statuses=[Status.DEAD, Status.INVALID]) == 2
+    assert {c.lsh for c in store.claim_due(now=T0, limit=10, owner="w")} == {"D", "I"}
+    assert row(store, "D")["attempts"] == 0
+
+
+def test_requeue_by_lsh(store: Store) -> None:
+    store.enqueue([item("A"), item("B")], now=T0)
+    for c in store.claim_due(now=T0, limit=10, owner="w"):
+        store.mark_sent(c, sent_json=c.payload_json, key_crowd="1", answer="新增成功", http_status=200, now=T0)
+    assert store.requeue(now=T0 + timedelta(hours=1), lshs=["B", "missing"]) == 1
+    assert row(store, "A")["status"] == "sent"
+    assert row(store, "B")["status"] == "pending"
+    with pytest.raises(ValueError, match="lshs or statuses"):
+        store.requeue(now=T0)
+
+
+def test_release_drops_leases_only(store: Store) -> None:
+    store.enqueue([item("A"), item("B")], now=T0)
+    claims = store.claim_due(now=T0, limit=10, owner="w")
+    store.release(claims[:1], now=T0)
+    assert [c.lsh for c in store.claim_due(now=T0, limit=10, owner="x")] == [claims[0].lsh]
+    assert store.release_owner("w") == 1
+    assert row(store, claims[1].lsh)["attempts"] == 0
+
+
+def test_recheck_skipped_asks_the_label_api_again_inside_the_window(store: Store) -> None:
+    store.enqueue([
+        item("old", status=Status.SKIPPED, reason="no label", key_crowd="0", changed=T0 - timedelta(days=40)),
+        item("recent", status=Status.SKIPPED, reason="no label", key_crowd="0", changed=T0 - timedelta(days=3)),
+    ], now=T0)
+    assert store.recheck_skipped(now=T0, changed_since=T0 - timedelta(days=31)) == 1
+    r = row(store, "recent")
+    assert (r["status"], r["key_crowd"]) == ("pending", None)
+    assert row(store, "old")["status"] == "skipped"
+
+
+# -- status, runs, configuration pause ------------------------------------------------------
+
+
+def test_summary_counts_every_status_and_the_last_runs(store: Store) -> None:
+    store.enqueue([item("A"), item("B"), item("C")], now=T0)
+    claims = {c.lsh: c for c in store.claim_due(now=T0, limit=10, owner="w")}
+    store.mark_sent(claims["A"], sent_json="{}", key_crowd="1", answer="新增成功", http_status=200, now=T0 + timedelta(minutes=1))
+    store.mark_failed(claims["B"], error="timeout", http_status=None, now=T0 + timedelta(minutes=2),
+                      next_attempt_at=T0 + timedelta(minutes=3), generic=False)
+    ok = store.start_run("cycle", now=T0)
+    store.finish_run(ok, now=T0 + timedelta(minutes=2), rows_read=3, enqueued=3, sent=1, failed=1)
+    broken = store.start_run("poll", now=T0 + timedelta(minutes=5))
+    store.finish_run(broken, now=T0 + timedelta(minutes=6), error="HIS unreachable")
+
+    s = store.summary(now=T0 + timedelta(minutes=4))
+    assert s.counts == {"pending": 1, "sent": 1, "failed": 1, "invalid": 0, "dead": 0, "skipped": 0}
+    assert s.counts[Status.SENT] == 1
+    assert s.oldest_pending_at == T0
+    assert s.last_sent_at == T0 + timedelta(minutes=1)
+    assert s.last_run is not None and s.last_run["error"] == "HIS unreachable"
+    assert s.last_successful_run is not None and s.last_successful_run["id"] == ok
+    assert s.last_successful_run["sent"] == 1
+    assert s.leased == 1  # C is still claimed
+    assert s.config_error is None
+
+
+def test_a_configuration_error_is_recorded_until_cleared(store: Store) -> None:
+    store.set_config_error(message="登录失败: 用户名或密码错误", hint="check upstream.username", now=T0)
+    store.set_config_error(message="登录失败: 用户名或密码错误", hint="check upstream.username", now=T0 + timedelta(hours=1))
+    err = store.get_config_error()
+    assert err is not None
+    assert err["message"] == "登录失败: 用户名或密码错误"
+    assert err["since"].startswith("2026-03-01T08:00")  # the first occurrence
+    assert store.summary(now=T0).config_error == err
+    store.clear_config_error()
+    assert store.get_config_error() is None
+
+
+# -- label cache ------------------------------------------------------------------------------
+
+
+def test_label_cache_keeps_answers_for_the_ttl_without_storing_id_numbers(store: Store) -> None:
+    store.cache_put({"510100198506020036": '{"bq": ["结核病"]}', "510100198506020132": None}, now=T0)
+    got = store.cache_get(["510100198506020036", "510100198506020132", "510100198506020028"], now=T0 + timedelta(hours=23), ttl_s=86400)
+    assert got == {"510100198506020036": ('{"bq": ["结核病"]}',), "510100198506020132": (None,)}
+    assert store.cache_get(["510100198506020036"], now=T0 + timedelta(hours=25), ttl_s=86400) == {}
+    store.cache_put({"510100198506020036": None}, now=T0 + timedelta(hours=25))
+    assert store.cache_get(["510100198506020036"], now=T0 + timedelta(hours=25), ttl_s=86400) == {"510100198506020036": (None,)}
+    with store.engine.connect() as conn:
+        dump = " ".join(str(v) for r in conn.exec_driver_sql("SELECT * FROM sync_label_cache") for v in r)
+    assert "510100198506020036" not in dump
+
+
+# -- token ------------------------------------------------------------------------------------
+
+
+def test_token_renewal_is_single_flight_across_threads(store: Store) -> None:
+    tokens = store.token_store()
+    assert tokens.current() is None
+    logins: list[int] = []
+    now = datetime.now(UTC)
+
+    def login() -> Token:
+        logins.append(1)
+        return Token(value=f"tok{len(logins)}", obtained_at=now, expires_at=now + timedelta(hours=12))
+
+    first = tokens.renew(None, login)
+    barrier = threading.Barrier(8)
+    results: list[str] = []
+
+    def worker() -> None:
+        barrier.wait()
+        results.append(tokens.renew(first.value, login).value)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(logins) == 2
+    assert set(results) == {"tok2"}
+    assert store.token_store().current() == Token(value="tok2", obtained_at=now, expires_at=now + timedelta(hours=12))
+    tokens.discard("tok1")  # no longer the stored one: nothing happens
+    assert tokens.current() is not None
+    tokens.discard("tok2")
+    assert tokens.current() is None
+
+
+# -- single instance ---------------------------------------------------------------------------
+
+
+def test_a_second_instance_is_refused_naming_the_first(store: Store) -> None:
+    with store.instance_lock(command="run"):
+        other = Store(str(store.engine.url))
+        with pytest.raises(AlreadyRunning) as err, other.instance_lock(command="once"):
+            pass
+        assert "command run" in str(err.value)
+        assert isinstance(err.value, ConfigError)
+        other.dispose()
+    with store.instance_lock(command="once"):
+        pass
