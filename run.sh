@@ -46,7 +46,9 @@ export PATH="$PWD/$VENV/bin:$PATH"
 case "${1:-}" in
     test)
         shift
-        ruff check sync tests bench migrations
+        lint_dirs=(sync tests migrations)
+        [ -d bench ] && lint_dirs+=(bench)
+        ruff check "${lint_dirs[@]}"
         mypy sync
         set +e
         pytest "$@"

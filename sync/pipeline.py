@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from sync import records
+from sync.crashpoints import crash_point
 from sync.errors import AuthError, ConfigError, InvalidRecord, SyncError, TransientError
 from sync.his import HisSource, polling_window
 from sync.outbox.store import Claimed, Incoming, Status, Store
@@ -265,6 +266,7 @@ class Pipeline:
         self._enqueue(batch, stats, (until, "") if move_cursor else None)
 
     def _enqueue(self, batch: list[Incoming], stats: CycleStats, cursor: tuple[datetime, str] | None) -> None:
+        crash_point("before_cursor_move")
         result = self.store.enqueue(batch, now=self.clock(), cursor=cursor)
         stats.enqueued += result.inserted + result.changed
         stats.unchanged += result.unchanged
@@ -451,6 +453,7 @@ class Pipeline:
         body = _with_key_crowd(c.payload_json, key_crowd)
         try:
             result = self.client.upload(body, lsh=c.lsh)
+            crash_point("after_upload_accepted")
         except ConfigError as exc:
             config_error.append(exc)
             self.store.release([c], now=self.clock())

@@ -36,6 +36,7 @@ from sqlalchemy import event
 from sqlalchemy.pool import StaticPool
 
 import migrations
+from sync.crashpoints import crash_point
 from sync.errors import ConfigError
 from sync.outbox.lock import AlreadyRunning, InstanceLock
 from sync.outbox.schema import (
@@ -416,6 +417,7 @@ class Store:
                     updates.append({**values, "b_lsh": lsh})
             if inserts:
                 conn.execute(sa.insert(sync_outbox), inserts)
+            crash_point("mid_enqueue")
             if updates:
                 stmt = (
                     sa.update(sync_outbox)

@@ -35,6 +35,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.poolmanager import PoolManager
 
+from sync.crashpoints import crash_point
 from sync.errors import ConfigError, TransientError
 from sync.logs import mask_id, register_secret
 from sync.settings import Upstream
@@ -353,6 +354,7 @@ class Client:
             )
             raise to_error(answer)
         register_secret(token_value)
+        crash_point("during_login")
         now = self._now()
         token = Token(value=token_value, obtained_at=now, expires_at=now + timedelta(hours=self._up.token_ttl_h))
         log.info("login_succeeded", username=self._up.username, expires_at=token.expires_at.isoformat())
