@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     lk.add_argument("id_number", metavar="ID_NUMBER")
     lk.add_argument("--json", action="store_true")
     add("migrate", "bring the outbox database to the current schema")
+    rp = add("report", "the month's uploaded key-population visits as the province counts them")
+    rp.add_argument("--month", required=True, type=_month, metavar="YYYY-MM", help="settlement month")
+    rp.add_argument("--csv", metavar="FILE", help="also write the figures as CSV (UTF-8 with BOM, opens in Excel)")
     demo = add("demo", "a complete local run: demo HIS, built-in simulator, a few cycles, status")
     demo.add_argument("--dir", default="var/demo", help="where the demo writes its databases (default var/demo)")
     sim = add("simulator", "run the built-in platform simulator alone (loopback by default)")
@@ -84,6 +87,15 @@ def _date(text: str) -> date:
         return date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
+
+
+def _month(text: str) -> date:
+    from sync.report import parse_month
+
+    try:
+        return parse_month(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,11 +143,15 @@ def _print_error(exc: SyncError) -> None:
 def _load_settings(path: str | None) -> Settings:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", settings_mod.SecretFileWarning)
+        warnings.simplefilter("always", settings_mod.CountyCodeWarning)
         settings = settings_mod.load(path)
     logs.configure(level=settings.log.level, fmt=settings.log.format)
     _register_secrets(settings)
     for w in caught:
-        log.warning("secret_file_readable_by_others", detail=str(w.message))
+        if issubclass(w.category, settings_mod.CountyCodeWarning):
+            log.warning("unknown_county_code", detail=str(w.message))
+        else:
+            log.warning("secret_file_readable_by_others", detail=str(w.message))
     if not settings.upstream.verify_tls and settings.upstream.base_url.startswith("https"):
         log.warning("tls_verification_disabled", setting="upstream.verify_tls", fix="set upstream.verify_tls: true")
     return settings
@@ -360,71 +376,165 @@ def cmd_retry(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 def cmd_lookup(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     from sync.upstream.client import Client
 
+    id_number = args.id_number.strip().upper()
+    if not id_number:
+        raise ConfigError("ID_NUMBER is empty", hint="crowd-sync lookup 510100198506020036")
     store = _store(settings)
     try:
         store.ensure_schema()
+        # Through the outbox's shared token: a login of its own would push the daemon out (FAQ 4).
         client = Client(settings.upstream, store.token_store())
         try:
-            result = client.lookup(args.id_number.strip().upper())
+            result = client.lookup(id_number)
         finally:
             client.close()
     finally:
         store.dispose()
-    person = result.person
+    data = _person_dict(result.person, id_number, settings)
     if args.json:
-        print(json.dumps(_person_dict(person, settings), ensure_ascii=False, indent=2), file=out)
-        return EXIT_OK
-    print(_render_person(person, args.id_number, settings), file=out)
+        print(json.dumps(data, ensure_ascii=False, indent=2), file=out)
+    else:
+        print(_render_person(data), file=out)
     return EXIT_OK
 
 
-def _person_dict(person: Any, settings: Settings) -> dict[str, Any]:
-    if person is None:
-        return {"found": False, "key_population": False}
-    own = settings.institution.county_code
+_LABEL_LISTS = (
+    ("rkxBq", "demographic"),
+    ("jjxBq", "socio_economic"),
+    ("jkBq", "health"),
+    ("glztBq", "management"),
+)
+
+
+def _person_dict(person: Any, id_number: str, settings: Settings) -> dict[str, Any]:
+    """The `lookup --json` answer: the same keys whether the person is found or not
+    (the HIS parses them; the READMEs list them). The ID number is masked."""
+    from sync import counties, labels
+
+    own = settings.institution.platform_county_code
+    household = person.household_county if person is not None else None
+    items: list[dict[str, Any]] = []
+    if person is not None:
+        for list_key, attr in _LABEL_LISTS:
+            for lbl in getattr(person, attr):
+                family = labels.family_of(lbl.code) if lbl.code else None
+                items.append(
+                    {
+                        "code": lbl.code or None,
+                        "name": lbl.name or labels.label_name(lbl.code) or None,
+                        "family": family,
+                        "family_name": labels.family_name(family) if family else None,
+                        "list": list_key,
+                        "remark": lbl.remark,
+                        "credit_constrained": lbl.attr1 == "1",
+                    }
+                )
     return {
-        "found": True,
-        "key_population": person.is_key_population,
-        "name": person.name,
-        "id_number": logs.mask_id(person.id_number),
-        "household_county": person.household_county,
-        "household_county_name": person.household_county_name,
-        "in_own_county": (person.household_county == own) if own and person.household_county else None,
-        "credit_constrained": person.credit_constrained,
-        "labels": [
-            {"family": family, "code": lbl.code, "name": lbl.name, "credit_constrained": lbl.attr1 == "1"}
-            for family, items in (
-                ("demographic", person.demographic),
-                ("socio_economic", person.socio_economic),
-                ("health", person.health),
-                ("management", person.management),
-            )
-            for lbl in items
-        ],
+        "id_number": logs.mask_id(id_number),
+        "found": person is not None,
+        "key_population": bool(person is not None and person.is_key_population),
+        "name": person.name if person is not None else None,
+        "credit_constrained": bool(person is not None and person.credit_constrained),
+        "insured": person.insured if person is not None else None,
+        "household_county": household,
+        "household_county_name": person.household_county_name if person is not None else None,
+        "household_county_table_name": counties.name(household),
+        "own_county": own,
+        "own_county_name": counties.name(own),
+        "in_own_county": _in_own_county(household, own),
+        "labels": items,
     }
 
 
-def _render_person(person: Any, id_number: str, settings: Settings) -> str:
-    masked = logs.mask_id(id_number)
-    if person is None:
-        return f"{masked}: 不在重点人群中 / not in the key population (the platform returned no data)"
-    d = _person_dict(person, settings)
-    lines = [
-        f"{masked}: {d['name'] or ''} — "
-        + ("重点人群 / key population" if d["key_population"] else "无标签 / no labels"),
-        f"  户籍地 household county: {d['household_county'] or '-'} {d['household_county_name'] or ''}",
-    ]
-    if d["in_own_county"] is not None:
-        lines.append(
-            "  本县户籍 in the hospital's county: " + ("是 / yes" if d["in_own_county"] else "否 / no")
+def _in_own_county(household: str | None, own: str | None) -> bool | None:
+    """None when it cannot be told: the front desk must not read "no" into a gap, nor
+    into a hospital code that is not the platform's (a HIS code missing from county_map)."""
+    from sync import counties
+
+    if not household or not own:
+        return None
+    if household == own:
+        return True
+    return False if counties.known(own) else None
+
+
+def _yes_no(value: bool) -> str:
+    return "是 / yes" if value else "否 / no"
+
+
+def _render_person(d: dict[str, Any]) -> str:
+    if not d["found"]:
+        return (
+            f"{d['id_number']}: 平台无此人数据，不是重点人群 / not in the key population (the platform returned no data)\n"
+            "  如应为重点人群，请区县卫健局导入其标签 / if the person should be, the county health bureau must "
+            "import them with labels (FAQ 15)"
         )
-    lines.append(
-        "  信用约束 credit-constraint list: " + ("是 / yes" if d["credit_constrained"] else "否 / no")
-    )
-    for lbl in d["labels"]:
-        flag = " (信用约束)" if lbl["credit_constrained"] else ""
-        lines.append(f"  [{lbl['family']}] {lbl['code']} {lbl['name']}{flag}")
+    head = "重点人群 / key population" if d["key_population"] else "无标签，不按重点人群处理 / no labels: not key population (FAQ 15)"
+    lines = [
+        f"{d['id_number']} {d['name'] or ''} — {head}",
+        f"  信用约束 credit-constraint list: {_yes_no(d['credit_constrained'])}",
+        f"  户籍地 household county: {_county_text(d)}",
+    ]
+    own = d["own_county"]
+    if not own:
+        own_text = "未知 / unknown — institution.county_code is not set"
+    elif d["in_own_county"] is None and not d["household_county"]:
+        own_text = "未知 / unknown — the platform gave no household county"
+    elif d["in_own_county"] is None:
+        own_text = (
+            f"未知 / unknown — {own} is not a platform county code (document section 5): "
+            "check institution.county_code and institution.county_map"
+        )
+    else:
+        own_text = _yes_no(d["in_own_county"])
+    where = f" ({own} {d['own_county_name'] or ''})".replace(" )", ")") if own else ""
+    lines.append(f"  本县户籍 registered in the hospital's county{where}: {own_text}")
+    if d["labels"]:
+        lines.append("  标签 labels:")
+        family: object = object()
+        for lbl in d["labels"]:
+            if lbl["family"] != family:
+                family = lbl["family"]
+                lines.append(f"    {family or '-'} {lbl['family_name'] or ''}".rstrip())
+            flag = " — 信用约束 / credit-constrained" if lbl["credit_constrained"] else ""
+            lines.append(f"      {lbl['code'] or '-'} {lbl['name'] or ''}{flag}")
     return "\n".join(lines)
+
+
+def _county_text(d: dict[str, Any]) -> str:
+    code, answered, listed = d["household_county"], d["household_county_name"], d["household_county_table_name"]
+    if not code:
+        return "- (平台未返回 / not in the answer)"
+    text = f"{code} {answered or listed or ''}".rstrip()
+    if listed is None:
+        return f"{text} (不在区划表中 / not in the county table, document section 5)"
+    if answered and answered != listed:
+        return f"{text} (区划表 county table: {listed})"
+    return text
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    from pathlib import Path
+
+    from sync import report
+
+    store = _store(settings)
+    try:
+        store.ensure_schema()
+        figures = report.month_report(store, args.month)
+    finally:
+        store.dispose()
+    print(report.render_table(figures, outbox=store.url_for_humans), file=out)
+    if args.csv:
+        try:
+            Path(args.csv).write_bytes(report.csv_bytes(figures))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the CSV file {args.csv}: {exc.strerror or exc}",
+                hint="give --csv a path in a directory that exists and that you may write to",
+            ) from None
+        print(f"CSV: {args.csv}", file=out)
+    return EXIT_OK
 
 
 def cmd_check(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
@@ -452,4 +562,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], int]] = {
     "retry": cmd_retry,
     "lookup": cmd_lookup,
     "check": cmd_check,
+    "report": cmd_report,
 }

@@ -25,7 +25,8 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from sync.errors import SyncError
-from sync.pipeline import Pipeline
+from sync.metrics import Metrics, MetricsServer
+from sync.pipeline import CycleStats, Pipeline
 from sync.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -68,6 +69,13 @@ class Daemon:
         self._job_lock = threading.Lock()
         self.last_cycle_ok: bool | None = None
         self.last_cycle_at: float | None = None
+        self.metrics = Metrics(
+            store=pipeline.store,
+            poll_every_s=settings.schedule.poll_every_s,
+            logins=lambda: pipeline.client.counters["logins"],
+            progress_at=lambda: pipeline.progress.at,
+        )
+        self.metrics_server: MetricsServer | None = None
         self.scheduler = BackgroundScheduler(
             executors={"default": JobExecutor(max_workers=1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -82,17 +90,25 @@ class Daemon:
         with self._job_lock:
             self._job_started = time.monotonic()
         self.pipeline.progress.tick()
+        self.metrics.job_started()
+        started = time.monotonic()
+        stats: CycleStats | None = None
+        error: str | None = None
         try:
-            fn()
+            result = fn()
+            stats = result if isinstance(result, CycleStats) else None
             self.last_cycle_ok = True
         except SyncError as exc:
             self.last_cycle_ok = False
+            error = str(exc)
             log.error(f"{name}_failed", error=exc.message, fix=exc.hint)
         except Exception as exc:
             self.last_cycle_ok = False
-            log.exception(f"{name}_crashed", error=f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            log.exception(f"{name}_crashed", error=error)
         finally:
             self.last_cycle_at = time.time()
+            self.metrics.job_finished(name, stats=stats, error=error, duration_s=time.monotonic() - started)
             with self._job_lock:
                 self._job_started = None
 
@@ -123,6 +139,13 @@ class Daemon:
 
     def run(self) -> int:
         s = self.settings.schedule
+        if self.settings.metrics.listen:
+            try:
+                self.metrics_server = MetricsServer(self.metrics, self.settings.metrics.listen).start()
+            except SyncError:
+                # Nothing was scheduled yet: release what the pipeline holds, then report (exit 2).
+                self.pipeline.close(wait_s=0)
+                raise
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         self.scheduler.add_job(
@@ -162,6 +185,9 @@ class Daemon:
                     break
             time.sleep(0.05)
         self.pipeline.close(wait_s=max(0.0, deadline - time.monotonic()))
+        if self.metrics_server is not None:
+            # Last, so that a scrape during the stop still sees the final job counted.
+            self.metrics_server.stop()
         log.info("daemon_stopped")
         return 0
 

@@ -13,6 +13,7 @@ is dropped from the pool so that the next poll works without anyone stepping in.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator, Sequence
 from datetime import date, datetime, timedelta
@@ -311,7 +312,23 @@ def _create_engine(url: URL, his: His) -> Engine:
         ) from None
     if backend in ("mysql", "mariadb", "postgresql"):
         _make_read_only(engine, backend)
+    if backend in ("mysql", "mariadb") and driver == "pymysql":
+        sa.event.listen(engine, "handle_error", _end_lost_stream)
     return engine
+
+
+def _end_lost_stream(ctx: sa.engine.ExceptionContext) -> None:
+    """A connection lost while streaming (KILL, restart, network cut): end pymysql's result.
+
+    pymysql keeps such an unbuffered result "active", and closing its cursor, or the
+    garbage collector finalising it, then reads from the closed socket and raises
+    inside ``__del__``: tracebacks on stderr after every lost poll.
+    """
+    # ctx.execution_context.cursor: SQLAlchemy 2.1 leaves ctx.cursor itself unset.
+    cursor = getattr(ctx.execution_context, "cursor", None)
+    result = getattr(cursor, "_result", None)
+    if ctx.is_disconnect and getattr(result, "unbuffered_active", False):
+        result.unbuffered_active = False  # type: ignore[union-attr]
 
 
 def _unknown_dialect(shown: str, drivername: str) -> ConfigError:
@@ -355,7 +372,11 @@ def _canonical(row: dict[str, Any]) -> dict[str, Any]:
         value = row[key]
         if isinstance(value, str) and _ISO_DATETIME.match(value.strip()):
             text = value.strip()
-            row[key] = datetime.fromisoformat(text) if len(text) > 10 else date.fromisoformat(text)
+            # 2024-02-30 or 25:00:00 has the shape of a date but is none: left as text so that
+            # records.build parks this one record with the reason, instead of the error
+            # failing the whole window (and every later poll of it).
+            with contextlib.suppress(ValueError):
+                row[key] = datetime.fromisoformat(text) if len(text) > 10 else date.fromisoformat(text)
     for key in _MONEY_COLUMNS.intersection(row):
         value = row[key]
         if isinstance(value, float):

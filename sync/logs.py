@@ -141,6 +141,11 @@ class _RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, dict) and hasattr(record, "_logger"):
             return True
+        if record.levelno < logging.INFO and record.name.startswith("sqlalchemy.engine"):
+            # Result rows: the shared token as read by a process that did not log in (no
+            # registered secret there) and patients' label data, which no pattern recognises.
+            # Statements and their parameters (INFO) still show when debugging.
+            return False
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a broken third-party format string must not kill logging

@@ -83,6 +83,41 @@ class _Progress:
         self.at = time.monotonic()
 
 
+class _BatchWriter:
+    """Writes batches to the outbox one at a time, in order, in a thread of its own.
+
+    A back-fill is bound by one core: while one batch is written (time spent mostly
+    inside the database driver, outside the GIL) the next is read and built. At most
+    one batch is in flight, so a batch and the cursor covering it are committed only
+    after every earlier batch, exactly as when writing inline.
+    """
+
+    def __init__(self, write: Callable[[list[Incoming], tuple[datetime, str] | None], None]) -> None:
+        self._write = write
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enqueue")
+        self._inflight: Future[None] | None = None
+
+    def submit(self, batch: list[Incoming], cursor: tuple[datetime, str] | None) -> None:
+        """Wait for the batch in flight (raising its error), then start writing this one."""
+        self.wait()
+        self._inflight = self._pool.submit(self._write, batch, cursor)
+
+    def wait(self) -> None:
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.result()
+
+    def close(self) -> None:
+        """Let a batch still in flight finish (its error is not raised: the caller is already
+        leaving with one of its own), then stop the thread."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            wait([inflight])
+            if inflight.exception() is not None:
+                log.warning("outbox_batch_failed", error=repr(inflight.exception()))
+        self._pool.shutdown(wait=True)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -250,20 +285,26 @@ class Pipeline:
         last: tuple[datetime, str] | None = None
         size = self.settings.his.batch_size
         today = datetime.now(self.settings.schedule.tz).date()
-        for row in self.his.rows(since, until):
-            stats.rows_read += 1
-            item = self.incoming(row, today=today)
-            batch.append(item)
-            changed_at = row.get("changed_at")
-            if isinstance(changed_at, datetime):
-                last = (changed_at, item.lsh)
-            if len(batch) >= size:
-                self._enqueue(batch, stats, last if move_cursor else None)
-                batch = []
-                if self._stop.is_set():
-                    # The cursor covers what was recorded; the rest is read again next time.
-                    return
-        self._enqueue(batch, stats, (until, "") if move_cursor else None)
+        writer = _BatchWriter(lambda b, c: self._enqueue(b, stats, c))
+        try:
+            for row in self.his.rows(since, until):
+                stats.rows_read += 1
+                item = self.incoming(row, today=today)
+                batch.append(item)
+                changed_at = row.get("changed_at")
+                if isinstance(changed_at, datetime):
+                    last = (changed_at, item.lsh)
+                if len(batch) >= size:
+                    writer.submit(batch, last if move_cursor else None)
+                    batch = []
+                    if self._stop.is_set():
+                        # The cursor covers what was recorded; the rest is read again next time.
+                        writer.wait()
+                        return
+            writer.submit(batch, (until, "") if move_cursor else None)
+            writer.wait()
+        finally:
+            writer.close()
 
     def _enqueue(self, batch: list[Incoming], stats: CycleStats, cursor: tuple[datetime, str] | None) -> None:
         crash_point("before_cursor_move")
@@ -279,7 +320,9 @@ class Pipeline:
         row = records.normalize_row(raw)
         lsh_raw = row.get("lsh")
         lsh = "" if lsh_raw is None else str(lsh_raw).strip()
-        raw_json = records.raw_json(row)
+        # The raw row's JSON is needed only to park an invalid row or name one without lsh:
+        # not built for the valid majority of a back-fill.
+        raw_json = records.raw_json(row) if not lsh else ""
         key = _outbox_key(lsh, raw_json)
         card_type = _text(row.get("card_type"))
         card_no = _text(row.get("card_no"))
@@ -308,6 +351,7 @@ class Pipeline:
         try:
             payload = records.build(row, key_crowd=decided, today=today)
         except InvalidRecord as exc:
+            raw_json = raw_json or records.raw_json(row)
             return Incoming(
                 lsh=key,
                 payload_json=raw_json,
@@ -332,7 +376,7 @@ class Pipeline:
         return Incoming(
             lsh=key,
             payload_json=text,
-            payload_hash=records.payload_hash(payload),
+            payload_hash=records.text_hash(text),
             status=status,
             key_crowd=key_crowd,
             reason=reason if status is not Status.PENDING else None,

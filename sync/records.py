@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime, time
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, NotRequired, TypedDict, cast
@@ -43,6 +44,7 @@ COLUMNS: tuple[str, ...] = (
 # key_crowd is needed only with `key_crowd.source: column`.
 OPTIONAL_COLUMNS: frozenset[str] = frozenset({"key_crowd"})
 REQUIRED_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in OPTIONAL_COLUMNS)
+_CANONICAL_KEYS: frozenset[str] = frozenset(COLUMNS)
 
 # The payload's fields in the document's order, each with the HIS column it comes from.
 # The canonical JSON follows this order so that one visit always hashes the same.
@@ -166,6 +168,9 @@ class Payload(TypedDict):
 
 def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """The row with lower-case keys: Oracle folds unquoted aliases to upper case."""
+    if _CANONICAL_KEYS.issuperset(row):
+        # Rows from HisSource are canonical already; this runs for every row of a back-fill.
+        return dict(row)
     return {str(key).strip().lower(): value for key, value in row.items()}
 
 
@@ -264,7 +269,7 @@ def check_resident_id(text: str) -> str:
             "not a resident ID number: 18 characters (17 digits and a digit or X) or 15 digits "
             "(身份证号码应为18位或15位)"
         )
-    expected = _ID_CHECK[sum(int(d) * w for d, w in zip(number[:17], _ID_WEIGHTS, strict=True)) % 11]
+    expected = _ID_CHECK[sum(map(operator.mul, map(int, number[:17]), _ID_WEIGHTS)) % 11]
     if number[17] != expected:
         # The platform matches labels by the exact number: a mistyped one never matches.
         raise ValueError(f"wrong check digit, expected {expected} (身份证校验码错误): the number is mistyped in the HIS")
@@ -605,6 +610,13 @@ def resident_id(row: Mapping[str, Any]) -> str | None:
 
 # --------------------------------------------------------------------------- JSON
 
+_FIELD_KEYS: frozenset[str] = frozenset(FIELDS)
+# (field, its JSON key and colon, whether it is money), in the document's order.
+_FIELD_PREFIX: tuple[tuple[str, str, bool], ...] = tuple(
+    (field, json.dumps(field) + ":", field in MONEY_FIELDS) for field in FIELDS
+)
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring
+
 
 def payload_json(payload: Mapping[str, Any]) -> str:
     """The canonical JSON body: the document's field order, no spaces, money with two decimals.
@@ -612,29 +624,48 @@ def payload_json(payload: Mapping[str, Any]) -> str:
     Money is written from Decimal text, never through float, so 0.10 + 0.20 is 0.30 on the
     wire. The same visit always yields the same bytes, which is what payload_hash relies on.
     """
-    unknown = [key for key in payload if key not in FIELD_COLUMNS]
-    if unknown:
+    if not _FIELD_KEYS.issuperset(payload):
+        unknown = [key for key in payload if key not in FIELD_COLUMNS]
         raise ValueError(f"not fields of the upload payload: {', '.join(sorted(unknown))}")
+    # Built by hand rather than json.dumps(dict): money must be written as JSON numbers from
+    # their Decimal text. This runs for every row of a back-fill, hence the prefixes computed
+    # once and the C string encoder (the same bytes as json.dumps(value, ensure_ascii=False)).
     parts: list[str] = []
-    for field in FIELDS:
+    for field, prefix, money in _FIELD_PREFIX:
         value = payload.get(field)
         if value is None:
             if field in OPTIONAL_FIELDS:
                 continue
             raise ValueError(f"payload field {field} is missing")
-        if field in MONEY_FIELDS:
-            rendered = format(parse_money(value), "f")
+        if money:
+            rendered = _money_text(value)
         elif isinstance(value, str):
-            rendered = json.dumps(value, ensure_ascii=False)
+            rendered = _encode_str(value)
         else:
             raise ValueError(f"payload field {field} must be text, not {type(value).__name__}")
-        parts.append(f"{json.dumps(field)}:{rendered}")
+        parts.append(prefix + rendered)
     return "{" + ",".join(parts) + "}"
+
+
+def _money_text(value: Any) -> str:
+    """An amount as canonical JSON text: two decimals, half-up, -0 as 0.00."""
+    if type(value) is Decimal:
+        text = str(value)
+        # Already in canonical form (what build() produces): cents, not negative, at most
+        # 999999.99. Anything else takes parse_money, which rounds, normalises or refuses.
+        if 4 <= len(text) <= 9 and text[-3] == "." and text[0] != "-" and text[:-3].isdigit() and text[-2:].isdigit():
+            return text
+    return format(parse_money(value), "f")
 
 
 def payload_hash(payload: Mapping[str, Any]) -> str:
     """sha256 hex of the canonical JSON: equal hashes mean the platform already has it."""
-    return hashlib.sha256(payload_json(payload).encode("utf-8")).hexdigest()
+    return text_hash(payload_json(payload))
+
+
+def text_hash(text: str) -> str:
+    """sha256 hex of ``payload_json``'s text: ``payload_hash`` without building the JSON twice."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _plain(value: Any) -> Any:

@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from sync import counties
 from sync.errors import ConfigError
 
 DEFAULT_CONFIG_NAME = "settings.yaml"
@@ -50,6 +51,33 @@ class Institution(_Model):
     county_code: str | None = Field(default=None, description="the platform's county code, document section 5")
     # HIS county code -> platform county code, where the two differ (document 3.1.2 note 1).
     county_map: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_counties(self) -> Institution:
+        # A warning, not an error: section 5 may lag behind the platform, and only
+        # `lookup`'s household-county answer depends on these codes.
+        problems = [
+            f"institution.county_map.{his_code}: {target!r} is not a county code of the platform (document section 5); "
+            "map to a code listed there"
+            for his_code, target in self.county_map.items()
+            if not counties.known(target)
+        ]
+        own = self.platform_county_code
+        if own is not None and not counties.known(own):
+            via = f" (mapped from {self.county_code!r})" if own != (self.county_code or "").strip() else ""
+            problems.append(
+                f"institution.county_code: {own!r}{via} is not a county code of the platform (document section 5); "
+                "`lookup` cannot tell whether a person is registered in this county; write the platform's code, "
+                "or map the HIS code to it under institution.county_map"
+            )
+        for text in problems:
+            warnings.warn(text, CountyCodeWarning, stacklevel=2)
+        return self
+
+    @property
+    def platform_county_code(self) -> str | None:
+        """The hospital's county as the platform writes it (``county_code`` through ``county_map``)."""
+        return counties.to_platform(self.county_code, self.county_map)
 
 
 class EventCodes(_Model):
@@ -381,6 +409,10 @@ def _read_secret_files(data: dict[str, Any], problems: list[str], reported: set[
 
 class SecretFileWarning(UserWarning):
     """A secret file is readable by users other than its owner."""
+
+
+class CountyCodeWarning(UserWarning):
+    """A county code in ``institution`` is not in the platform's table (document section 5)."""
 
 
 def resolve_sqlite_url(url: str, base_dir: Path) -> str:

@@ -447,6 +447,13 @@ class Client:
             adapter = _Adapter(pool_connections=1, pool_maxsize=self._up.concurrency, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
+            # Proxies and CA bundle from the environment (HTTPS_PROXY, NO_PROXY,
+            # REQUESTS_CA_BUNDLE) are read once here: requests would otherwise walk the
+            # whole environment on every call, a sizeable share of an upload's CPU time.
+            env = session.merge_environment_settings(self._up.base_url, {}, None, self._verify, None)
+            session.proxies.update(env["proxies"])
+            session.verify = env["verify"]
+            session.trust_env = False
             self._local.session = session
             with self._lock:
                 self._sessions.append(session)
@@ -482,10 +489,11 @@ class Client:
         timeout_s = self._up.timeout_s
         with _deadline_guard(remaining) as guard:
             try:
-                response = self._session().request(
+                session = self._session()
+                response = session.request(
                     method, url, data=body, headers=headers, stream=True, allow_redirects=False,
                     timeout=(min(self._up.connect_timeout_s, max(remaining, 0.001)), max(remaining, 0.001)),
-                    verify=self._verify,
+                    verify=session.verify,
                 )
                 try:
                     chunks: list[bytes] = []

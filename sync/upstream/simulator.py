@@ -390,6 +390,13 @@ class _Server(ThreadingHTTPServer):
         self.sim = sim
         super().__init__(address, _Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that died or hung up mid-request (killed daemon, timeout) is normal
+        # traffic for a server, not a traceback on stderr; anything else still prints.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"

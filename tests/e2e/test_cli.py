@@ -35,14 +35,14 @@ def crowd_sync(*args: str, cwd: Path, timeout: float = 90, env: dict[str, str] |
     )
 
 
-def spawn(*args: str, cwd: Path) -> subprocess.Popen[str]:
+def spawn(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "sync", *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
 
 

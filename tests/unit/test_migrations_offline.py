@@ -35,4 +35,4 @@ def test_sql_server_text_columns_hold_chinese() -> None:
 
 
 def test_head_is_the_newest_revision() -> None:
-    assert head_revision() == "0001"
+    assert head_revision() == "0002"

@@ -1,0 +1,132 @@
+"""The shortcuts taken for back-fill speed change nothing a user can see: the same bytes
+on the wire (and so the same hashes), and batches committed in order with the cursor."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from sync import records
+from sync.outbox.schema import sync_outbox
+from sync.outbox.store import EnqueueResult, Incoming, Store
+from sync.pipeline import CycleStats, Pipeline
+from sync.upstream.client import Client
+from sync.upstream.simulator import SimConfig, Simulator
+from tests.support import His, make_visit, write_settings
+
+
+def reference_json(payload: dict[str, Any]) -> str:
+    """The canonical JSON written the slow, obvious way: json.dumps per string, money
+    through parse_money."""
+    parts = []
+    for field in records.FIELDS:
+        value = payload.get(field)
+        if value is None:
+            continue
+        if field in records.MONEY_FIELDS:
+            text = format(records.parse_money(value), "f")
+        else:
+            text = json.dumps(value, ensure_ascii=False)
+        parts.append(f"{json.dumps(field)}:{text}")
+    return "{" + ",".join(parts) + "}"
+
+
+AMOUNTS: list[Any] = [
+    Decimal("0.00"), Decimal("-0.00"), Decimal("0"), Decimal("12.5"), Decimal("1.005"), Decimal("999999.99"),
+    Decimal("1000000.00"), Decimal("0012.30"), Decimal("1E+2"), Decimal("12.345"), Decimal("-5.00"),
+    Decimal("5.00"), 7, 0.1, "88.10", "3",
+]
+TEXTS = ["简单", 'a"b\\c', "tab\tnew\nline", "\x01\x1f", "\u2028\u2029", "😀 emoji", "</script>", "  spaced  "]
+
+
+def test_payload_json_is_byte_identical_to_the_plain_encoder() -> None:
+    rng = random.Random(7)
+    for i in range(400):
+        payload: dict[str, Any] = {
+            "cardType": "10", "cardNo": "510100198506020036", "type": "1", "lsh": f"L{i}",
+            "code": rng.choice(TEXTS), "enterDate": "2024-05-01", "keyCrowd": "1",
+            "icdName": rng.choice(TEXTS), "settlementDate": "2024-05-02",
+        }
+        if i % 2:
+            payload["leaveDate"] = "2024-05-02"
+        for field in records.MONEY_FIELDS:
+            payload[field] = rng.choice(AMOUNTS)
+        text = records.payload_json(payload)
+        assert text == reference_json(payload)
+        assert records.payload_hash(payload) == records.text_hash(text)
+        assert json.loads(text, parse_float=Decimal)["lsh"] == f"L{i}"
+
+
+def test_rows_with_upper_case_keys_still_build_the_same_payload() -> None:
+    visit = make_visit(3, changed=datetime(2024, 5, 3, 10, 0))
+    canonical = {
+        "lsh": visit["serial_no"], "code": visit["visit_no"], "card_type": visit["id_type"],
+        "card_no": visit["id_no"], "visit_type": visit["kind"], "enter_date": visit["admitted"],
+        "leave_date": visit["discharged"], "key_crowd": "1", "icd_name": visit["diag_name"],
+        "icd_code": visit["diag_code"], "total_fee": visit["total"], "ins_fee": visit["insurance"],
+        "total_prepayment": visit["deposit"], "deficient_fee": visit["owed"],
+        "settlement_date": visit["settled"], "changed_at": visit["changed"],
+    }
+    oracle = {f" {k.upper()} ": v for k, v in canonical.items()}
+    today = datetime(2024, 6, 1).date()
+    assert records.build(oracle, today=today) == records.build(canonical, today=today)
+    copy = records.normalize_row(canonical)
+    copy["lsh"] = "changed"
+    assert canonical["lsh"] == visit["serial_no"]  # normalize_row never hands back the caller's dict
+
+
+class FailingStore(Store):
+    """The outbox database failing on the n-th batch (a full disk, a lost server)."""
+
+    fail_on = 3
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.calls = 0
+
+    def enqueue(
+        self, items: Sequence[Incoming], *, now: datetime, cursor: tuple[datetime, str] | None = None
+    ) -> EnqueueResult:
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise sa.exc.OperationalError("INSERT", {}, Exception("disk I/O error"))
+        return super().enqueue(items, now=now, cursor=cursor)
+
+
+def test_a_failing_batch_stops_the_poll_with_earlier_batches_and_cursor_recorded(tmp_path: Path) -> None:
+    with Simulator(SimConfig()) as sim:
+        settings = write_settings(
+            tmp_path / "settings.yaml", his_url=f"sqlite:///{tmp_path / 'his.db'}",
+            outbox_url=f"sqlite:///{tmp_path / 'outbox.db'}", base_url=sim.url, overrides={"his": {"batch_size": 10}},
+        )
+        his = His(settings.his.url.get_secret_value())
+        start = datetime.now().replace(microsecond=0) - timedelta(hours=2)
+        his.insert(make_visit(n, changed=start + timedelta(seconds=n)) for n in range(1, 51))
+        store = FailingStore(settings.outbox.url.get_secret_value())
+        store.ensure_schema()
+        pipeline = Pipeline(settings, store=store, client=Client(settings.upstream, store.token_store()))
+        try:
+            with pytest.raises(sa.exc.OperationalError):
+                pipeline.poll(CycleStats())
+            with store.engine.connect() as conn:
+                lshs = sorted(conn.scalars(sa.select(sync_outbox.c.lsh)))
+            # Batches 1 and 2 (visits 1-20) are recorded, and the cursor stands at their end.
+            assert lshs == sorted(f"LSH{n:06d}" for n in range(1, 21))
+            assert store.get_cursor() == (start + timedelta(seconds=20), "LSH000020")
+            store.fail_on = 0
+            stats = pipeline.cycle()
+            with store.engine.connect() as conn:
+                assert conn.scalar(sa.select(sa.func.count()).select_from(sync_outbox)) == 50
+            assert sim.counters["creates"] == 50
+            assert stats.error is None
+        finally:
+            pipeline.close()
+            his.dispose()

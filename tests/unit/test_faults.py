@@ -1,0 +1,393 @@
+"""The platform misbehaving: flaky gateway, trickled answers, a day-long outage, a
+revoked app key. Real simulator over loopback, SQLite HIS and outbox, the Pipeline
+driven cycle by cycle (with a controllable clock where simulated time is needed).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+import structlog
+from structlog.testing import LogCapture
+
+from sync import cli
+from sync.outbox.schema import sync_outbox
+from sync.outbox.store import Store
+from sync.pipeline import Pipeline
+from sync.settings import Settings
+from sync.upstream.client import Client
+from sync.upstream.simulator import SimConfig, Simulator
+from tests.support import His, expected_payload, make_visit, write_settings
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _past(minutes: float) -> datetime:
+    return (datetime.now() - timedelta(minutes=minutes)).replace(microsecond=0)
+
+
+@contextmanager
+def capture_all_logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    """Every structlog event, whatever level an earlier ``logs.configure`` left behind."""
+    saved = structlog.get_config()
+    capture = LogCapture()
+    structlog.configure(
+        processors=[capture],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield capture.entries
+    finally:
+        structlog.configure(**saved)
+
+
+class FakeClock:
+    """Outbox time the test moves by hand: naive UTC, as the Pipeline's clock returns."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class World:
+    """A HIS, an outbox, a client and a pipeline against one simulator."""
+
+    def __init__(
+        self, tmp: Path, sim: Simulator, *, clock: FakeClock | None = None, **overrides: dict[str, object]
+    ) -> None:
+        self.sim = sim
+        self.settings_path = tmp / "settings.yaml"
+        self.his = His(f"sqlite:///{tmp / 'his.db'}")
+        self.settings: Settings = write_settings(
+            self.settings_path, his_url=self.his.url, outbox_url=f"sqlite:///{tmp / 'outbox.db'}",
+            base_url=sim.url, overrides=overrides,
+        )
+        self.store = Store(self.settings.outbox.url.get_secret_value(), lease_s=60)
+        self.store.ensure_schema()
+        self.client = Client(self.settings.upstream, self.store.token_store())
+        if clock is None:
+            self.pipeline = Pipeline(self.settings, store=self.store, client=self.client)
+        else:
+            self.pipeline = Pipeline(self.settings, store=self.store, client=self.client, clock=clock)
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        with self.store.engine.connect() as conn:
+            return {r["lsh"]: dict(r) for r in conn.execute(sa.select(sync_outbox)).mappings()}
+
+    def counts(self) -> dict[str, int]:
+        return self.store.summary(now=_utcnow()).counts
+
+    def waiting(self) -> int:
+        counts = self.counts()
+        return counts["pending"] + counts["failed"]
+
+    def login_now(self) -> None:
+        """Put a token in the shared store, so the next request is the one under test."""
+        self.store.token_store().renew(None, self.client.login)
+
+    def close(self) -> None:
+        self.pipeline.close()
+        self.store.dispose()
+        self.his.dispose()
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    with Simulator(SimConfig()) as s:
+        yield s
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """``cli.main`` configures logging for a process; put this process's set-up back afterwards."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+# -- 1. a flaky platform ------------------------------------------------------------------
+
+
+def test_flaky_platform_with_token_storms_delivers_everything_with_few_logins(tmp_path: Path) -> None:
+    ttl_s = 2.0
+    with Simulator(SimConfig(token_ttl_s=ttl_s)) as sim:
+        sim.faults.seed = 20240718
+        sim.faults.p_504 = 0.2
+        sim.faults.p_reset = 0.05
+        sim.faults.p_commit_then_reset = 0.05
+        # 50 ms a request, 4 at a time: the run spans several token lifetimes on any machine.
+        sim.faults.latency_s = 0.05
+        w = World(
+            tmp_path, sim,
+            upstream={"concurrency": 4, "timeout_s": 5, "token_ttl_h": 12},
+            retry={"first_delay_s": 0.05, "max_delay_s": 0.2, "give_up_after_h": 72},
+        )
+        visits = [make_visit(n, changed=_past(400 - n)) for n in range(1, 301)]
+        w.his.insert(visits)
+
+        kicks = 0
+        stop = threading.Event()
+
+        def kicker() -> None:
+            # Another program logging in with the hospital's account, early in the run;
+            # the tokens after that live until the platform expires them.
+            nonlocal kicks
+            while kicks < 3 and not stop.wait(0.7):
+                sim.kick()
+                kicks += 1
+
+        thread = threading.Thread(target=kicker, daemon=True)
+        started = time.monotonic()
+        thread.start()
+        cycles = 0
+        try:
+            with capture_all_logs() as logged:
+                while cycles < 60:
+                    cycles += 1
+                    w.pipeline.cycle()
+                    if w.waiting() == 0:
+                        break
+                    time.sleep(0.05)
+            elapsed = time.monotonic() - started
+        finally:
+            stop.set()
+            thread.join()
+        try:
+            counts = w.counts()
+            assert counts["sent"] == len(visits) and counts["dead"] == 0, (
+                f"after {cycles} cycles: {counts}, simulator faults injected: {sim.counters['faults']}"
+            )
+            missing = [v["serial_no"] for v in visits if sim.records.get(v["serial_no"]) != expected_payload(v)]
+            assert not missing, f"{len(missing)} of {len(visits)} records missing or different upstream: {missing[:5]}"
+            assert sim.counters["faults"] > 50, f"only {sim.counters['faults']} faults injected"
+            assert sim.counters["updates"] > 0, "no commit-then-reset upload was sent again"
+
+            refused = [str(e.get("platform_message")) for e in logged if e["event"] == "token_refused"]
+            expired_seen = sum("登录过期" in m for m in refused)
+            kicked_seen = sum("被挤出" in m for m in refused)
+            assert expired_seen >= 1 and kicked_seen >= 1, f"refusals seen: {refused}"
+
+            logins = sim.counters["logins"]
+            # A token that expired lived ttl_s, and each login ends the previous token, so at
+            # most elapsed / ttl_s expiries can have happened; every other login needs a kick.
+            expiries = int(elapsed / ttl_s)
+            assert logins <= 1 + expiries + kicks, (
+                f"{logins} logins for at most {expiries} expiries and {kicks} kicks in {elapsed:.1f} s"
+            )
+            assert logins * 10 < len(visits), f"{logins} logins for {len(visits)} records"
+            print(
+                f"flaky: {len(visits)} records in {cycles} cycles, {elapsed:.1f} s, {sim.counters['requests']} "
+                f"requests, {sim.counters['faults']} faults, {logins} logins ({kicks} kicks, "
+                f"{expired_seen} expiry and {kicked_seen} kick refusals)"
+            )
+        finally:
+            w.close()
+
+
+# -- 2. a server that trickles its answer ---------------------------------------------------
+
+
+def test_trickled_answer_is_cut_at_the_deadline_then_sent_when_the_server_recovers(
+    tmp_path: Path, sim: Simulator
+) -> None:
+    w = World(tmp_path, sim, upstream={"timeout_s": 2, "concurrency": 1}, retry={"first_delay_s": 0.2})
+    try:
+        visit = make_visit(1, changed=_past(10))
+        w.his.insert([visit])
+        w.login_now()
+        sim.faults.trickle_s = 1.0  # one byte a second: a read timeout alone would never fire
+
+        started = time.monotonic()
+        stats = w.pipeline.cycle()
+        took = time.monotonic() - started
+
+        row = w.rows()["LSH000001"]
+        assert took <= 2 + 1.5, f"the upload held the cycle {took:.1f} s with timeout_s=2"
+        assert stats.failed == 1 and row["status"] == "failed" and row["attempts"] == 1, (stats, row["status"])
+        assert "timeout_s" in str(row["last_error"]), row["last_error"]
+
+        sim.faults.trickle_s = 0.0
+        time.sleep(0.2)  # first_delay_s: the record is due again
+        stats = w.pipeline.cycle()
+
+        assert stats.sent == 1 and w.rows()["LSH000001"]["status"] == "sent"
+        assert sim.records["LSH000001"] == expected_payload(visit)
+    finally:
+        w.close()
+
+
+# -- 3. the platform down for a day (simulated time) -------------------------------------------
+
+
+def _advance_to_next_due(w: World, clock: FakeClock) -> None:
+    nxt = w.store.next_due_at()
+    assert nxt is not None
+    clock.now = max(clock.now, nxt)
+
+
+def test_a_day_of_downtime_backs_off_within_bounds_and_drains_when_back(tmp_path: Path, sim: Simulator) -> None:
+    clock = FakeClock(_utcnow())
+    start = clock.now
+    first, cap = 30.0, 3600.0
+    w = World(
+        tmp_path, sim, clock=clock,
+        retry={"first_delay_s": first, "max_delay_s": cap, "give_up_after_h": 72},
+    )
+    try:
+        visits = [make_visit(n, changed=_past(30 - n)) for n in range(1, 5)]
+        w.his.insert(visits)
+        sim.faults.down = True
+
+        delays: dict[str, dict[int, float]] = {}
+        cycles = 0
+        while clock.now - start < timedelta(hours=24):
+            cycles += 1
+            w.pipeline.cycle()
+            for lsh, r in w.rows().items():
+                assert r["status"] == "failed", f"{lsh} is {r['status']} after {clock.now - start} of downtime"
+                delays.setdefault(lsh, {})[r["attempts"]] = (r["next_attempt_at"] - r["updated_at"]).total_seconds()
+            _advance_to_next_due(w, clock)
+
+        for lsh, by_attempt in delays.items():
+            attempts = sorted(by_attempt)
+            assert attempts == list(range(1, len(attempts) + 1)), f"{lsh}: attempts {attempts}"
+            for n, delay in by_attempt.items():
+                base = min(cap, first * 2 ** (n - 1))
+                assert base / 2 <= delay <= base, f"{lsh} attempt {n}: waited {delay:.0f} s, expected {base / 2:.0f}-{base:.0f} s"
+            assert max(by_attempt.values()) <= cap
+            # In a day it reaches the cap, and stays polite there (not hundreds of attempts).
+            assert 20 <= len(attempts) <= 60, f"{lsh}: {len(attempts)} attempts in 24 h"
+
+        sim.faults.down = False
+        recovered = clock.now
+        while w.waiting() and clock.now - recovered <= timedelta(seconds=cap + 120):
+            clock.now += timedelta(seconds=120)  # schedule.poll_every_s
+            w.pipeline.cycle()
+
+        counts = w.counts()
+        assert counts["sent"] == len(visits) and w.waiting() == 0, (
+            f"{counts} {(clock.now - recovered).total_seconds():.0f} s after the platform came back"
+        )
+        assert all(sim.records[v["serial_no"]]["lsh"] == v["serial_no"] for v in visits)
+        print(f"24 h down: {cycles} cycles, {sum(len(d) for d in delays.values())} attempts for {len(visits)} records")
+    finally:
+        w.close()
+
+
+def test_records_go_dead_only_after_give_up_after_h_and_retry_brings_them_back(
+    tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    clock = FakeClock(_utcnow())
+    start = clock.now
+    w = World(tmp_path, sim, clock=clock, retry={"first_delay_s": 30, "max_delay_s": 3600, "give_up_after_h": 2})
+    try:
+        visits = [make_visit(n, changed=_past(30 - n)) for n in range(1, 4)]
+        w.his.insert(visits)
+        sim.faults.down = True
+
+        w.pipeline.cycle()
+        while w.waiting() and clock.now - start < timedelta(hours=4):
+            _advance_to_next_due(w, clock)
+            w.pipeline.cycle()
+            for lsh, r in w.rows().items():
+                if r["status"] == "dead":
+                    failing = r["updated_at"] - r["first_failed_at"]
+                    assert timedelta(hours=2) <= failing <= timedelta(hours=3), f"{lsh} went dead after {failing}"
+                else:
+                    assert clock.now - start < timedelta(hours=2) + timedelta(seconds=3600), (lsh, r["status"])
+
+        assert w.counts()["dead"] == len(visits), w.counts()
+        sim.faults.down = False
+
+        assert cli.main(["retry", "--status", "dead", "--config", str(w.settings_path)]) == 0
+        assert f"requeued {len(visits)} record(s)" in capsys.readouterr().out
+        stats = w.pipeline.cycle()
+
+        assert stats.sent == len(visits) and w.counts()["sent"] == len(visits)
+        assert set(sim.records) == {v["serial_no"] for v in visits}
+    finally:
+        w.close()
+
+
+# -- 4. a configuration error in the middle of a run ----------------------------------------------
+
+
+def test_revoked_app_key_mid_run_pauses_at_once_without_burning_attempts_then_resumes(
+    tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    concurrency = 4
+    w = World(tmp_path, sim, upstream={"concurrency": concurrency})
+    try:
+        visits = [make_visit(n, changed=_past(300 - n)) for n in range(1, 201)]
+        w.his.insert(visits)
+        w.login_now()
+        sim.faults.latency_s = 0.02  # the backlog takes a second: time for the key to be revoked mid-batch
+        revoked_after = 30
+
+        def revoke_mid_run() -> None:
+            while sim.counters["creates"] < revoked_after:
+                time.sleep(0.001)
+            sim.faults.app_key_revoked = True
+
+        revoker = threading.Thread(target=revoke_mid_run, daemon=True)
+        revoker.start()
+        with capture_all_logs() as logged:
+            stats = w.pipeline.cycle()
+        revoker.join(timeout=10)
+
+        rejected = sim.counters["gateway_rejections"]
+        sent_before = sim.counters["creates"]
+        assert stats.paused, stats
+        assert revoked_after <= sent_before < len(visits), f"{sent_before} sent before the pause"
+        assert 1 <= rejected <= concurrency, f"{rejected} requests refused after the app key was revoked"
+        rows = w.rows()
+        left = [r for r in rows.values() if r["status"] != "sent"]
+        assert len(left) == len(visits) - sent_before
+        assert all(r["status"] == "pending" and r["attempts"] == 0 for r in left), {
+            (r["status"], r["attempts"]) for r in left
+        }
+        assert all(r["lease_owner"] is None for r in rows.values()), "leases left behind by the pause"
+
+        error = w.store.get_config_error()
+        assert error is not None and "app_key" in error["hint"], error
+        paused = [e for e in logged if e["event"] == "sending_paused"]
+        assert len(paused) == 1 and "app_key" in paused[0]["fix"], paused
+
+        assert cli.main(["status", "--config", str(w.settings_path)]) == 0
+        out = capsys.readouterr().out
+        assert "sending paused" in out and "app_key" in out, out
+
+        # Still revoked: each cycle sends one probe, not the backlog.
+        requests = sim.counters["requests"]
+        stats = w.pipeline.cycle()
+        assert sim.counters["requests"] == requests + 1, f"{sim.counters['requests'] - requests} requests while paused"
+        assert stats.sent == 0 and all(r["attempts"] == 0 for r in w.rows().values() if r["status"] != "sent")
+
+        sim.faults.app_key_revoked = False
+        stats = w.pipeline.cycle()
+
+        assert stats.sent == len(left) and stats.paused is None, stats
+        assert w.store.get_config_error() is None
+        assert w.counts()["sent"] == len(visits)
+        assert all(sim.records[v["serial_no"]] == expected_payload(v) for v in visits)
+        assert sim.counters["logins"] == 1, "the pause must not cost a new login"
+    finally:
+        w.close()
