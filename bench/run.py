@@ -29,7 +29,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from bench import seed
-from bench.platform import Platform, naive_upload
+from bench.simproc import Platform, naive_upload
 from bench.world import World, make_settings, make_world
 from sync.logs import configure
 from sync.outbox.schema import sync_outbox
@@ -192,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backfill-uploads", action="store_true", help="also upload the back-fill's key population (latency 0)")
     ap.add_argument("--large", type=int, help="history rows of the large outbox (default 1,000,000, quick 100,000)")
     ap.add_argument("--no-mariadb", action="store_true", help="SQLite only")
+    ap.add_argument(
+        "--sections", default="1234",
+        help="which sections to run, e.g. 12 for the uploads and the naive uploader (default 1234)",
+    )
+    ap.add_argument("--sources", default="column,lookup", help="key_crowd.source values of section 1 (default column,lookup)")
     args = ap.parse_args(argv)
     quick = args.quick
     n_up = args.uploads or (800 if quick else 3000)
@@ -208,10 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         say(f"crowd-sync benchmark: latency {args.latency_ms:g} ms, concurrency {args.concurrency}, "
             f"rate_limit_per_s 1000; limit concurrency/latency = {limit:.0f} requests/s")
-        say("\n1. uploads through the pipeline")
         results: dict[tuple[str, str], dict[str, float]] = {}
-        for backend in backends:
-            for source in ("column", "lookup"):
+        sections = set(args.sections)
+        if "1" in sections or "2" in sections:
+            say("\n1. uploads through the pipeline")
+        for backend in backends if sections & {"1", "2"} else []:
+            sources = args.sources.split(",") if "1" in sections else []
+            if "2" in sections and backend == "sqlite" and "column" not in sources:
+                # The naive uploader sends the payloads of the SQLite column run, and is compared with it.
+                sources = ["column", *sources]
+            for source in sources:
                 r = uploads(dbs, platform, backend, n=n_up, source=source, concurrency=args.concurrency, latency_s=latency_s)
                 results[backend, source] = r
                 per_visit = " (1 lookup + 1 upload per visit)" if source == "lookup" else ""
@@ -219,38 +230,54 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['uploads_per_s']:.0f} visits/s, {r['requests_per_s']:.0f} requests/s{per_visit} = "
                     f"{100 * r['requests_per_s'] / limit:.0f} % of the limit")
 
-        say("\n2. naive sequential uploader (one requests.post at a time, new connection each)")
-        sample = payload_sample(dbs.url("sqlite", "up_column_outbox"), n_naive)
-        platform.latency(latency_s)
-        naive_s = naive_upload(platform.url, sample)
-        platform.latency(0)
-        naive_rate = len(sample) / naive_s
-        best = results["sqlite", "column"]["uploads_per_s"]
-        say(f"  {len(sample)} uploads in {naive_s:.1f} s = {naive_rate:.1f} uploads/s; "
-            f"pipeline (sqlite, column) {best:.0f} uploads/s = {best / naive_rate:.1f} x the naive uploader")
-
-        say(f"\n3. back-fill of {n_bf:,} HIS rows (10 % key population, key_crowd.source: column, SQLite HIS and outbox)")
-        bf = backfill(dbs, platform, n=n_bf, upload=args.backfill_uploads)
-        say(f"  HIS read -> outbox: {bf['rows']:,.0f} rows in {bf['poll_s']} s = {bf['rows_per_s']:,.0f} rows/s "
-            f"(CPU {bf['poll_cpu_s']} s); {bf['enqueued']:,.0f} rows written, {bf['skipped']:,.0f} skipped")
-        say(f"  peak RSS of the back-fill process: {bf['rss_after_poll_mb']:.0f} MB after the poll "
-            f"(at start {bf['rss_start_mb']:.0f} MB)")
-        if "sent" in bf:
-            say(f"  then {bf['sent']:,.0f} uploads at latency 0 in {bf['upload_s']} s = {bf['uploads_per_s']:,.0f} uploads/s; "
-                f"peak RSS {bf['rss_after_upload_mb']:.0f} MB")
-
-        say("\n4. poll (1000 new HIS rows) and claim (128 due rows) against the outbox's size")
-        for backend in backends:
-            small = scaling(dbs, platform, backend, history=10_000)
-            large = scaling(dbs, platform, backend, history=n_large)
-            for r in (small, large):
-                say(f"  {backend:8s} outbox {r['outbox_rows']:>9,.0f} rows: poll {r['poll_ms']:7.1f} ms, claim {r['claim_ms']:6.2f} ms")
-            say(f"  {backend:8s} ratio large/small: poll {large['poll_ms'] / small['poll_ms']:.2f}, "
-                f"claim {large['claim_ms'] / small['claim_ms']:.2f}")
+        if "2" in sections:
+            naive(dbs, platform, results, n_naive=n_naive, latency_s=latency_s)
+        if "3" in sections:
+            section_backfill(dbs, platform, n_bf=n_bf, upload=args.backfill_uploads)
+        if "4" in sections:
+            section_scaling(dbs, platform, backends, n_large=n_large)
     finally:
         platform.stop()
         dbs.close()
     return 0
+
+
+def naive(
+    dbs: Databases, platform: Platform, results: dict[tuple[str, str], dict[str, float]], *, n_naive: int,
+    latency_s: float,
+) -> None:
+    say("\n2. naive sequential uploader (one requests.post at a time, new connection each)")
+    sample = payload_sample(dbs.url("sqlite", "up_column_outbox"), n_naive)
+    platform.latency(latency_s)
+    naive_s = naive_upload(platform.url, sample)
+    platform.latency(0)
+    naive_rate = len(sample) / naive_s
+    best = results["sqlite", "column"]["uploads_per_s"]
+    say(f"  {len(sample)} uploads in {naive_s:.1f} s = {naive_rate:.1f} uploads/s; "
+        f"pipeline (sqlite, column) {best:.0f} uploads/s = {best / naive_rate:.1f} x the naive uploader")
+
+
+def section_backfill(dbs: Databases, platform: Platform, *, n_bf: int, upload: bool) -> None:
+    say(f"\n3. back-fill of {n_bf:,} HIS rows (10 % key population, key_crowd.source: column, SQLite HIS and outbox)")
+    bf = backfill(dbs, platform, n=n_bf, upload=upload)
+    say(f"  HIS read -> outbox: {bf['rows']:,.0f} rows in {bf['poll_s']} s = {bf['rows_per_s']:,.0f} rows/s "
+        f"(CPU {bf['poll_cpu_s']} s); {bf['enqueued']:,.0f} rows written, {bf['skipped']:,.0f} skipped")
+    say(f"  peak RSS of the back-fill process: {bf['rss_after_poll_mb']:.0f} MB after the poll "
+        f"(at start {bf['rss_start_mb']:.0f} MB)")
+    if "sent" in bf:
+        say(f"  then {bf['sent']:,.0f} uploads at latency 0 in {bf['upload_s']} s = {bf['uploads_per_s']:,.0f} uploads/s; "
+            f"peak RSS {bf['rss_after_upload_mb']:.0f} MB")
+
+
+def section_scaling(dbs: Databases, platform: Platform, backends: list[str], *, n_large: int) -> None:
+    say("\n4. poll (1000 new HIS rows) and claim (128 due rows) against the outbox's size")
+    for backend in backends:
+        small = scaling(dbs, platform, backend, history=10_000)
+        large = scaling(dbs, platform, backend, history=n_large)
+        for r in (small, large):
+            say(f"  {backend:8s} outbox {r['outbox_rows']:>9,.0f} rows: poll {r['poll_ms']:7.1f} ms, claim {r['claim_ms']:6.2f} ms")
+        say(f"  {backend:8s} ratio large/small: poll {large['poll_ms'] / small['poll_ms']:.2f}, "
+            f"claim {large['claim_ms'] / small['claim_ms']:.2f}")
 
 
 if __name__ == "__main__":

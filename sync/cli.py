@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             logs.configure(level="warning", fmt="console")
             return demo.main(args.dir, out=out)
-        settings = _load_settings(getattr(args, "config", None))
+        settings = _load_settings(getattr(args, "config", None), platform=args.command not in OFFLINE_COMMANDS)
         handler: Callable[[argparse.Namespace, Settings, TextIO], int] = COMMANDS[args.command]
         return handler(args, settings, out)
     except ConfigError as exc:
@@ -140,11 +140,11 @@ def _print_error(exc: SyncError) -> None:
     print(logs.redact(f"crowd-sync: {exc}"), file=sys.stderr)
 
 
-def _load_settings(path: str | None) -> Settings:
+def _load_settings(path: str | None, *, platform: bool = True) -> Settings:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", settings_mod.SecretFileWarning)
         warnings.simplefilter("always", settings_mod.CountyCodeWarning)
-        settings = settings_mod.load(path)
+        settings = settings_mod.load(path, platform=platform)
     logs.configure(level=settings.log.level, fmt=settings.log.format)
     _register_secrets(settings)
     for w in caught:
@@ -164,8 +164,11 @@ def _register_secrets(settings: Settings) -> None:
     from sync.upstream.signing import decode_app_key
 
     key = settings.upstream.app_key.get_secret_value()
-    decoded = decode_app_key(key)
-    logs.register_secret(settings.upstream.password.get_secret_value(), key, decoded, quote(decoded, safe=""))
+    if key != settings_mod.NOT_LOADED:
+        decoded = decode_app_key(key)
+        logs.register_secret(key, decoded, quote(decoded, safe=""))
+    if settings.upstream.password.get_secret_value() != settings_mod.NOT_LOADED:
+        logs.register_secret(settings.upstream.password.get_secret_value())
     for url in (settings.his.url.get_secret_value(), settings.outbox.url.get_secret_value()):
         try:
             pw = make_url(url).password
@@ -552,6 +555,9 @@ def _simulator(args: argparse.Namespace) -> int:
         argv += ["--people", args.people]
     return simulator.main(argv)
 
+
+# Commands that never call the platform: they work without its credentials.
+OFFLINE_COMMANDS = frozenset({"status", "retry", "migrate", "report"})
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], int]] = {
     "migrate": cmd_migrate,

@@ -256,8 +256,13 @@ def default_config_path() -> Path:
     return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_NAME)
 
 
-def load(path: str | Path | None = None, *, env: dict[str, str] | None = None) -> Settings:
-    """Read, interpolate and validate the settings file; raise ConfigError listing every problem."""
+def load(path: str | Path | None = None, *, env: dict[str, str] | None = None, platform: bool = True) -> Settings:
+    """Read, interpolate and validate the settings file; raise ConfigError listing every problem.
+
+    ``platform=False`` is for commands that use only the outbox (status, retry,
+    report, migrate): the platform credentials and the HIS URL may then be absent or
+    unreadable, as when an operator runs them outside the service that holds them.
+    """
     p = Path(path) if path is not None else default_config_path()
     try:
         text = p.read_text(encoding="utf-8")
@@ -285,7 +290,43 @@ def load(path: str | Path | None = None, *, env: dict[str, str] | None = None) -
             f"settings file {p} is not valid YAML{where}{what}",
             hint="check indentation (spaces, not tabs) and quote values containing ':' or '#'",
         ) from None
-    return parse(raw, env=os.environ.copy() if env is None else env, base_dir=p.resolve().parent, source=str(p))
+    environ = os.environ.copy() if env is None else env
+    if not platform:
+        raw = _without_unneeded_secrets(raw, environ)
+    return parse(raw, env=environ, base_dir=p.resolve().parent, source=str(p))
+
+
+# Stands in for a secret that a command using only the outbox has no need to read.
+NOT_LOADED = "(not loaded: this command uses only the outbox)"
+
+
+def _without_unneeded_secrets(raw: Any, env: dict[str, str]) -> Any:
+    """Replace the platform credentials and the HIS URL by a placeholder where they
+    cannot be resolved here (unset variable, unreadable or missing file, absent)."""
+    if not isinstance(raw, dict):
+        return raw
+    out = dict(raw)
+    for section in ("upstream", "his"):
+        block = dict(out.get(section) or {}) if isinstance(out.get(section) or {}, dict) else None
+        if block is None:
+            continue
+        for key in _FILE_KEYS[section]:
+            file_key = f"{key}_file"
+            scratch: list[str] = []
+            if file_key in block:
+                path = _interpolate(block[file_key], env, file_key, scratch, set())
+                if not scratch and isinstance(path, str) and os.access(path, os.R_OK) and Path(path).is_file():
+                    continue
+                del block[file_key]
+                block[key] = NOT_LOADED
+            elif key in block:
+                _interpolate(block[key], env, key, scratch, set())
+                if scratch:
+                    block[key] = NOT_LOADED
+            else:
+                block[key] = NOT_LOADED
+        out[section] = block
+    return out
 
 
 def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "settings") -> Settings:

@@ -330,6 +330,10 @@ class Client:
         self._lock = threading.Lock()
         self._skew: float | None = None
         self._skew_warned_at: float | None = None
+        # The shared token as this client last saw it. The store (a database row shared with
+        # other processes) is read only when this one is missing, expired or refused: another
+        # process renewing pushes ours out upstream, and the refusal sends us to the store.
+        self._seen: Token | None = None
         self.counters: collections.Counter[str] = collections.Counter()
 
     # -- public calls
@@ -410,11 +414,16 @@ class Client:
         return datetime.fromtimestamp(self._wall(), UTC)
 
     def _token(self) -> Token:
-        token = self._store.current()
-        if token is not None and token.valid_at(self._now()):
+        now = self._now()
+        token = self._seen
+        if token is not None and token.valid_at(now):
             return token
-        # Passing the value we saw lets a renewal another thread just made be reused.
-        return self._store.renew(token.value if token is not None else None, self.login)
+        token = self._store.current()
+        if token is None or not token.valid_at(now):
+            # Passing the value we saw lets a renewal another thread just made be reused.
+            token = self._store.renew(token.value if token is not None else None, self.login)
+        self._seen = token
+        return token
 
     def _authorized(
         self, endpoint: EndpointName, *, suffix: str, body: bytes | None, lsh: str | None, id_number: str | None
@@ -426,6 +435,7 @@ class Client:
             self._count("auth_retries")
             log.info("token_refused", endpoint=endpoint, platform_message=answer.message)
             token = self._store.renew(token.value, self.login)
+            self._seen = token
             answer = self._send(endpoint, suffix=suffix, body=body, token=token.value)
         if not answer.ok:
             self._count(f"errors_{answer.outcome}")

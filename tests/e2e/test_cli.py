@@ -247,3 +247,24 @@ def test_simulator_command_serves_the_platform(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=20)
+
+
+def test_offline_commands_work_without_the_platform_credentials(site: Path) -> None:
+    """An operator's shell lacks the service's credentials: status and retry still work."""
+    assert crowd_sync("once", "--config", "settings.yaml", cwd=site).returncode == 0
+    text = (site / "settings.yaml").read_text(encoding="utf-8")
+    text = text.replace("password: Ehr123456@", "password: ${CROWD_SYNC_TEST_UNSET_PASSWORD}")
+    text = text.replace("app_key: ", "app_key_file: /nonexistent/credentials/app_key\n  old_app_key: ", 1)
+    text = text.replace(f"url: sqlite:///{site / 'his.db'}", "url: ${CROWD_SYNC_TEST_UNSET_HIS_URL}")
+    text = "\n".join(line for line in text.splitlines() if "old_app_key" not in line) + "\n"
+    (site / "settings.yaml").write_text(text, encoding="utf-8")
+
+    status = crowd_sync("status", "--json", "--config", "settings.yaml", cwd=site)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["counts"]["sent"] == 12
+    assert crowd_sync("retry", "--status", "failed", "--config", "settings.yaml", cwd=site).returncode == 0
+
+    once = crowd_sync("once", "--config", "settings.yaml", cwd=site)
+    assert once.returncode == 2
+    for named in ("CROWD_SYNC_TEST_UNSET_PASSWORD", "app_key_file", "CROWD_SYNC_TEST_UNSET_HIS_URL"):
+        assert named in once.stderr
