@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+if not __package__:
+    # Run as a file (python bench/soak_crash.py): import from the project directory, as -m does,
+    # instead of from bench/.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from sync.upstream.simulator import SimConfig, Simulator
 from tests.e2e.test_crash import CONCURRENCY, Harness, random_kills

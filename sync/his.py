@@ -13,9 +13,8 @@ is dropped from the pool so that the next poll works without anyone stepping in.
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -177,6 +176,7 @@ class HisSource:
         with self._connect() as conn:
             columns = self._columns(conn)
             keys = [c.lower() for c in columns]
+            dates, money = _DATE_COLUMNS.intersection(keys), _MONEY_COLUMNS.intersection(keys)
             stream = conn.execution_options(stream_results=True, yield_per=self._his.batch_size)
             try:
                 # Closed even when the caller stops early: an unbuffered MySQL result left
@@ -187,7 +187,7 @@ class HisSource:
                 ) as result:
                     for row in result:
                         count += 1
-                        yield _canonical(dict(zip(keys, row, strict=True)))
+                        yield _canonical(dict(zip(keys, row, strict=True)), dates, money)
             except _DB_ERRORS as exc:
                 raise self._error(exc, doing="reading the window") from None
         log.info("his_window_read", since=since.isoformat(), until=until.isoformat(), rows=count)
@@ -367,18 +367,24 @@ def _sort_keys(columns: Sequence[str]) -> list[str]:
     return [by_lower["changed_at"], by_lower["lsh"]]
 
 
-def _canonical(row: dict[str, Any]) -> dict[str, Any]:
-    for key in _DATE_COLUMNS.intersection(row):
-        value = row[key]
-        if isinstance(value, str) and _ISO_DATETIME.match(value.strip()):
-            text = value.strip()
+def _canonical(
+    row: dict[str, Any], dates: Iterable[str] = _DATE_COLUMNS, money: Iterable[str] = _MONEY_COLUMNS
+) -> dict[str, Any]:
+    """``dates`` and ``money``: the date and money columns among the row's keys (the same for
+    every row of a result, so found once)."""
+    for key in dates:
+        value = row.get(key)
+        if isinstance(value, str) and _ISO_DATETIME.match(text := value.strip()):
             # 2024-02-30 or 25:00:00 has the shape of a date but is none: left as text so that
             # records.build parks this one record with the reason, instead of the error
             # failing the whole window (and every later poll of it).
-            with contextlib.suppress(ValueError):
-                row[key] = datetime.fromisoformat(text) if len(text) > 10 else date.fromisoformat(text)
-    for key in _MONEY_COLUMNS.intersection(row):
-        value = row[key]
+            try:  # not contextlib.suppress: this runs for every date of every row
+                parsed = datetime.fromisoformat(text) if len(text) > 10 else date.fromisoformat(text)
+            except ValueError:
+                continue
+            row[key] = parsed
+    for key in money:
+        value = row.get(key)
         if isinstance(value, float):
             # FLOAT/DOUBLE columns and SQLite's NUMERIC: the shortest repr is the stored value.
             row[key] = Decimal(repr(value))

@@ -14,7 +14,8 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, date, datetime, timedelta
@@ -27,7 +28,7 @@ from sync import records
 from sync.crashpoints import crash_point
 from sync.errors import AuthError, ConfigError, InvalidRecord, SyncError, TransientError
 from sync.his import HisSource, polling_window
-from sync.outbox.store import Claimed, Incoming, Status, Store
+from sync.outbox.store import Claimed, Incoming, Outcome, Status, Store
 from sync.policy import RetryPolicy
 from sync.settings import Settings
 from sync.upstream.client import Client, LookupResult, parse_person
@@ -118,6 +119,90 @@ class _BatchWriter:
         self._pool.shutdown(wait=True)
 
 
+class _Recorder:
+    """Writes upload outcomes to the outbox from one thread, many per transaction.
+
+    An upload thread hands its outcome over and takes the next record at once instead of
+    holding its slot through a transaction of its own (8 to 14 ms a record). Each outcome
+    is still written only if the row is still ours and unchanged (``Store.record``).
+    ``flush`` returns once everything handed over so far is written: dispatch flushes
+    before it returns, so an orderly stop never leaves an outcome in memory when leases
+    are released. A crash loses only outcomes not yet written; those rows stay leased
+    until the lease runs out and are sent again, which the upsert by lsh makes harmless.
+    """
+
+    def __init__(self, store: Store, *, group: int = 256) -> None:
+        self._store = store
+        self._group = group
+        self._cond = threading.Condition()
+        self._queue: list[Outcome] = []
+        self._handed = 0
+        self._finished = 0  # handed over and written (or given up on, logged)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def put(self, outcome: Outcome) -> None:
+        with self._cond:
+            self._queue.append(outcome)
+            self._handed += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="outbox-recorder", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def flush(self) -> None:
+        with self._cond:
+            target = self._handed
+            while self._finished < target and self._thread is not None and self._thread.is_alive():
+                self._cond.wait(1.0)
+
+    def close(self) -> None:
+        self.flush()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                group, self._queue = self._queue[: self._group], self._queue[self._group :]
+            self._write(group)
+            with self._cond:
+                self._finished += len(group)
+                self._cond.notify_all()
+
+    def _write(self, group: list[Outcome]) -> None:
+        try:
+            self._store.record(group)
+            return
+        except Exception as exc:  # noqa: BLE001 - the recorder thread must outlive any database error
+            if len(group) == 1:
+                self._lost(group[0], exc)
+                return
+            log.warning("outcomes_group_failed", records=len(group), error=f"{type(exc).__name__}: {exc}")
+        # One by one, so that one record the database refuses does not cost the others.
+        for item in group:
+            try:
+                self._store.record([item])
+            except Exception as exc:  # noqa: BLE001 - logged, and the lease released for a later resend
+                self._lost(item, exc)
+
+    def _lost(self, item: Outcome, exc: Exception) -> None:
+        log.error("outcome_not_recorded", lsh=item.claimed.lsh, error=f"{type(exc).__name__}: {exc}")
+        try:
+            self._store.release([item.claimed], now=utcnow())
+        except Exception:
+            # The lease runs out by itself; the record is then sent again.
+            log.warning("release_failed", lsh=item.claimed.lsh, exc_info=True)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -146,6 +231,7 @@ class Pipeline:
             max_workers=settings.upstream.concurrency, thread_name_prefix="upload"
         )
         self._lock = threading.Lock()
+        self._recorder = _Recorder(store)
 
     # -- life cycle -------------------------------------------------------
 
@@ -169,6 +255,8 @@ class Pipeline:
         self._pool.shutdown(wait=False, cancel_futures=True)
         for t in list(getattr(self._pool, "_threads", ())):
             t.join(max(0.0, deadline - time.monotonic()))
+        # Outcomes first: releasing the leases before would let them be claimed and sent again.
+        self._recorder.close()
         self.store.release_owner(self.owner)
         self.client.close()
         if self._his is not None:
@@ -324,22 +412,23 @@ class Pipeline:
         # not built for the valid majority of a back-fill.
         raw_json = records.raw_json(row) if not lsh else ""
         key = _outbox_key(lsh, raw_json)
-        card_type = _text(row.get("card_type"))
-        card_no = _text(row.get("card_no"))
-        if card_no and card_type == RESIDENT_ID:
-            card_no = card_no.upper()
-        visit_type = _text(row.get("visit_type"))
-        changed_at = row.get("changed_at") if isinstance(row.get("changed_at"), datetime) else None
+        changed_at = row.get("changed_at")
+        if not isinstance(changed_at, datetime):
+            changed_at = None
         kc_setting = self.settings.key_crowd
-        kc_column = records.decode_key_crowd(row.get("key_crowd")) if "key_crowd" in row else None
+        # With `key_crowd.source: column` (a back-fill's usual case) build() reads and checks
+        # the column and the card itself; the raw card and column values below are needed
+        # only to decide before a label lookup, or to describe a row build() refused.
+        lookup = kc_setting.source != "column"
+        card_type = _text(row.get("card_type")) if lookup else None
 
         decided: str | None
         reason: str | None = None
-        if kc_setting.source == "column":
+        if not lookup:
             decided = None  # build() reads and checks the column itself
         elif card_type == RESIDENT_ID:
             decided = "1"  # placeholder until the label lookup at dispatch decides
-        elif kc_column is not None:
+        elif (kc_column := _key_crowd_column(row)) is not None:
             decided = kc_column
             reason = f"card type {card_type}: no label lookup possible, key_crowd column = {kc_column}"
         else:
@@ -352,25 +441,29 @@ class Pipeline:
             payload = records.build(row, key_crowd=decided, today=today)
         except InvalidRecord as exc:
             raw_json = raw_json or records.raw_json(row)
+            card_type = _text(row.get("card_type"))
+            card_no = _text(row.get("card_no"))
+            if card_no and card_type == RESIDENT_ID:
+                card_no = card_no.upper()
             return Incoming(
                 lsh=key,
                 payload_json=raw_json,
                 payload_hash=_sha(raw_json),
                 status=Status.INVALID,
-                key_crowd=kc_column,
+                key_crowd=_key_crowd_column(row),
                 reason=str(exc),
                 source_changed_at=changed_at,
                 card_type=card_type,
                 card_no=card_no,
-                visit_type=visit_type,
+                visit_type=_text(row.get("visit_type")),
                 settlement_date=_as_date(row.get("settlement_date")),
             )
         text = records.payload_json(payload)
         status = Status.PENDING
         key_crowd: str | None = payload["keyCrowd"]
-        if kc_setting.source == "lookup" and card_type == RESIDENT_ID:
+        if lookup and card_type == RESIDENT_ID:
             key_crowd = None
-        elif payload["keyCrowd"] == "0" and kc_setting.upload_only_key_crowd:
+        elif key_crowd == "0" and kc_setting.upload_only_key_crowd:
             status = Status.SKIPPED
             reason = reason or "key_crowd column = 0: the HIS says this patient is not in the key population"
         return Incoming(
@@ -381,8 +474,9 @@ class Pipeline:
             key_crowd=key_crowd,
             reason=reason if status is not Status.PENDING else None,
             source_changed_at=changed_at,
-            card_type=card_type,
-            card_no=card_no,
+            # As sent: build() checked and normalised them (an ID number's x upper-cased).
+            card_type=payload["cardType"],
+            card_no=payload["cardNo"],
             visit_type=payload["type"],
             settlement_date=date.fromisoformat(payload["settlementDate"]),
         )
@@ -390,71 +484,71 @@ class Pipeline:
     # -- outbox -> platform ------------------------------------------------
 
     def dispatch(self, stats: CycleStats) -> None:
-        """Send everything due, with ``upstream.concurrency`` uploads in flight."""
-        batch_size = max(32, self.settings.upstream.concurrency * 8)
+        """Send everything due, with ``upstream.concurrency`` uploads in flight; every outcome
+        is in the outbox when this returns."""
         looked_up: dict[str, _Decision] = {}
-        paused = self.store.get_config_error()
+        try:
+            paused = self.store.get_config_error()
+            if paused:
+                message = self._probe(stats, looked_up, paused)
+                if message is not None:
+                    stats.paused = message
+                    return
+            message = self._stream(stats, looked_up)
+            if message is not None:
+                stats.paused = message
+        finally:
+            self._recorder.flush()
+
+    def _probe(self, stats: CycleStats, looked_up: dict[str, _Decision], paused: dict[str, Any]) -> str | None:
+        """Sending is paused: one record until the platform takes one without a configuration
+        error. None when it did (sending resumes), else the message to keep reporting."""
         while not self._stop.is_set():
-            limit = 1 if paused else batch_size
-            claims = self.store.claim_due(now=self.clock(), limit=limit, owner=self.owner)
+            claims = self.store.claim_due(now=self.clock(), limit=1, owner=self.owner)
             if not claims:
                 break
             self.progress.tick()
-            outcome = self._send_batch(claims, stats, looked_up)
+            outcome = self._stream(stats, looked_up, only=claims)
             if outcome is not None:
-                stats.paused = outcome
-                return
-            if paused:
-                # The probe went through: the platform accepts again.
-                self.store.clear_config_error()
-                log.warning("sending_resumed", after=paused.get("message"))
-                paused = None
-        if paused:
-            stats.paused = str(paused.get("message"))
+                return outcome
+            # The probe went through: the platform accepts again.
+            self.store.clear_config_error()
+            log.warning("sending_resumed", after=paused.get("message"))
+            return None
+        return str(paused.get("message"))
 
-    def _send_batch(
-        self, claims: list[Claimed], stats: CycleStats, looked_up: dict[str, _Decision]
+    def _stream(
+        self, stats: CycleStats, looked_up: dict[str, _Decision], *, only: list[Claimed] | None = None
     ) -> str | None:
-        """Decide and send one batch; returns the configuration error's message if sending paused."""
-        rebuilt: dict[str, str] = {}
-        claims = [r for r in (self._revalidate(c, stats, rebuilt) for c in claims) if r is not None]
-        decisions = self._decide(claims, stats, looked_up)
-        blocking = next((d.error for d in decisions.values() if isinstance(d.error, ConfigError)), None)
-        if isinstance(blocking, ConfigError):
-            self._pause(blocking, claims)
-            return blocking.message
-        to_send: list[tuple[Claimed, str]] = []
-        for c in claims:
-            d = decisions.get(c.lsh)
-            if d is None:
-                to_send.append((c, c.key_crowd or "1"))
-            elif d.key_crowd is None:
-                self._failed(c, d.error or TransientError("label lookup failed"), stats, prefix="label lookup failed: ")
-            elif d.key_crowd == "0" and self.settings.key_crowd.upload_only_key_crowd:
-                self.store.mark_skipped(c, reason=d.how, now=self.clock())
-                stats.skipped += 1
-            else:
-                to_send.append((c, d.key_crowd))
-
+        """Keep ``concurrency`` uploads in flight, claiming the next batch while the previous one
+        drains (``only``: send these and claim nothing more). Returns the configuration
+        error's message if sending paused."""
+        concurrency = self.settings.upstream.concurrency
+        batch_size = max(32, concurrency * 8)
+        queue: deque[tuple[Claimed, str, str | None]] = deque()
         pending: dict[Future[None], Claimed] = {}
-        it: Iterator[tuple[Claimed, str]] = iter(to_send)
         config_error: list[ConfigError] = []
-        unsent: list[Claimed] = []
-
-        def submit_next() -> bool:
-            for c, kc in it:
-                if self._stop.is_set() or config_error:
-                    unsent.append(c)
-                    continue
-                fut = self._pool.submit(self._upload_one, c, kc, stats, config_error, rebuilt.get(c.lsh))
-                pending[fut] = c
-                return True
-            return False
-
-        for _ in range(self.settings.upstream.concurrency):
-            if not submit_next():
-                break
-        while pending:
+        if only is not None:
+            self._prepare(only, stats, looked_up, queue, config_error)
+        drained = only is not None
+        while True:
+            halted = self._stop.is_set() or bool(config_error)
+            # Claimed before the queue runs dry: no slot waits for a batch's slowest upload.
+            if not halted and not drained and len(queue) < concurrency:
+                claims = self.store.claim_due(now=self.clock(), limit=batch_size, owner=self.owner)
+                if claims:
+                    self.progress.tick()
+                    self._prepare(claims, stats, looked_up, queue, config_error)
+                else:
+                    drained = True
+                continue
+            while queue and len(pending) < concurrency and not (self._stop.is_set() or config_error):
+                c, kc, new_hash = queue.popleft()
+                pending[self._pool.submit(self._upload_one, c, kc, stats, config_error, new_hash)] = c
+            if not pending:
+                if halted or drained:
+                    break
+                continue
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for fut in done:
                 c = pending.pop(fut)
@@ -462,13 +556,37 @@ class Pipeline:
                 if exc is not None:
                     log.error("upload_crashed", lsh=c.lsh, error=f"{type(exc).__name__}: {exc}")
                     self.store.release([c], now=self.clock())
-                submit_next()
-        if unsent:
-            self.store.release(unsent, now=self.clock())
+        if queue:
+            self.store.release([c for c, _, _ in queue], now=self.clock())
         if config_error:
             self._pause(config_error[0], [])
             return config_error[0].message
         return None
+
+    def _prepare(
+        self, claims: list[Claimed], stats: CycleStats, looked_up: dict[str, _Decision],
+        queue: deque[tuple[Claimed, str, str | None]], config_error: list[ConfigError],
+    ) -> None:
+        """Decide one claimed batch: park what is not to be sent, queue the rest for upload."""
+        rebuilt: dict[str, str] = {}
+        claims = [r for r in (self._revalidate(c, stats, rebuilt) for c in claims) if r is not None]
+        decisions = self._decide(claims, stats, looked_up)
+        blocking = next((d.error for d in decisions.values() if isinstance(d.error, ConfigError)), None)
+        if isinstance(blocking, ConfigError):
+            self.store.release(claims, now=self.clock())
+            config_error.append(blocking)
+            return
+        for c in claims:
+            d = decisions.get(c.lsh)
+            if d is None:
+                queue.append((c, c.key_crowd or "1", rebuilt.get(c.lsh)))
+            elif d.key_crowd is None:
+                self._failed(c, d.error or TransientError("label lookup failed"), stats, prefix="label lookup failed: ")
+            elif d.key_crowd == "0" and self.settings.key_crowd.upload_only_key_crowd:
+                self.store.mark_skipped(c, reason=d.how, now=self.clock())
+                stats.skipped += 1
+            else:
+                queue.append((c, d.key_crowd, rebuilt.get(c.lsh)))
 
     def _revalidate(self, c: Claimed, stats: CycleStats, rebuilt: dict[str, str]) -> Claimed | None:
         """A requeued record that local validation had parked still holds its raw HIS row:
@@ -503,7 +621,9 @@ class Pipeline:
             self.store.release([c], now=self.clock())
             return
         except InvalidRecord as exc:
-            self.store.mark_invalid(c, error=_describe(exc), http_status=exc.http_status, now=self.clock())
+            self._recorder.put(
+                self.store.invalid_outcome(c, error=_describe(exc), http_status=exc.http_status, now=self.clock())
+            )
             with self._lock:
                 stats.invalid += 1
             log.warning("record_rejected", lsh=c.lsh, error=_describe(exc))
@@ -511,9 +631,11 @@ class Pipeline:
         except (TransientError, AuthError) as exc:
             self._failed(c, exc, stats)
             return
-        recorded = self.store.mark_sent(
-            c, sent_json=body, key_crowd=key_crowd, answer=result.message, http_status=result.http_status,
-            now=self.clock(), payload_hash=new_hash,
+        self._recorder.put(
+            self.store.sent_outcome(
+                c, sent_json=body, key_crowd=key_crowd, answer=result.message, http_status=result.http_status,
+                now=self.clock(), payload_hash=new_hash,
+            )
         )
         self.progress.tick()
         with self._lock:
@@ -522,7 +644,7 @@ class Pipeline:
                 stats.created += 1
             else:
                 stats.updated += 1
-        log.debug("record_sent", lsh=c.lsh, answer=result.message, recorded=recorded)
+        log.debug("record_sent", lsh=c.lsh, answer=result.message)
 
     def _failed(self, c: Claimed, exc: SyncError, stats: CycleStats, prefix: str = "") -> None:
         now = self.clock()
@@ -531,14 +653,16 @@ class Pipeline:
         if self.policy.gives_up(
             now=now, first_failed_at=c.first_failed_at, generic_failures=c.generic_failures, generic=generic
         ):
-            self.store.mark_dead(c, error=error, http_status=exc.http_status, now=now)
+            self._recorder.put(self.store.dead_outcome(c, error=error, http_status=exc.http_status, now=now))
             with self._lock:
                 stats.dead += 1
             log.error("record_dead", lsh=c.lsh, attempts=c.attempts + 1, error=error)
             return
         nxt = self.policy.next_attempt_at(now, c.attempts + 1)
-        self.store.mark_failed(
-            c, error=error, http_status=exc.http_status, now=now, next_attempt_at=nxt, generic=generic
+        self._recorder.put(
+            self.store.failed_outcome(
+                c, error=error, http_status=exc.http_status, now=now, next_attempt_at=nxt, generic=generic
+            )
         )
         with self._lock:
             stats.failed += 1
@@ -627,6 +751,10 @@ def _with_key_crowd(payload_json: str, key_crowd: str) -> str:
         return payload_json
     payload["keyCrowd"] = key_crowd
     return records.payload_json(payload)
+
+
+def _key_crowd_column(row: dict[str, Any]) -> str | None:
+    return records.decode_key_crowd(row.get("key_crowd")) if "key_crowd" in row else None
 
 
 def _outbox_key(lsh: str, raw_json: str) -> str:

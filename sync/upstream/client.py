@@ -16,6 +16,8 @@ What the platform demands and this module keeps:
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import json
 import socket
 import threading
@@ -31,6 +33,8 @@ from urllib.parse import quote
 import requests
 import structlog
 from requests.adapters import HTTPAdapter
+from requests.hooks import default_hooks
+from requests.structures import CaseInsensitiveDict
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.poolmanager import PoolManager
@@ -286,22 +290,81 @@ class _Adapter(HTTPAdapter):
         return manager
 
 
+class _Watchdog:
+    """One thread cuts every call whose deadline has passed.
+
+    A timer thread per call would start and stop a thread for every request: at a few
+    hundred uploads per second that is a sizeable share of the process's CPU and GIL.
+    Finished guards stay in the heap until their deadline comes and are skipped then.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Guard]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, guard: _Guard, seconds: float) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + max(seconds, 0.0), next(self._seq), guard))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="upstream-deadlines", daemon=True)
+                self._thread.start()
+            elif self._heap[0][2] is guard:
+                self._cond.notify()  # earlier than what the thread sleeps towards
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    wait_s = self._heap[0][0] - time.monotonic() if self._heap else None
+                    if wait_s is not None and wait_s <= 0:
+                        break
+                    self._cond.wait(wait_s)
+                _, _, guard = heapq.heappop(self._heap)
+            guard.cut()  # a finished guard ignores it
+
+
+_watchdog = _Watchdog()
+
+
 @contextmanager
 def _deadline_guard(seconds: float) -> Iterator[_Guard]:
     guard = _Guard()
-    timer = threading.Timer(max(seconds, 0.0), guard.cut)
-    timer.daemon = True
     _current.guard = guard
-    timer.start()
+    _watchdog.arm(guard, seconds)
     try:
         yield guard
     finally:
         guard.finish()
-        timer.cancel()
         _current.guard = None
 
 
 # ---------------------------------------------------------------- client
+
+
+def _prepared(
+    session: requests.Session, method: str, url: str, body: bytes | None, headers: dict[str, str]
+) -> requests.PreparedRequest:
+    """The request ``Session.request`` would prepare, built directly: the URL is already
+    percent-encoded by signing, and parsing and re-quoting it in requests (before urllib3
+    parses it again) was the largest single share of an upload's CPU time."""
+    req = requests.PreparedRequest()
+    req.method = method
+    req.url = url
+    merged: CaseInsensitiveDict[str] = CaseInsensitiveDict(
+        {k: v if isinstance(v, str) else v.decode("latin-1") for k, v in session.headers.items()}
+    )
+    merged.update(headers)
+    if body is not None:
+        merged["Content-Length"] = str(len(body))
+    req.headers = merged
+    req.body = body
+    req.hooks = default_hooks()
+    if session.cookies:
+        req.prepare_cookies(session.cookies)
+    return req
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -463,7 +526,14 @@ class Client:
             env = session.merge_environment_settings(self._up.base_url, {}, None, self._verify, None)
             session.proxies.update(env["proxies"])
             session.verify = env["verify"]
+            if isinstance(session.verify, str) and self._up.base_url.lower().startswith("http://") and not session.proxies:
+                # Nothing to verify over plain HTTP, and a path here (REQUESTS_CA_BUNDLE) costs a
+                # stat() of it on every call.
+                session.verify = True
             session.trust_env = False
+            # The URL is built here and sent prepared (see _prepared): check it once the way
+            # requests would, so that a malformed base_url is still a configuration error.
+            requests.PreparedRequest().prepare_url(self._up.base_url, None)
             self._local.session = session
             with self._lock:
                 self._sessions.append(session)
@@ -500,10 +570,10 @@ class Client:
         with _deadline_guard(remaining) as guard:
             try:
                 session = self._session()
-                response = session.request(
-                    method, url, data=body, headers=headers, stream=True, allow_redirects=False,
+                response = session.send(
+                    _prepared(session, method, url, body, headers), stream=True, allow_redirects=False,
                     timeout=(min(self._up.connect_timeout_s, max(remaining, 0.001)), max(remaining, 0.001)),
-                    verify=session.verify,
+                    verify=session.verify, proxies=session.proxies, cert=None,
                 )
                 try:
                     chunks: list[bytes] = []

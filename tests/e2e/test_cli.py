@@ -50,6 +50,15 @@ def _past(minutes: float) -> datetime:
     return (datetime.now() - timedelta(minutes=minutes)).replace(microsecond=0)
 
 
+@pytest.fixture(name="closed_port")
+def closed_port_fixture() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test: bound but never
+    listening, so no other process on the machine can start listening on it meanwhile."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
 @pytest.fixture
 def sim() -> Iterator[Simulator]:
     with Simulator(SimConfig()) as s:
@@ -167,10 +176,8 @@ def test_check_reports_a_wrong_password_with_the_fix(site: Path, sim: Simulator)
     assert "wrong-password" not in r.stdout + r.stderr
 
 
-def test_unreachable_his_exits_2(site: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_unreachable_his_exits_2(site: Path, closed_port: int) -> None:
+    port = closed_port
     text = (site / "settings.yaml").read_text(encoding="utf-8")
     text = text.replace(f"sqlite:///{site / 'his.db'}", f"mysql+pymysql://reader:pw@127.0.0.1:{port}/his")
     (site / "settings.yaml").write_text(text, encoding="utf-8")
@@ -224,22 +231,16 @@ def test_migrate_reports_the_revision(tmp_path: Path, sim: Simulator) -> None:
 
 
 def test_simulator_command_serves_the_platform(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = spawn("simulator", "--port", str(port), cwd=tmp_path)
+    # Port 0: the simulator takes a free port itself and says which in its first line (a port
+    # picked here and freed before it starts could be taken by another process meanwhile).
+    proc = spawn("simulator", "--port", "0", cwd=tmp_path)
     try:
-        def up() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    return True
-            except OSError:
-                return False
-
-        _wait_for(up, timeout=20)
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()  # printed once it listens; "" if it died first
+        assert "listening on http://127.0.0.1:" in banner, banner + (proc.stderr.read() if proc.stderr else "")
+        url = banner.split("listening on ")[1].split()[0]
         write_settings(
-            tmp_path / "settings.yaml", his_url="sqlite:///his.db", outbox_url="sqlite:///o.db",
-            base_url=f"http://127.0.0.1:{port}",
+            tmp_path / "settings.yaml", his_url="sqlite:///his.db", outbox_url="sqlite:///o.db", base_url=url,
         )
         r = crowd_sync("lookup", TEST_IDS[0], "--config", "settings.yaml", cwd=tmp_path)
         assert r.returncode == 0, r.stderr

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sqlite3
 import ssl
 import subprocess
@@ -40,7 +39,7 @@ from sync.upstream.simulator import (
     Simulator,
 )
 from sync.upstream.tokens import MemoryTokenStore
-from tests.e2e.test_cli import ROOT, crowd_sync
+from tests.e2e.test_cli import ROOT, closed_port_fixture, crowd_sync  # noqa: F401 - a fixture
 from tests.support import His, make_visit, write_settings
 
 ID_X = "51010419800101009X"  # check digit X; the HIS holds it with a lower-case x
@@ -105,7 +104,9 @@ def sim() -> Iterator[Simulator]:
         yield s
 
 
-def test_a_faulty_debug_run_prints_no_secret_and_no_unmasked_id_number(tmp_path: Path, sim: Simulator) -> None:
+def test_a_faulty_debug_run_prints_no_secret_and_no_unmasked_id_number(
+    tmp_path: Path, sim: Simulator, closed_port: int
+) -> None:
     his_url = f"sqlite:///{tmp_path / 'his.db'}"
     his = His(his_url)
     labelled = [*TEST_IDS, ID_X, ID15]
@@ -137,9 +138,6 @@ def test_a_faulty_debug_run_prints_no_secret_and_no_unmasked_id_number(tmp_path:
                    overrides={**overrides, "upstream": {"password": WRONG_PASSWORD}})
     # An outbox file that is no database (an unexpected error), and a HIS that refuses connections.
     (tmp_path / "garbage.db").write_text(f"not a database {TEST_IDS[0]} " * 200, encoding="utf-8")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed_port = s.getsockname()[1]
     write_settings(tmp_path / "broken.yaml", his_url=f"mysql+pymysql://reader:{DB_PASSWORD}@127.0.0.1:{closed_port}/his",
                    outbox_url="sqlite:///garbage.db", base_url=sim.url, overrides=overrides)
     write_settings(tmp_path / "no-his.yaml", his_url=f"mysql+pymysql://reader:{DB_PASSWORD}@127.0.0.1:{closed_port}/his",

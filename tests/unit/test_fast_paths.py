@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from sync import records
 from sync.outbox.schema import sync_outbox
-from sync.outbox.store import EnqueueResult, Incoming, Store
+from sync.outbox.store import EnqueueResult, Incoming, Status, Store
 from sync.pipeline import CycleStats, Pipeline
 from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
@@ -130,3 +130,86 @@ def test_a_failing_batch_stops_the_poll_with_earlier_batches_and_cursor_recorded
         finally:
             pipeline.close()
             his.dispose()
+
+
+class SqlAlchemyInsertStore(Store):
+    """The outbox writing new rows through SQLAlchemy's own executemany, as every
+    database other than SQLite does: the reference for SQLite's driver-level INSERT."""
+
+    @property
+    def _raw_insert(self) -> None:  # type: ignore[override]
+        return None
+
+
+def awkward_items(now: datetime) -> list[Incoming]:
+    """Every status, NULLs, an aware HIS time, metadata longer than its column."""
+    items = []
+    for n in range(30):
+        status = (Status.PENDING, Status.SKIPPED, Status.INVALID)[n % 3]
+        changed: datetime | None = now - timedelta(hours=n, microseconds=n)
+        if n % 7 == 0:
+            changed = None
+        elif n % 5 == 0:
+            changed = changed.replace(tzinfo=timezone(timedelta(hours=8)))
+        items.append(
+            Incoming(
+                lsh=f"L{n:04d}", payload_json=json.dumps({"n": n, "名": "简单"}, ensure_ascii=False),
+                payload_hash=f"{n:064d}", status=status, key_crowd=None if n % 4 == 0 else "10"[n % 2],
+                reason=None if status is Status.PENDING else f"why {n}", source_changed_at=changed,
+                card_type="10" if n % 6 else "1234567890", card_no=None if n % 8 == 0 else "5" * (n * 3),
+                visit_type="12"[n % 2], settlement_date=None if n % 9 == 0 else date(2024, 1, 1 + n % 28),
+            )
+        )
+    return items
+
+
+def outbox_rows(store: Store) -> list[dict[str, Any]]:
+    with store.engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(sa.select(sync_outbox).order_by(sync_outbox.c.lsh))]
+
+
+def stored_text(store: Store) -> list[tuple[Any, ...]]:
+    """The rows as SQLite holds them: timestamps as the text that range queries compare."""
+    with store.engine.connect() as conn:
+        return [tuple(r) for r in conn.exec_driver_sql("SELECT * FROM sync_outbox ORDER BY lsh")]
+
+
+def test_sqlite_driver_insert_stores_exactly_what_sqlalchemy_would(tmp_path: Path) -> None:
+    now = datetime(2024, 5, 6, 7, 8, 9)  # whole seconds as well as fractions below: both stored alike
+    fast, reference = Store(f"sqlite:///{tmp_path / 'fast.db'}"), SqlAlchemyInsertStore(f"sqlite:///{tmp_path / 'ref.db'}")
+    try:
+        for store in (fast, reference):
+            store.ensure_schema()
+            result = store.enqueue(awkward_items(now), now=now, cursor=(now, "L0029"))
+            assert (result.inserted, result.invalid, result.skipped) == (30, 10, 10)
+        assert fast._raw_insert is not None  # the driver path really ran
+        rows = outbox_rows(fast)
+        assert rows == outbox_rows(reference)
+        assert stored_text(fast) == stored_text(reference)
+        # Read back as the types the dispatch path works with.
+        assert rows[1]["first_seen_at"] == now and rows[1]["next_attempt_at"] is None  # skipped: not due
+        assert rows[3]["next_attempt_at"] == now and rows[3]["status"] == "pending"
+        assert rows[5]["source_changed_at"] == (now - timedelta(hours=5, microseconds=5)).replace(tzinfo=None)
+        assert len(rows[29]["card_no"]) == 64 and rows[0]["card_type"] == "12345678"
+        # Idempotent on the hash: the same batch again writes nothing.
+        again = fast.enqueue(awkward_items(now), now=now + timedelta(minutes=1))
+        assert (again.inserted, again.changed, again.unchanged) == (0, 0, 30)
+        assert outbox_rows(fast) == rows
+    finally:
+        fast.dispose()
+        reference.dispose()
+
+
+def test_resident_id_check_digit_is_the_same_by_bytes_and_by_int() -> None:
+    rng = random.Random(11)
+    for _ in range(2000):
+        body = "".join(rng.choice("0123456789") for _ in range(17))
+        total = sum(int(c) * w for c, w in zip(body, records._ID_WEIGHTS, strict=True))
+        good = body + records._ID_CHECK[total % 11]
+        assert records.check_resident_id(good.lower()) == good
+        wrong = body + records._ID_CHECK[(total + 1) % 11]
+        with pytest.raises(ValueError, match="wrong check digit"):
+            records.check_resident_id(wrong)
+    # Digits of other scripts (\d matches them) are judged by their value, as before.
+    arabic = "".join(chr(0x660 + int(c)) for c in "51010019850602003") + "6"  # 510100198506020036
+    assert records.check_resident_id(arabic) == arabic

@@ -147,10 +147,16 @@ def test_flaky_platform_with_token_storms_delivers_everything_with_few_logins(tm
         stop = threading.Event()
 
         def kicker() -> None:
-            # Another program logging in with the hospital's account, early in the run;
-            # the tokens after that live until the platform expires them.
+            # Another program logging in with the hospital's account, early in the run: at
+            # points of progress, not of time, so each kick lands on a live token however
+            # slow the machine (kicks before the first login would kick nothing). After the
+            # last one at least 200 uploads remain, 50 ms each, 4 at a time: 2.5 s under one
+            # token, so the platform must also expire a token (ttl_s = 2).
             nonlocal kicks
-            while kicks < 3 and not stop.wait(0.7):
+            for creates in (20, 50, 80):
+                while sim.counters["creates"] < creates:
+                    if stop.wait(0.005):
+                        return
                 sim.kick()
                 kicks += 1
 
