@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import textwrap
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 import yaml
+from structlog.testing import LogCapture
 
 from sync import settings as settings_mod
 from sync.settings import Settings
@@ -180,3 +184,19 @@ def write_settings(
 
 def dedent(text: str) -> str:
     return textwrap.dedent(text).lstrip()
+
+
+@contextmanager
+def capture_all_logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    """Every structlog event, whatever level an earlier ``logs.configure`` left behind."""
+    saved = structlog.get_config()
+    capture = LogCapture()
+    structlog.configure(
+        processors=[capture],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield capture.entries
+    finally:
+        structlog.configure(**saved)

@@ -5,19 +5,15 @@ drops them. The outbox is SQLite and the platform the in-process simulator.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
-from structlog.testing import LogCapture
 
 from sync.errors import TransientError
 from sync.outbox.schema import sync_outbox, sync_run
@@ -25,7 +21,7 @@ from sync.outbox.store import Store
 from sync.pipeline import Pipeline
 from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
-from tests.support import HIS_QUERY, His, expected_payload, make_visit, write_settings
+from tests.support import HIS_QUERY, His, capture_all_logs, expected_payload, make_visit, write_settings
 
 # Each row costs the server `delay` seconds, so a poll is still streaming when it is killed.
 # The index lets MariaDB send rows in cursor order as it finds them instead of sorting first.
@@ -33,22 +29,6 @@ SLOW_QUERY = HIS_QUERY.replace(
     "FROM his_settlement", "FROM his_settlement FORCE INDEX (ix_his_changed_serial)"
 ).rstrip() + " AND SLEEP((SELECT delay FROM his_knob)) = 0\n"
 ROW_DELAY_S = 0.01
-
-
-@contextmanager
-def capture_all_logs() -> Iterator[list[MutableMapping[str, Any]]]:
-    """Every structlog event, whatever level an earlier ``logs.configure`` left behind."""
-    saved = structlog.get_config()
-    capture = LogCapture()
-    structlog.configure(
-        processors=[capture],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
-        cache_logger_on_first_use=False,
-    )
-    try:
-        yield capture.entries
-    finally:
-        structlog.configure(**saved)
 
 
 class Setup:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, MutableMapping
-from contextlib import contextmanager
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import structlog
-from structlog.testing import LogCapture
 
 from sync import cli
 from sync.outbox.schema import sync_outbox
@@ -26,7 +24,7 @@ from sync.pipeline import Pipeline
 from sync.settings import Settings
 from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
-from tests.support import His, expected_payload, make_visit, write_settings
+from tests.support import His, capture_all_logs, expected_payload, make_visit, write_settings
 
 
 def _utcnow() -> datetime:
@@ -35,22 +33,6 @@ def _utcnow() -> datetime:
 
 def _past(minutes: float) -> datetime:
     return (datetime.now() - timedelta(minutes=minutes)).replace(microsecond=0)
-
-
-@contextmanager
-def capture_all_logs() -> Iterator[list[MutableMapping[str, Any]]]:
-    """Every structlog event, whatever level an earlier ``logs.configure`` left behind."""
-    saved = structlog.get_config()
-    capture = LogCapture()
-    structlog.configure(
-        processors=[capture],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
-        cache_logger_on_first_use=False,
-    )
-    try:
-        yield capture.entries
-    finally:
-        structlog.configure(**saved)
 
 
 class FakeClock:
