@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,14 +35,6 @@ def _row(lsh: str, status: str, updated_at: datetime, **over: Any) -> dict[str, 
     }
     row.update(over)
     return row
-
-
-@pytest.fixture
-def store(any_db_url: str) -> Iterator[Store]:
-    s = Store(any_db_url)
-    s.migrate()
-    yield s
-    s.dispose()
 
 
 def _alembic(conn: sa.Connection) -> Config:

@@ -12,7 +12,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -39,14 +38,6 @@ def item(lsh: str, body: str = "v1") -> Incoming:
         status=Status.PENDING, key_crowd=None, reason=None, source_changed_at=T0, card_type="10",
         card_no="510100198506020036", visit_type="1", settlement_date=date(2026, 3, 1),
     )
-
-
-@pytest.fixture
-def store(any_db_url: str) -> Iterator[Store]:
-    s = Store(any_db_url)
-    s.migrate()
-    yield s
-    s.dispose()
 
 
 def test_migrate_brings_an_empty_database_to_head(any_db_url: str) -> None:
