@@ -573,7 +573,9 @@ class Client:
             if other is None:
                 return answer
             self._count("key_form_retries")
-            log.warning(
+            # Expected while the reading is being learnt; a warning once a known reading is refused.
+            report = log.warning if signer.state().confirmed else log.info
+            report(
                 "app_key_form_refused", endpoint=endpoint, form=form, trying=other, http_status=answer.http_status,
                 platform_message=answer.message,
             )
