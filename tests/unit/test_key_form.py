@@ -181,6 +181,30 @@ def test_a_remembered_reading_that_starts_being_refused_switches_once(tmp_path: 
             site.close()
 
 
+def test_an_outbox_from_a_version_that_signed_decoded_only_switches_without_a_new_login(tmp_path: Path) -> None:
+    """An upgrade: a shared token is stored but no reading is remembered. Its first signed call
+    (a label lookup) is refused as printed, tried decoded, and the reading is remembered."""
+    with Simulator(SimConfig(key_form="decoded")) as sim:
+        old = Site(tmp_path, sim, form="decoded")  # what earlier versions always did
+        old.visits(1, 3)
+        assert old.pipeline.cycle().sent == 3
+        old.close()
+        assert sim.counters["gateway_rejections"] == 0
+
+        site = Site(tmp_path, sim)
+        try:
+            assert site.store.get_key_form() is None
+            site.visits(10, 6)
+            stats = site.pipeline.cycle()
+            assert stats.sent == 6 and stats.paused is None, stats
+            assert 1 <= sim.counters["gateway_rejections"] <= site.settings.upstream.concurrency
+            assert login_posts(sim) == 1, "the stored token serves both readings"
+            assert site.store.get_key_form() == "decoded"
+            assert all(r["attempts"] == 0 for r in site.rows().values())
+        finally:
+            site.close()
+
+
 def test_a_platform_refusing_both_readings_pauses_sending_and_burns_no_attempt(
     tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str]
 ) -> None:
