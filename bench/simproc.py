@@ -11,7 +11,7 @@ from typing import Any
 
 import requests
 
-from sync.upstream.signing import EHRKEY_HEADER, ENDPOINTS, decode_app_key, event_code, signed_query
+from sync.upstream.signing import EHRKEY_HEADER, ENDPOINTS, event_code, platform_app_key, signed_query
 from sync.upstream.simulator import TEST_APP_KEY, TEST_PASSWORD, TEST_USERNAME
 
 
@@ -88,7 +88,7 @@ class Platform:
 def naive_upload(base_url: str, bodies: list[str]) -> float:
     """Upload ``bodies`` one plain ``requests.post`` at a time (a new connection each, no
     shared session), signed as the client signs; returns the elapsed seconds."""
-    key = decode_app_key(TEST_APP_KEY)
+    key = platform_app_key(TEST_APP_KEY, "as_printed")  # the reading the simulator plays by default
     headers = {"Accept": "application/json", "Content-Type": "application/json;charset=UTF-8", EHRKEY_HEADER[0]: EHRKEY_HEADER[1]}
 
     def url(endpoint: str) -> str:

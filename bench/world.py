@@ -52,5 +52,5 @@ class World:
 def make_world(settings: Settings) -> World:
     store = Store(settings.outbox.url.get_secret_value(), lease_s=settings.outbox.lease_s)
     store.migrate()
-    client = Client(settings.upstream, store.token_store())
+    client = Client(settings.upstream, store.token_store(), key_forms=store.key_form_memory())
     return World(settings=settings, store=store, client=client, pipeline=Pipeline(settings, store=store, client=client))

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from datetime import UTC, date, datetime
 from typing import Any, TextIO
-from urllib.parse import quote
 
 import structlog
 
@@ -73,12 +72,20 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--csv", metavar="FILE", help="also write the figures as CSV (UTF-8 with BOM, opens in Excel)")
     demo = add("demo", "a complete local run: demo HIS, built-in simulator, a few cycles, status")
     demo.add_argument("--dir", default="var/demo", help="where the demo writes its databases (default var/demo)")
+    demo.add_argument(
+        "--key-form", choices=["as_printed", "decoded"], default="as_printed",
+        help="which reading of the app key the simulated platform signs (the demo's settings keep auto)",
+    )
     sim = add("simulator", "run the built-in platform simulator alone (loopback by default)")
     sim.add_argument("--port", type=int, default=18080)
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--env", choices=["test", "prod"], default="test")
     sim.add_argument("--latency-ms", type=int, default=0)
     sim.add_argument("--people", metavar="FILE.json")
+    sim.add_argument(
+        "--key-form", choices=["as_printed", "decoded"], default="as_printed",
+        help="which reading of the app key the platform signs: as printed (%%2B) or decoded (+)",
+    )
     return p
 
 
@@ -111,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sync import demo
 
             logs.configure(level="warning", fmt="console")
-            return demo.main(args.dir, out=out)
+            return demo.main(args.dir, out=out, key_form=args.key_form)
         settings = _load_settings(getattr(args, "config", None), platform=args.command not in OFFLINE_COMMANDS)
         handler: Callable[[argparse.Namespace, Settings, TextIO], int] = COMMANDS[args.command]
         return handler(args, settings, out)
@@ -161,12 +168,11 @@ def _register_secrets(settings: Settings) -> None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
-    from sync.upstream.signing import decode_app_key
+    from sync.upstream.signing import app_key_texts
 
     key = settings.upstream.app_key.get_secret_value()
     if key != settings_mod.NOT_LOADED:
-        decoded = decode_app_key(key)
-        logs.register_secret(key, decoded, quote(decoded, safe=""))
+        logs.register_secret(*app_key_texts(key))
     if settings.upstream.password.get_secret_value() != settings_mod.NOT_LOADED:
         logs.register_secret(settings.upstream.password.get_secret_value())
     for url in (settings.his.url.get_secret_value(), settings.outbox.url.get_secret_value()):
@@ -192,7 +198,7 @@ def _pipeline(settings: Settings, store: Any) -> Any:
     from sync.pipeline import Pipeline
     from sync.upstream.client import Client
 
-    client = Client(settings.upstream, store.token_store())
+    client = Client(settings.upstream, store.token_store(), key_forms=store.key_form_memory())
     return Pipeline(settings, store=store, client=client)
 
 
@@ -273,7 +279,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
         summary = store.summary(now=utcnow())
     finally:
         store.dispose()
-    data = _summary_dict(summary, utcnow())
+    data = _summary_dict(summary, utcnow(), key_form_setting=settings.upstream.app_key_form)
     data["outbox"] = store.url_for_humans
     if args.json:
         print(json.dumps(data, ensure_ascii=False, indent=2, default=str), file=out)
@@ -282,8 +288,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     return EXIT_OK
 
 
-def _summary_dict(summary: Any, now: datetime) -> dict[str, Any]:
+def _summary_dict(summary: Any, now: datetime, *, key_form_setting: str = "auto") -> dict[str, Any]:
     oldest = summary.oldest_pending_at
+    accepted = summary.key_form or {}
     return {
         "counts": dict(summary.counts),
         "oldest_pending_at": _iso(oldest),
@@ -292,6 +299,12 @@ def _summary_dict(summary: Any, now: datetime) -> dict[str, Any]:
         "last_run": _jsonable(summary.last_run),
         "last_successful_run": _jsonable(summary.last_successful_run),
         "config_error": _jsonable(summary.config_error),
+        # The reading of the app key in signatures: the setting, and the one the platform accepted (auto).
+        "app_key_form": {
+            "setting": key_form_setting,
+            "accepted": accepted.get("form") if key_form_setting == "auto" else None,
+            "accepted_at": accepted.get("accepted_at") if key_form_setting == "auto" else None,
+        },
         "leased": summary.leased,
         "times": "UTC",
     }
@@ -339,6 +352,7 @@ def _render_status(d: dict[str, Any]) -> str:
         )
     else:
         lines.append("  上次运行 last run: never")
+    lines.append(f"  授权码读法 app key reading: {_key_form_text(d.get('app_key_form') or {})}")
     ce = d.get("config_error")
     if ce:
         lines.append(f"  !! 发送已暂停 sending paused since {ce.get('since')}: {ce.get('message')}")
@@ -347,6 +361,18 @@ def _render_status(d: dict[str, Any]) -> str:
     else:
         lines.append("  配置错误 configuration error: none")
     return "\n".join(lines)
+
+
+def _key_form_text(kf: dict[str, Any]) -> str:
+    from sync.upstream.signing import KEY_FORMS
+
+    setting = kf.get("setting") or "auto"
+    if setting != "auto":
+        return f"{setting}, pinned by upstream.app_key_form (固定)"
+    if kf.get("accepted"):
+        return f"{kf['accepted']}, accepted by the platform since {kf.get('accepted_at')} (平台已接受; setting auto)"
+    first, second = KEY_FORMS
+    return f"none accepted yet (尚未确定): the next login tries {first}, then {second} (setting auto)"
 
 
 def _human_age(seconds: int) -> str:
@@ -386,7 +412,7 @@ def cmd_lookup(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     try:
         store.ensure_schema()
         # Through the outbox's shared token: a login of its own would push the daemon out (FAQ 4).
-        client = Client(settings.upstream, store.token_store())
+        client = Client(settings.upstream, store.token_store(), key_forms=store.key_form_memory())
         try:
             result = client.lookup(id_number)
         finally:
@@ -550,7 +576,10 @@ def cmd_check(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int
 def _simulator(args: argparse.Namespace) -> int:
     from sync.upstream import simulator
 
-    argv = ["--port", str(args.port), "--host", args.host, "--env", args.env, "--latency-ms", str(args.latency_ms)]
+    argv = [
+        "--port", str(args.port), "--host", args.host, "--env", args.env, "--latency-ms", str(args.latency_ms),
+        "--key-form", args.key_form,
+    ]
     if args.people:
         argv += ["--people", args.people]
     return simulator.main(argv)

@@ -227,7 +227,9 @@ log:
     )
 
 
-def main(directory: str, *, out: TextIO) -> int:
+def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
+    """The demo against a simulated platform signing the app key in ``key_form``
+    (as_printed or decoded); the demo's settings keep ``app_key_form: auto``."""
     from sync.cli import _exit_for, _pipeline, _register_secrets, _render_status, _summary_dict
     from sync.outbox.store import Status, Store
     from sync.pipeline import utcnow
@@ -243,7 +245,7 @@ def main(directory: str, *, out: TextIO) -> int:
     facts = build_his(his_db, now=now)
     print(f"1. 演示 HIS / demo HIS: {his_db} (300 visits, {len(facts.broken)} broken on purpose)", file=out)
 
-    sim = Simulator(SimConfig(), port=0)
+    sim = Simulator(SimConfig(key_form=key_form), port=0)
     sim.start()
     try:
         for card in facts.key_cards:
@@ -253,7 +255,7 @@ def main(directory: str, *, out: TextIO) -> int:
                     "jjxBq": [{"code": "J01.02", "name": "农村低保对象", "remark": None, "attr1": "0", "attr2": None}],
                     "rkxBq": [], "jkBq": [], "glztBq": [],
                 })
-        print(f"2. 平台模拟器 / platform simulator: {sim.url}", file=out)
+        print(f"2. 平台模拟器 / platform simulator: {sim.url} (app key form {key_form})", file=out)
         write_settings(settings_path, his_db=his_db, outbox_db=outbox_db, base_url=sim.url)
         settings = settings_mod.load(settings_path)
         _register_secrets(settings)
@@ -281,13 +283,15 @@ def main(directory: str, *, out: TextIO) -> int:
         finally:
             pipeline.close()
         summary = store.summary(now=utcnow())
-        data = _summary_dict(summary, utcnow())
+        data = _summary_dict(summary, utcnow(), key_form_setting=settings.upstream.app_key_form)
         data["outbox"] = store.url_for_humans
         print("", file=out)
         print(_render_status(data), file=out)
         counters = sim.counters
         print(
-            f"\n平台收到 / the simulator saw: {counters['logins']} login(s), {counters['lookups']} label lookups, "
+            f"\n平台收到 / the simulator saw: {counters['logins']} login(s) "
+            f"(+{counters['gateway_rejections']} refused while learning the app key's reading), "
+            f"{counters['lookups']} label lookups, "
             f"{counters['uploads']} uploads ({counters['creates']} created, {counters['updates']} updated), "
             f"{len(sim.records)} records held",
             file=out,
@@ -300,7 +304,8 @@ def main(directory: str, *, out: TextIO) -> int:
         store.dispose()
     finally:
         sim.stop()
-    ok = s2.updated == 1 and s3.enqueued == 0 and s3.sent == 0 and summary.counts.get(Status.INVALID, 0) == len(facts.broken)
+    ok = summary.key_form is not None and summary.key_form.get("form") == key_form
+    ok = ok and s2.updated == 1 and s3.enqueued == 0 and s3.sent == 0 and summary.counts.get(Status.INVALID, 0) == len(facts.broken)
     print(
         textwrap.dedent(
             f"""

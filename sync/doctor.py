@@ -58,7 +58,7 @@ def run_checks(settings: Settings, *, out: TextIO) -> bool:
         if not outbox_ok:
             print("[SKIP] platform checks: they need the outbox (it keeps the shared login token)", file=out)
             return False
-        client = Client(settings.upstream, store.token_store())
+        client = Client(settings.upstream, store.token_store(), key_forms=store.key_form_memory())
         c = client
 
         def login() -> str:
@@ -84,6 +84,19 @@ def run_checks(settings: Settings, *, out: TextIO) -> bool:
 
         if login_ok:
             report("label lookup", lookup)
+
+        def key_form() -> str:
+            from sync.upstream.keyform import FORM_NAMES
+
+            state = c.key_form()
+            if state.setting != "auto":
+                taken = "accepted by the platform" if state.confirmed else "not accepted by the platform yet"
+                return f"{FORM_NAMES[state.form]}, pinned by upstream.app_key_form ({taken})"
+            if state.confirmed:
+                return f"the platform accepts {FORM_NAMES[state.form]}; remembered in the outbox for every process"
+            return f"none accepted yet (upstream.app_key_form: auto tries {FORM_NAMES[state.form]} first)"
+
+        report("app key reading", key_form)
 
         def clock() -> str:
             skew = c.clock_skew_s()

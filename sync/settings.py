@@ -90,6 +90,9 @@ class Upstream(_Model):
     env: Literal["test", "prod"] = "test"
     base_url: str = "http://183.220.195.216:9080"
     app_key: SecretStr
+    # Which text of the app key the platform signs (docs/signing.md): auto learns it at the
+    # first login and remembers it in the outbox; decoded or as_printed pins it.
+    app_key_form: Literal["auto", "decoded", "as_printed"] = "auto"
     username: str
     password: SecretStr
     timeout_s: float = Field(default=15.0, gt=0, le=600)

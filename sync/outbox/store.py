@@ -49,6 +49,8 @@ from sync.outbox.schema import (
     sync_state,
     sync_token,
 )
+from sync.upstream.keyform import KeyFormMemory
+from sync.upstream.signing import KEY_FORMS, KeyForm
 from sync.upstream.tokens import Token, TokenStore
 
 __all__ = [
@@ -162,6 +164,8 @@ class Summary:
     last_successful_run: dict[str, Any] | None
     config_error: dict[str, Any] | None
     leased: int
+    # {form, accepted_at}: the reading of the app key the platform last accepted (upstream.app_key_form: auto).
+    key_form: dict[str, Any] | None = None
 
 
 # -- helpers -------------------------------------------------------------------
@@ -888,9 +892,11 @@ class Store:
                 .limit(1)
             ).first()
             config_error = self._get_state(conn, "config_error")
+            key_form = self._get_state(conn, KEY_FORM_STATE)
         return Summary(
             counts=counts, oldest_pending_at=oldest, last_sent_at=last_sent, last_run=_row_dict(last_run),
             last_successful_run=_row_dict(last_ok), config_error=config_error, leased=int(leased or 0),
+            key_form=key_form,
         )
 
     # -- sync_state ----------------------------------------------------------------------------
@@ -939,6 +945,21 @@ class Store:
         """``{message, hint, since}`` (since: ISO text, UTC) while sending is held back, else None."""
         with self.engine.connect() as conn:
             return self._get_state(conn, "config_error")
+
+    # -- the reading of the app key ---------------------------------------------------------
+    def get_key_form(self) -> KeyForm | None:
+        """The reading of the app key the platform last accepted, shared by every process."""
+        with self.engine.connect() as conn:
+            value = self._get_state(conn, KEY_FORM_STATE)
+        form = value.get("form") if value else None
+        return next((f for f in KEY_FORMS if f == form), None)
+
+    def put_key_form(self, form: KeyForm, *, now: datetime) -> None:
+        self._put_state(KEY_FORM_STATE, {"form": form, "accepted_at": _utc(now).isoformat(timespec="seconds")}, now=now)
+
+    def key_form_memory(self) -> KeyFormMemory:
+        """For ``Client(key_forms=...)``: the accepted reading kept in ``sync_state``."""
+        return _StateKeyFormMemory(self)
 
     # -- label cache --------------------------------------------------------------------------
     def cache_get(self, card_nos: Sequence[str], *, now: datetime, ttl_s: float) -> dict[str, tuple[str | None]]:
@@ -1008,6 +1029,29 @@ class Store:
         return InstanceLock(
             self.engine, command=command, read_holder=read_holder, on_acquired=on_acquired, on_released=on_released
         )
+
+
+KEY_FORM_STATE = "app_key_form"
+
+
+class _StateKeyFormMemory:
+    """``sync.upstream.keyform.KeyFormMemory`` on the outbox's ``app_key_form`` state row."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def recall(self) -> KeyForm | None:
+        return self._store.get_key_form()
+
+    def remember(self, form: KeyForm) -> None:
+        try:
+            self._store.put_key_form(form, now=datetime.now(UTC))
+        except sa.exc.SQLAlchemyError as exc:
+            # Not worth failing an upload for: without it, the next process tries both readings again.
+            log.warning(
+                "app_key_form_not_saved", form=form, error=type(exc).__name__,
+                consequence="the next process to log in tries both readings of the app key again",
+            )
 
 
 class DbTokenStore:

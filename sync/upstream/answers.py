@@ -323,6 +323,25 @@ def classify(http_status: int, body: bytes | str | None, content_type: str | Non
     return answer(Outcome.GENERIC, _STATUS_GENERIC.cause, _STATUS_GENERIC.fix, message=whole)
 
 
+# The gateway's refusals of the app key or of the hie_secret made from it (FAQ 1, 2, 10,
+# 12, 16). Under ``upstream.app_key_form: auto`` these are tried once more in the other
+# reading of the key: a key the platform knows in the other text is refused exactly so.
+APP_KEY_REFUSALS = frozenset({1, 2, 10, 12, 16})
+
+
+def refuses_app_key(answer: Answer) -> bool:
+    """The platform refused the app key or the signature (a bare HTTP 401 counts as FAQ 12)."""
+    if answer.outcome is not Outcome.CONFIG:
+        return False
+    return answer.faq in APP_KEY_REFUSALS or (answer.faq is None and answer.http_status == 401)
+
+
+def passed_app_key(answer: Answer) -> bool:
+    """The answer comes from behind the gateway's app key and signature checks: the
+    platform took the key in the reading it was sent in."""
+    return answer.outcome in (Outcome.OK, Outcome.AUTH, Outcome.INVALID) or answer.faq == 5
+
+
 def to_error(answer: Answer, *, lsh: str | None = None) -> SyncError:
     """The exception that tells the caller what to do with this (non-OK) answer."""
     said = answer.message or "(no message)"

@@ -43,8 +43,9 @@ from sync.crashpoints import crash_point
 from sync.errors import ConfigError, TransientError
 from sync.logs import mask_id, register_secret
 from sync.settings import Upstream
-from sync.upstream.answers import Answer, Outcome, classify, to_error
-from sync.upstream.signing import EHRKEY_HEADER, ENDPOINTS, EndpointName, decode_app_key, event_code, signed_query
+from sync.upstream.answers import Answer, Outcome, classify, passed_app_key, refuses_app_key, to_error
+from sync.upstream.keyform import FORM_NAMES, KeyFormMemory, KeyFormState, KeySigner
+from sync.upstream.signing import EHRKEY_HEADER, ENDPOINTS, EndpointName, KeyForm, app_key_texts, event_code
 from sync.upstream.tokens import Token, TokenStore
 
 log = structlog.get_logger(__name__)
@@ -378,13 +379,18 @@ class _Raw:
 class Client:
     """Calls the platform; safe to share between threads."""
 
-    def __init__(self, upstream: Upstream, store: TokenStore, *, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, upstream: Upstream, store: TokenStore, *, wall_clock: Callable[[], float] = time.time,
+        key_forms: KeyFormMemory | None = None,
+    ) -> None:
+        """``key_forms`` remembers which reading of the app key the platform accepts
+        (the outbox's ``Store.key_form_memory()``; in this process only when None)."""
         self._up = upstream
         self._store = store
         self._wall = wall_clock
         raw_key = upstream.app_key.get_secret_value()
-        self._key = decode_app_key(raw_key)
-        register_secret(raw_key, self._key, upstream.password.get_secret_value())
+        register_secret(*app_key_texts(raw_key), upstream.password.get_secret_value())
+        self._signer = KeySigner(raw_key, upstream.app_key_form, key_forms)
         self._codes = {name: event_code(upstream.env, name, upstream.event_codes) for name in ENDPOINTS}
         self._verify: bool | str = upstream.ca_bundle or upstream.verify_tls
         self._limiter = RateLimiter(upstream.rate_limit_per_s)
@@ -459,7 +465,12 @@ class Client:
         """The platform's Date header minus our clock, from the latest answer (None before any)."""
         return self._skew
 
+    def key_form(self) -> KeyFormState:
+        """The reading of the app key requests are signed in, and whether the platform took it."""
+        return self._signer.state()
+
     def close(self) -> None:
+        self._signer.save_pending()
         with self._lock:
             sessions, self._sessions = self._sessions, []
         for session in sessions:
@@ -544,11 +555,45 @@ class Client:
             self.counters[name] += 1
 
     def _send(self, endpoint: EndpointName, *, suffix: str = "", body: bytes | None, token: str | None) -> Answer:
-        """One signed HTTP exchange, classified; network failures raise TransientError."""
+        """One signed HTTP exchange, classified; network failures raise TransientError.
+
+        With ``upstream.app_key_form: auto``, a refusal of the app key or of the signature is
+        sent once more signed in the other reading of the key (keyform.py); the reading the
+        platform takes is kept, and a refusal of both is one answer naming both.
+        """
+        signer = self._signer
+        in_login = endpoint == "login"
+        if not in_login:
+            # A reading learnt by a login is saved here: the login ran inside the token row's lock.
+            signer.save_pending()
+        form = signer.form
+        answer = self._signed(endpoint, form, suffix=suffix, body=body, token=token)
+        if refuses_app_key(answer):
+            other = signer.alternative(form)
+            if other is None:
+                return answer
+            self._count("key_form_retries")
+            # Expected while the reading is being learnt; a warning once a known reading is refused.
+            report = log.warning if signer.state().confirmed else log.info
+            report(
+                "app_key_form_refused", endpoint=endpoint, form=form, trying=other, http_status=answer.http_status,
+                platform_message=answer.message,
+            )
+            first, first_form, form = answer, form, other
+            answer = self._signed(endpoint, form, suffix=suffix, body=body, token=token)
+            if refuses_app_key(answer):
+                return _both_refused(first_form, first, form, answer)
+        if passed_app_key(answer) and signer.accepted(form, save_now=not in_login):
+            log.info("app_key_form_accepted", form=form, endpoint=endpoint, setting=self._up.app_key_form)
+        return answer
+
+    def _signed(
+        self, endpoint: EndpointName, form: KeyForm, *, suffix: str, body: bytes | None, token: str | None
+    ) -> Answer:
         spec = ENDPOINTS[endpoint]
         deadline = time.monotonic() + self._up.timeout_s
         self._limiter.acquire(deadline)
-        query = signed_query(self._codes[endpoint], self._key, int(self._wall() * 1000))
+        query = self._signer.query(form, self._codes[endpoint], int(self._wall() * 1000))
         url = f"{self._up.base_url}{spec.path}{suffix}?{query}"
         headers = {"Accept": "application/json"}
         if body is not None:
@@ -631,6 +676,21 @@ class Client:
             consequence="the platform answers (401) 未经授权 to time stamps this far off",
             fix="同步本机时钟（开启 NTP） / synchronise this machine's clock (enable NTP)",
         )
+
+
+def _both_refused(first_form: KeyForm, first: Answer, second_form: KeyForm, second: Answer) -> Answer:
+    """One configuration answer for a key refused in both readings, naming each attempt."""
+    said = (
+        f"{FORM_NAMES[first_form]}: {first.message or first.cause}; "
+        f"{FORM_NAMES[second_form]}: {second.message or second.cause}"
+    )
+    fixes = first.fix if first.fix == second.fix else f"{first.fix} | {second.fix}"
+    return replace(
+        second,
+        cause="app key or signature refused in both readings of the key",
+        message=said,
+        fix="授权码原样（%2B）与解码两种读法均被拒绝 / the key was refused both as printed and decoded: " + fixes,
+    )
 
 
 __all__ = [

@@ -2,7 +2,8 @@
 
 It answers the three endpoints of the province's interface document exactly as
 the platform does (gateway checks, signature, login and tokens, labels, upload
-validation with the platform's own Chinese messages) and can inject the faults
+validation with the platform's own Chinese messages), in either reading of the
+app key the document leaves open (``SimConfig.key_form``), and can inject the faults
 seen in the field (504 from nginx, dropped connections, a commit whose answer is
 lost, a slow trickle, the platform down, a revoked app key).
 
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 # --- constants from the interface document -------------------------------------------------
 
-# The document prints the test key percent-encoded; the canonical key is its decoded base64 text.
+# The document prints the test key percent-encoded; TEST_APP_KEY is its decoded base64 text.
 TEST_APP_KEY_ENCODED: Final = (
     "MFwwDQYJKoZIhvcNAQEBBQADSwAwSAJBAMQnkRMriK2hsKxFZnu5O5152ITG7EiafzU8Sxj%2BT6Irh8IdwcV3AS7Qt2M7aIXHrnprb"
     "%2BpsxlkaMGdTeN7%2F8WkCAwEAAQ%3D%3D"
@@ -99,6 +100,19 @@ BEIJING: Final = dt.timezone(dt.timedelta(hours=8))
 MONEY_MAX: Final = Decimal("999999.99")
 CARD_TYPES: Final = frozenset({"10", "30", "43", "44", "50", "60"})
 DATE_RE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+# Which text of the app key the platform knows, compares and signs; the document does not say.
+#   as_printed: the key exactly as the document prints it (%2B %2F %3D), as the one public
+#               client of the platform configures and signs it;
+#   decoded:    its base64 text (+ / =).
+# Either way the gateway decodes the query once and compares what it reads with that text.
+KEY_FORMS: Final = ("as_printed", "decoded")
+
+
+def printed(app_key: str) -> str:
+    """The key as the document prints it: the base64 text percent-encoded once."""
+    return urllib.parse.quote(app_key, safe="")
 
 
 def sign(event_code: str, app_key: str, time_stamp: str) -> str:
@@ -172,7 +186,8 @@ class SimConfig:
     """How the simulated platform behaves. Mutable: tests may change it while the server runs."""
 
     env: str = "test"
-    app_key: str = TEST_APP_KEY
+    app_key: str = TEST_APP_KEY  # the base64 text
+    key_form: str = "as_printed"  # which text of app_key the platform knows (KEY_FORMS)
     accounts: dict[str, str] = field(default_factory=lambda: {TEST_USERNAME: TEST_PASSWORD})
     token_ttl_s: float = 12 * 3600
     max_clock_skew_s: float = 300
@@ -597,6 +612,12 @@ class Simulator:
             else:
                 self._conns.discard(conn)
 
+    def known_app_key(self) -> str:
+        """The app key as this platform reads it in hie_app_key and signs it (``key_form``)."""
+        if self.config.key_form not in KEY_FORMS:
+            raise ValueError(f"key_form must be one of {KEY_FORMS}, not {self.config.key_form!r}")
+        return printed(self.config.app_key) if self.config.key_form == "as_printed" else self.config.app_key
+
     # --- control from tests and the demo ---
 
     def revoke_tokens(self) -> None:
@@ -705,10 +726,13 @@ class Simulator:
         if cfg.env == "test" and req.headers.get("ehrkey") != EHRKEY:
             return _json_answer({"message": MSG_MISSING_API_KEY}, 401)
 
-        # parse_qsl decodes exactly once, so a double-encoded key (%252B) stays wrong, as on the platform.
+        # parse_qsl decodes exactly once: the platform must then read the key in the text it knows.
+        # Decoded, a key sent as printed (%252B on the wire) is unknown; as printed, a key sent
+        # encoded only once (%2B on the wire, read as +) is unknown.
         params = dict(urllib.parse.parse_qsl(req.raw_query, keep_blank_values=True))
         names = ("hie_event_code", "hie_app_key", "hie_time_stamp", "hie_secret")
-        if any(not params.get(n) for n in names) or self.faults.app_key_revoked or params["hie_app_key"] != cfg.app_key:
+        known = self.known_app_key()
+        if any(not params.get(n) for n in names) or self.faults.app_key_revoked or params["hie_app_key"] != known:
             return _business_error(500, MSG_APP_KEY)
 
         stamp = params["hie_time_stamp"]
@@ -857,6 +881,9 @@ def _load_people(path: str) -> dict[str, dict[str, Any] | None]:
     return people
 
 
+_FORM_TEXT: Final = {"as_printed": "as printed, %2B", "decoded": "decoded, +"}
+
+
 def _banner(sim: Simulator) -> Iterator[str]:
     cfg = sim.config
     yield f"省平台模拟器已启动 / Platform simulator listening on {sim.url}  (env: {cfg.env})"
@@ -864,12 +891,14 @@ def _banner(sim: Simulator) -> Iterator[str]:
     yield "  upstream:"
     yield f"    env: {cfg.env}"
     yield f"    base_url: {sim.url}"
-    yield f'    app_key: "{cfg.app_key}"'
+    # Printed as a hospital receives it; the settings accept it decoded as well.
+    yield f'    app_key: "{printed(cfg.app_key)}"'
     for username, password in cfg.accounts.items():
         yield f"    username: {username}"
         yield f'    password: "{password}"'
         break
     labelled = [k for k, v in cfg.people.items() if v is not None]
+    yield f"授权码读法 / app key form: {cfg.key_form} (hie_secret over the key {_FORM_TEXT[cfg.key_form]})"
     yield f"有标签的身份证号 / ID numbers with labels: {', '.join(labelled) or '-'}"
     if cfg.env == "test":
         yield f"测试环境需要请求头 / test env requires header  ehrkey: {EHRKEY}"
@@ -886,9 +915,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", choices=("test", "prod"), default="test")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="added before every answer")
     parser.add_argument("--people", metavar="FILE.json", help="JSON object {ID number: rybq data or null}")
+    parser.add_argument(
+        "--key-form", choices=KEY_FORMS, default="as_printed",
+        help="which text of the app key the platform signs: as printed (%%2B) or decoded (+)",
+    )
     args = parser.parse_args(argv)
 
-    config = SimConfig(env=args.env)
+    config = SimConfig(env=args.env, key_form=args.key_form)
     if args.people:
         config.people = _load_people(args.people)
     sim = Simulator(config, host=args.host, port=args.port)

@@ -114,15 +114,27 @@ def test_body_is_sent_exactly_as_given(sim: Simulator, client: Client) -> None:
 
 
 @pytest.mark.parametrize("key", [TEST_APP_KEY_ENCODED, TEST_APP_KEY])
-def test_wire_query_carries_the_app_key_encoded_once(sim: Simulator, key: str) -> None:
-    with Client(settings(sim, app_key=key), MemoryTokenStore()) as c:
+@pytest.mark.parametrize(
+    ("form", "on_the_wire"),
+    [
+        # As printed: the printed text encoded once more, so the platform reads back %2B.
+        ("as_printed", TEST_APP_KEY_ENCODED.replace("%", "%25")),
+        # Decoded: the base64 text encoded exactly once, so the platform reads back +.
+        ("decoded", TEST_APP_KEY_ENCODED),
+    ],
+)
+def test_wire_query_carries_the_app_key_as_the_platform_reads_it(key: str, form: str, on_the_wire: str) -> None:
+    with (
+        Simulator(SimConfig(key_form=form)) as sim,
+        Client(settings(sim, app_key=key, app_key_form=form), MemoryTokenStore()) as c,
+    ):
         c.lookup(TEST_IDS[1])
-    assert len(sim.requests_log) == 2
-    for seen in sim.requests_log:
-        assert f"hie_app_key={TEST_APP_KEY_ENCODED}&" in seen.raw_query
-        assert "%25" not in seen.raw_query
-    stamps = [r.raw_query.split("hie_time_stamp=")[1].split("&")[0] for r in sim.requests_log]
-    assert all(abs(int(s) / 1000 - time.time()) < 60 for s in stamps)
+        assert len(sim.requests_log) == 2
+        for seen in sim.requests_log:
+            assert f"hie_app_key={on_the_wire}&" in seen.raw_query
+            assert "%2525" not in seen.raw_query
+        stamps = [r.raw_query.split("hie_time_stamp=")[1].split("&")[0] for r in sim.requests_log]
+        assert all(abs(int(s) / 1000 - time.time()) < 60 for s in stamps)
 
 
 def test_headers_ehrkey_in_test_only_and_accesstoken_on_all_but_login(sim: Simulator, client: Client) -> None:
@@ -207,8 +219,12 @@ def test_revoked_app_key_is_a_configuration_error(sim: Simulator, client: Client
     sim.faults.app_key_revoked = True
     with pytest.raises(ConfigError) as caught:
         client.upload(record(), lsh="ZY2024000001")
-    assert caught.value.platform_message == "没找到该appKey对应的权限记录,或是该权限记录已被停用"
+    # Refused in the reading that worked, then once in the other (upstream.app_key_form: auto).
+    said = caught.value.platform_message or ""
+    assert said.count("没找到该appKey对应的权限记录,或是该权限记录已被停用") == 2
+    assert "as_printed" in said and "decoded" in said
     assert "测试环境使用测试 app_key" in caught.value.hint
+    assert sim.records == {}
 
 
 def test_a_bad_record_is_invalid_with_the_platforms_field_messages(sim: Simulator, client: Client) -> None:
@@ -277,7 +293,13 @@ def test_clock_skew_is_measured_and_warned(log_text: io.StringIO) -> None:
     assert "未经授权" in warnings[0]
 
 
-def test_no_secret_reaches_the_logs(sim: Simulator, log_text: io.StringIO) -> None:
+@pytest.mark.parametrize("kind", ["as_printed", "decoded"])
+def test_no_secret_reaches_the_logs(log_text: io.StringIO, kind: str) -> None:
+    with Simulator(SimConfig(key_form=kind)) as sim:
+        _log_everything_against(sim, log_text)
+
+
+def _log_everything_against(sim: Simulator, log_text: io.StringIO) -> None:
     store = MemoryTokenStore()
     tokens: set[str] = set()
     with Client(settings(sim), store) as c:
@@ -296,7 +318,9 @@ def test_no_secret_reaches_the_logs(sim: Simulator, log_text: io.StringIO) -> No
     assert "label_lookup" in text
     assert "record_uploaded" in text
     assert "upstream_error" in text
-    secrets = {TEST_PASSWORD, TEST_APP_KEY, TEST_APP_KEY_ENCODED, *tokens}
+    if sim.config.key_form == "decoded":
+        assert "app_key_form_refused" in text  # as printed was tried first
+    secrets = {TEST_PASSWORD, TEST_APP_KEY, TEST_APP_KEY_ENCODED, TEST_APP_KEY_ENCODED.replace("%", "%25"), *tokens}
     secrets |= {r.raw_query.split("hie_secret=")[1] for r in sim.requests_log}
     for secret in secrets:
         assert secret not in text

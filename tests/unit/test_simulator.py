@@ -29,6 +29,7 @@ import pytest
 
 from sync.upstream.simulator import (
     TEST_APP_KEY,
+    TEST_APP_KEY_ENCODED,
     TEST_IDS,
     TEST_PASSWORD,
     TEST_USERNAME,
@@ -91,7 +92,7 @@ def call(
     raw_body: bytes | None = None,
     token: str | None = None,
     event_code: str | None = None,
-    app_key: str = TEST_APP_KEY,
+    app_key: str | None = None,
     stamp: str | None = None,
     secret: str | None = None,
     upper_secret: bool = False,
@@ -99,8 +100,14 @@ def call(
     query: str | None = None,
     conn: http.client.HTTPConnection | None = None,
 ) -> Reply:
-    """One request signed as the document says; any part can be overridden to break it."""
+    """One request signed as the document says; any part can be overridden to break it.
+
+    ``app_key`` is the text the platform is to read and sign: by default the test key in
+    the simulator's reading (the printed text, or the base64 text when decoded).
+    """
     env = sim.config.env
+    if app_key is None:
+        app_key = TEST_APP_KEY_ENCODED if sim.config.key_form == "as_printed" else TEST_APP_KEY
     code_path = RYBQ if path.startswith(RYBQ) else path
     code = event_code if event_code is not None else CODES[env].get(code_path, "x")
     ts = stamp if stamp is not None else str(int(sim.config.clock() * 1000))
@@ -108,7 +115,8 @@ def call(
     if upper_secret:
         sig = sig.upper()
     if query is None:
-        # Percent-encode the key exactly once: + -> %2B, / -> %2F, = -> %3D.
+        # Percent-encode the key once, so that the platform reads back exactly app_key:
+        # decoded + -> %2B; as printed %2B -> %252B.
         query = (
             f"hie_event_code={code}&hie_app_key={urllib.parse.quote(app_key, safe='')}"
             f"&hie_time_stamp={urllib.parse.quote(ts, safe='')}&hie_secret={sig}"
@@ -178,6 +186,12 @@ def sim() -> Iterator[Simulator]:
         yield s
 
 
+@pytest.fixture
+def decoded_sim() -> Iterator[Simulator]:
+    with Simulator(SimConfig(key_form="decoded")) as s:
+        yield s
+
+
 # --- signature ---------------------------------------------------------------------------------
 
 
@@ -192,9 +206,43 @@ def test_signature_known_answer() -> None:
     ).hexdigest()
     assert by_hand == "1899397dab9edf3d75de3c6866bdd912"
     assert sign("177cf201a6997f4ca0b8da298e31e3f1", TEST_APP_KEY, "1721266147694") == by_hand
-    # The canonical key is the decoded base64 text of the document's percent-encoded key.
+    # TEST_APP_KEY is the base64 text of the document's percent-encoded key.
     assert "%" not in TEST_APP_KEY
-    assert urllib.parse.quote(TEST_APP_KEY, safe="").endswith("%2F8WkCAwEAAQ%3D%3D")
+    assert urllib.parse.quote(TEST_APP_KEY, safe="") == TEST_APP_KEY_ENCODED
+    assert TEST_APP_KEY_ENCODED.endswith("%2F8WkCAwEAAQ%3D%3D")
+
+
+def test_the_default_platform_knows_the_key_as_printed(sim: Simulator) -> None:
+    assert sim.config.key_form == "as_printed"
+    assert login(sim)
+    # Signed over the printed text, but sent encoded only once: the gateway reads the base64 text.
+    ts = str(int(time.time() * 1000))
+    code = CODES["test"][LOGIN]
+    once = (
+        f"hie_event_code={code}&hie_app_key={TEST_APP_KEY_ENCODED}&hie_time_stamp={ts}"
+        f"&hie_secret={md5_secret(code, TEST_APP_KEY_ENCODED, ts)}"
+    )
+    body = {"username": TEST_USERNAME, "password": TEST_PASSWORD}
+    assert call(sim, "POST", LOGIN, body=body, query=once).json()["message"] == APP_KEY_KICK
+    # The printed text, signed over the base64 text: the signature is refused.
+    answer = call(sim, "POST", LOGIN, body=body, secret=md5_secret(code, TEST_APP_KEY, ts), stamp=ts).json()
+    assert answer["message"] == "加密验证未通过"
+    assert call(sim, "POST", LOGIN, body=body, app_key=TEST_APP_KEY).json()["message"] == APP_KEY_KICK
+    assert sim.counters["logins"] == 1
+
+
+def test_a_decoded_platform_knows_the_base64_text(decoded_sim: Simulator) -> None:
+    assert login(decoded_sim)
+    body = {"username": TEST_USERNAME, "password": TEST_PASSWORD}
+    # Sent as printed (%252B on the wire): the gateway reads %2B, a key it does not know.
+    assert call(decoded_sim, "POST", LOGIN, body=body, app_key=TEST_APP_KEY_ENCODED).json()["message"] == APP_KEY_KICK
+    ts = str(int(time.time() * 1000))
+    code = CODES["test"][LOGIN]
+    answer = call(
+        decoded_sim, "POST", LOGIN, body=body, secret=md5_secret(code, TEST_APP_KEY_ENCODED, ts), stamp=ts
+    ).json()
+    assert answer["message"] == "加密验证未通过"
+    assert decoded_sim.counters["logins"] == 1
 
 
 # --- the order of checks, each with the platform's exact answer -------------------------------
@@ -259,7 +307,8 @@ def test_each_check_answers_the_platforms_message(
     assert sim.counters["lookups"] == 0
 
 
-def test_double_encoded_app_key_is_a_wrong_key(sim: Simulator) -> None:
+def test_double_encoded_app_key_is_a_wrong_key(decoded_sim: Simulator) -> None:
+    sim = decoded_sim
     ts = str(int(time.time() * 1000))
     code = CODES["test"][RYBQ]
     twice = urllib.parse.quote(urllib.parse.quote(TEST_APP_KEY, safe=""), safe="")
@@ -589,7 +638,7 @@ def test_counters(sim: Simulator) -> None:
     seen = sim.requests_log[1]
     assert (seen.method, seen.path) == ("GET", RYBQ + TEST_IDS[0])
     assert "hie_app_key=MFww" in seen.raw_query
-    assert "%2B" in seen.raw_query
+    assert "%252B" in seen.raw_query  # the printed key, encoded once more on the wire
     assert seen.headers["accesstoken"] == token
     assert json.loads(sim.requests_log[2].body)["lsh"] == "ZY2024000123"
     sim.reset_counters()
@@ -650,12 +699,16 @@ def test_many_keep_alive_connections_then_prompt_stop() -> None:
         c.close()
 
 
-def test_command_line_serves_until_interrupted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key_form", ["as_printed", "decoded"])
+def test_command_line_serves_until_interrupted(tmp_path: Path, key_form: str) -> None:
     people = tmp_path / "people.json"
     people.write_text(json.dumps({"510100199001011234": {"xm": "王五"}, TEST_IDS[0]: None}), encoding="utf-8")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sync.upstream.simulator", "--port", "0", "--env", "test", "--people", str(people)],
+        [
+            sys.executable, "-m", "sync.upstream.simulator", "--port", "0", "--env", "test", "--people", str(people),
+            "--key-form", key_form,
+        ],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -665,11 +718,12 @@ def test_command_line_serves_until_interrupted(tmp_path: Path) -> None:
         first = proc.stdout.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+", first)
         assert url, first
-        banner = [proc.stdout.readline() for _ in range(6)]
-        assert any(TEST_APP_KEY in line for line in banner)
+        banner = [proc.stdout.readline() for _ in range(8)]
+        assert any(TEST_APP_KEY_ENCODED in line for line in banner)  # as a hospital receives it
         assert any(TEST_USERNAME in line for line in banner)
+        assert any(f"app key form: {key_form}" in line for line in banner)
 
-        remote = Remote(url=url.group(0), config=SimConfig())
+        remote = Remote(url=url.group(0), config=SimConfig(key_form=key_form))
         token = login(remote)
         assert call(remote, "GET", RYBQ + "510100199001011234", token=token).json()["data"]["xm"] == "王五"
         assert call(remote, "GET", RYBQ + TEST_IDS[0], token=token).json()["data"] is None
