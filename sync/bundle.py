@@ -4,10 +4,13 @@ Hospital servers on the health private network have no internet, so everything
 pip needs travels in one archive::
 
     crowd-sync-<version>/
-      install.sh          creates <prefix>/.venv and installs from wheelhouse/ with --no-index
-      requirements.txt    every wheel in wheelhouse/, pinned (name==version)
+      install.sh          verifies everything, then creates <prefix>/.venv and installs from
+                          wheelhouse/ with --no-index --require-hashes
+      requirements.txt    every wheel in wheelhouse/, pinned (name==version --hash=sha256:...)
+      SHA256SUMS          the sha256 of every other file of the bundle (sha256sum -c format)
       BUNDLE-INFO.txt     what it was built for: Python, platform, lowest glibc
-      wheelhouse/         the project wheel, its runtime dependencies, pip, setuptools, wheel
+      wheelhouse/         the project wheel, its runtime dependencies with every database
+                          driver that installs from a wheel, pip, setuptools, wheel
       README*.md, settings.yaml, deploy/, docs/
 
 Runtime dependencies are pinned to what is installed in the virtualenv running
@@ -47,6 +50,9 @@ DEFAULT_INDEX = "https://pypi.org/simple"
 # What setuptools needs to build the wheel; copied to a scratch directory so the
 # build leaves no build/ or egg-info behind in the checkout.
 WHEEL_SOURCES = ("pyproject.toml", "README.md", "sync", "migrations")
+# The database drivers the bundle carries (pyproject extras): a server on the private network
+# cannot fetch one later. cx_Oracle is left out: it needs Oracle's client libraries.
+BUNDLE_EXTRAS = ("mysql", "oracle", "mssql", "postgresql")
 # Shipped beside install.sh for the operator (install.sh copies them into the prefix,
 # where the systemd unit's Documentation= expects the READMEs).
 SHIPPED = ("README.md", "README.zh-CN.md", "settings.yaml", "deploy", "docs")
@@ -224,6 +230,11 @@ INSTALL_SH = """\
 # 程序装在 PREFIX/.venv，deploy/crowd-sync.service 的 ExecStart 即 /opt/crowd-sync/.venv/bin/crowd-sync。
 # The program goes to PREFIX/.venv: deploy/crowd-sync.service runs /opt/crowd-sync/.venv/bin/crowd-sync.
 #   PYTHON=/usr/local/bin/python@PYTHON@ ./install.sh     choose the interpreter
+# 安装前先核对：安装包旁的 @ARCHIVE@.sha256（如在），以及 SHA256SUMS 中每个文件的 sha256；
+# pip 只安装 requirements.txt 中 sha256 相符的 wheel（--require-hashes）。
+# Before installing it verifies @ARCHIVE@ against its .sha256 (when they are beside the
+# unpacked directory) and every file against SHA256SUMS; pip installs only wheels whose sha256
+# matches requirements.txt (--require-hashes).
 # 已有的 PREFIX/.venv 保留为 PREFIX/.venv.previous（回退见 docs/offline-install.md）。
 # An existing PREFIX/.venv is kept as PREFIX/.venv.previous (rollback: docs/offline-install.md).
 set -Eeuo pipefail
@@ -233,6 +244,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 VERSION='@VERSION@'
 NEED_PYTHON='@PYTHON@'
 NEED_GLIBC='@GLIBC@'
+ARCHIVE='@ARCHIVE@'
 PREFIX=${1:-/opt/crowd-sync}
 case "$PREFIX" in
     /*) ;;
@@ -244,6 +256,23 @@ WHEELHOUSE="$HERE/wheelhouse"
 
 say() { printf '%s\\n' "$*" >&2; }
 die() { say "install.sh: $*"; exit 2; }
+
+# -- verify before anything is touched ---------------------------------------------------
+command -v sha256sum >/dev/null 2>&1 || die "需要 sha256sum（coreutils）/ needs sha256sum (coreutils) to verify the bundle"
+BESIDE=$(cd "$HERE/.." && pwd)
+if [ -f "$BESIDE/$ARCHIVE" ] && [ -f "$BESIDE/$ARCHIVE.sha256" ]; then
+    (cd "$BESIDE" && sha256sum --check --status "$ARCHIVE.sha256") ||
+        die "安装包与其 .sha256 不符（传输中损坏或被替换），拒绝安装；请重新拷贝两个文件、sha256sum -c 通过后重新解压 / $BESIDE/$ARCHIVE does not match its .sha256 (damaged in transit, or replaced): refusing to install; copy both files again, check them with sha256sum -c, and unpack again"
+    say "已核对 / verified: $ARCHIVE matches its .sha256"
+else
+    say "注意 / note: $ARCHIVE 及其 .sha256 不在 $BESIDE，只核对解压出的文件 / $ARCHIVE and its .sha256 are not in $BESIDE: verifying the unpacked files only (check the archive with sha256sum -c where it is)"
+fi
+[ -f "$HERE/SHA256SUMS" ] || die "$HERE/SHA256SUMS 缺失，安装包不完整 / is missing: the bundle is incomplete, unpack the whole archive again"
+if ! bad=$(cd "$HERE" && sha256sum --check --quiet --strict SHA256SUMS 2>&1); then
+    die "以下文件与 SHA256SUMS 不符（损坏、缺失或被改动），拒绝安装；请重新完整解压安装包 / these files do not match SHA256SUMS (damaged, missing or changed): refusing to install; unpack the whole archive again:
+$bad"
+fi
+say "已核对 / verified: every file of the bundle matches SHA256SUMS"
 
 python_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
 
@@ -291,13 +320,14 @@ trap rollback ERR
 
 say "安装 / installing crowd-sync $VERSION into $VENV ($PY)"
 "$PY" -m venv --without-pip "$VENV"
-# Only the wheels beside this script: no index, and no pip.conf of this machine.
+# Only the wheels beside this script, each checked against its sha256 in requirements.txt:
+# no index, and no pip.conf of this machine.
 export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
-OFFLINE=(--no-index --find-links "$WHEELHOUSE" --only-binary=:all: --constraint "$HERE/requirements.txt")
 # A pip wheel can run itself: it puts pip into the venv without ensurepip (python3-venv) or a network.
+# (SHA256SUMS has vouched for it above, before it runs.)
 PIP_WHEEL=$(find "$WHEELHOUSE" -maxdepth 1 -name 'pip-*.whl' | head -n 1)
-"$VENV/bin/python" "$PIP_WHEEL/pip" install --quiet "${OFFLINE[@]}" pip
-"$VENV/bin/python" -m pip install "${OFFLINE[@]}" "crowd-sync==$VERSION"
+"$VENV/bin/python" "$PIP_WHEEL/pip" install --quiet --no-index --find-links "$WHEELHOUSE" --only-binary=:all: \\
+    --require-hashes --requirement "$HERE/requirements.txt"
 "$VENV/bin/python" -m pip check >&2
 "$VENV/bin/crowd-sync" --version >&2
 trap - ERR
@@ -319,9 +349,27 @@ say "下一步 / next: $PREFIX/docs/offline-install.md"
 """
 
 
-def install_script(*, version: str, python: str, glibc: str | None) -> str:
-    """install.sh, with the Python version and glibc floor of this bundle written in."""
-    return INSTALL_SH.replace("@VERSION@", version).replace("@PYTHON@", python).replace("@GLIBC@", glibc or "")
+def install_script(*, version: str, python: str, glibc: str | None, archive: str) -> str:
+    """install.sh, with the Python version, glibc floor and archive name of this bundle written in."""
+    return (
+        INSTALL_SH.replace("@VERSION@", version).replace("@PYTHON@", python).replace("@GLIBC@", glibc or "")
+        .replace("@ARCHIVE@", archive)
+    )
+
+
+def hashed_requirements(wheelhouse: Path, *, header: str) -> str:
+    """requirements.txt for ``pip install --require-hashes``: every wheel pinned by version and sha256."""
+    lines = []
+    for wheel in sorted(wheelhouse.glob("*.whl")):
+        name, version = wheel_name_version(wheel.name)
+        lines.append(f"{name}=={version} --hash=sha256:{_sha256(wheel)}")
+    return f"# {header}\n" + "\n".join(lines) + "\n"
+
+
+def manifest(stage: Path) -> str:
+    """SHA256SUMS: every file under ``stage`` but itself, as ``sha256sum -c`` reads it."""
+    files = sorted(p for p in stage.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
+    return "".join(f"{_sha256(p)}  {p.relative_to(stage).as_posix()}\n" for p in files)
 
 
 def build(*, out_dir: Path, index_url: str = DEFAULT_INDEX, glibc: str | None = None, root: Path = ROOT) -> Bundle:
@@ -365,7 +413,7 @@ def build(*, out_dir: Path, index_url: str = DEFAULT_INDEX, glibc: str | None = 
             raise BundleError(f"expected one {PROJECT} wheel, found {[p.name for p in project_wheels]}")
         _pip(
             ["download", "--only-binary=:all:", "--dest", str(wheelhouse),
-             "--constraint", str(runtime_constraints), *target, str(project_wheels[0])],
+             "--constraint", str(runtime_constraints), *target, f"{project_wheels[0]}[{','.join(BUNDLE_EXTRAS)}]"],
             what="downloading the runtime dependencies", index_url=index_url,
         )
         # pip bootstraps the new venv from its own wheel (no ensurepip needed); setuptools and
@@ -394,7 +442,7 @@ def build(*, out_dir: Path, index_url: str = DEFAULT_INDEX, glibc: str | None = 
         floor = glibc_floor(wheels)
 
         (stage / "requirements.txt").write_text(
-            f"# every wheel in wheelhouse/, as installed in the build's .venv ({name})\n" + "\n".join(pinned) + "\n",
+            hashed_requirements(wheelhouse, header=f"every wheel in wheelhouse/, as installed in the build's .venv ({name})"),
             encoding="utf-8",
         )
         (stage / "BUNDLE-INFO.txt").write_text(
@@ -403,11 +451,15 @@ def build(*, out_dir: Path, index_url: str = DEFAULT_INDEX, glibc: str | None = 
             encoding="utf-8",
         )
         script = stage / "install.sh"
-        script.write_text(install_script(version=version, python=python, glibc=floor), encoding="utf-8")
+        script.write_text(
+            install_script(version=version, python=python, glibc=floor, archive=f"{name}.tar.gz"), encoding="utf-8"
+        )
         script.chmod(0o755)
         for item in SHIPPED:
             if (root / item).exists():
                 _copy(root / item, stage / item)
+        # Last: the sha256 of everything above, which install.sh checks before it runs anything.
+        (stage / "SHA256SUMS").write_text(manifest(stage), encoding="utf-8")
 
         out_dir.mkdir(parents=True, exist_ok=True)
         archive = out_dir / f"{name}.tar.gz"

@@ -2,13 +2,16 @@
 
 Exit codes (product contract): 0 all due work done; 3 finished but records are left
 failed, invalid or dead; 2 configuration error (bad settings, rejected credentials,
-unreachable database, another instance running); 1 unexpected error.
+another instance running): fix something, retrying will not help; 75 temporarily
+unavailable (HIS, outbox or platform unreachable: EX_TEMPFAIL, try again later);
+1 unexpected error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,6 +30,8 @@ EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_CONFIG = 2
 EXIT_LEFT_OVER = 3
+EXIT_TEMPFAIL = 75  # EX_TEMPFAIL (sysexits.h): the unit's Restart= retries it, cron may run again later
+EXIT_PIPE = 141  # 128 + SIGPIPE, as any command whose reader went away (`crowd-sync status | head -1`)
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="crowd-sync",
         parents=[common],
         description="重点人群“先诊疗后付费”诊疗记录上传 / key-population visit records to the Sichuan platform",
-        epilog="exit codes: 0 done; 3 records left failed/invalid/dead; 2 configuration error; 1 unexpected error",
+        epilog="退出码 exit codes: 0 完成 done; 3 有记录 failed/invalid/dead 待处理 records left failed/invalid/dead; "
+        "2 配置错误 configuration error (settings, credentials, another instance running); "
+        "75 暂时不可用，稍后再试 temporarily unavailable, try again later (HIS, outbox or platform unreachable); "
+        "1 意外错误 unexpected error",
     )
     p.add_argument("--version", action="version", version=f"crowd-sync {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -106,11 +114,27 @@ def _month(text: str) -> date:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Here, where a reader that went away (`crowd-sync status | head -1`) can still be
+            # caught: at interpreter exit the flush would print a BrokenPipeError traceback.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # Whatever is still buffered has nowhere to go: point stdout at /dev/null for the exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if not args.command:
         _parser().print_help()
         return EXIT_CONFIG
     out = sys.stdout
+    settings: Settings | None = None
     try:
         if args.command == "simulator":
             return _simulator(args)
@@ -122,29 +146,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _load_settings(getattr(args, "config", None), platform=args.command not in OFFLINE_COMMANDS)
         handler: Callable[[argparse.Namespace, Settings, TextIO], int] = COMMANDS[args.command]
         return handler(args, settings, out)
-    except ConfigError as exc:
-        _print_error(exc)
-        return EXIT_CONFIG
-    except TransientError as exc:
-        # A database or the platform cannot be reached at all: nothing to do until it can.
-        _print_error(exc)
-        return EXIT_CONFIG
     except SyncError as exc:
-        _print_error(exc)
-        return EXIT_UNEXPECTED
+        return _fail(exc)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        raise
     except Exception as exc:
+        described = _outbox_error(exc, settings)
+        if described is not None:
+            return _fail(described)
         log.error("unexpected_error", error=f"{type(exc).__name__}: {exc}", exc_info=True)
         print(
-            logs.redact(f"crowd-sync: unexpected error: {type(exc).__name__}: {exc}"),
+            logs.for_stderr(logs.redact(f"crowd-sync: unexpected error: {type(exc).__name__}: {exc}"), "error"),
             file=sys.stderr,
         )
         return EXIT_UNEXPECTED
 
 
+def exit_code(exc: SyncError) -> int:
+    """The exit code an error ends a command with: what the caller (systemd, cron, a person) should do."""
+    if isinstance(exc, ConfigError):
+        return EXIT_CONFIG  # fix the settings or the environment: retrying will not help
+    if isinstance(exc, TransientError):
+        return EXIT_TEMPFAIL  # a database or the platform cannot be reached now: try again later
+    return EXIT_UNEXPECTED
+
+
+def _fail(exc: SyncError) -> int:
+    _print_error(exc)
+    return exit_code(exc)
+
+
+def _outbox_error(exc: Exception, settings: Settings | None) -> SyncError | None:
+    """A database error that escaped a command comes from the outbox (the HIS source turns its
+    own into ConfigError or TransientError): say which database, what it means and the fix."""
+    if settings is None or not type(exc).__module__.startswith("sqlalchemy"):
+        return None
+    from sync.outbox.store import describe_error
+
+    return describe_error(exc, settings.outbox.url.get_secret_value())
+
+
+_KIND = {
+    EXIT_CONFIG: "配置错误 / configuration error",
+    EXIT_TEMPFAIL: "暂时不可用，请稍后再试 / temporarily unavailable, try again later",
+}
+
+
 def _print_error(exc: SyncError) -> None:
-    print(logs.redact(f"crowd-sync: {exc}"), file=sys.stderr)
+    kind = _KIND.get(exit_code(exc))
+    text = f"crowd-sync: {kind}: {exc}" if kind else f"crowd-sync: {exc}"
+    print(logs.for_stderr(logs.redact(text), "error"), file=sys.stderr)
 
 
 def _load_settings(path: str | None, *, platform: bool = True) -> Settings:
@@ -152,7 +205,7 @@ def _load_settings(path: str | None, *, platform: bool = True) -> Settings:
         warnings.simplefilter("always", settings_mod.SecretFileWarning)
         warnings.simplefilter("always", settings_mod.CountyCodeWarning)
         settings = settings_mod.load(path, platform=platform)
-    logs.configure(level=settings.log.level, fmt=settings.log.format)
+    logs.configure(level=settings.log.level, fmt=settings.log.format, priority_prefix=settings.log.priority_prefix)
     _register_secrets(settings)
     for w in caught:
         if issubclass(w.category, settings_mod.CountyCodeWarning):
@@ -187,10 +240,12 @@ def _register_secrets(settings: Settings) -> None:
 # -- building blocks ------------------------------------------------------------
 
 
-def _store(settings: Settings) -> Any:
+def _store(settings: Settings, *, create: bool = True) -> Any:
+    """The outbox. ``create=False`` for commands that only read it or need what it holds:
+    they never create or migrate one (a wrong outbox.url must not look like an empty outbox)."""
     from sync.outbox.store import Store
 
-    store = Store(settings.outbox.url.get_secret_value(), lease_s=settings.outbox.lease_s)
+    store = Store(settings.outbox.url.get_secret_value(), lease_s=settings.outbox.lease_s, create=create)
     return store
 
 
@@ -244,7 +299,19 @@ def _one_shot(args: argparse.Namespace, settings: Settings, out: TextIO, kind: s
         )
         if stats.paused:
             print(f"sending paused by a configuration error: {stats.paused}", file=sys.stderr)
-        return _exit_for(store)
+        code = _exit_for(store)
+        if code == EXIT_LEFT_OVER and not stats.sent and pipeline.client.counters["network_errors"]:
+            # Nothing went through and the platform could not be reached: the records wait as
+            # failed and are retried; what helps is trying again later, not fixing records.
+            _print_error(
+                TransientError(
+                    f"the platform {settings.upstream.base_url} could not be reached: nothing was sent",
+                    hint="the records wait as failed and are retried at their next attempt; check the network, "
+                    "the firewall and upstream.base_url, then run the command again later",
+                )
+            )
+            return EXIT_TEMPFAIL
+        return code
     return EXIT_UNEXPECTED  # pragma: no cover - ExitStack does not swallow
 
 
@@ -273,7 +340,7 @@ def cmd_run(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     from sync.pipeline import utcnow
 
-    store = _store(settings)
+    store = _store(settings, create=False)
     try:
         store.ensure_schema()
         summary = store.summary(now=utcnow())
@@ -389,7 +456,7 @@ def cmd_retry(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     from sync.outbox.store import Status
     from sync.pipeline import utcnow
 
-    store = _store(settings)
+    store = _store(settings, create=False)
     try:
         store.ensure_schema()
         if args.lsh:
@@ -547,7 +614,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
 
     from sync import report
 
-    store = _store(settings)
+    store = _store(settings, create=False)
     try:
         store.ensure_schema()
         figures = report.month_report(store, args.month)
@@ -569,8 +636,11 @@ def cmd_report(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
 def cmd_check(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     from sync.doctor import run_checks
 
-    ok = run_checks(settings, out=out)
-    return EXIT_OK if ok else EXIT_CONFIG
+    failures = run_checks(settings, out=out)
+    if not failures:
+        return EXIT_OK
+    # 75 only when every failure may pass by itself (something unreachable); one thing to fix makes it 2.
+    return EXIT_TEMPFAIL if all(isinstance(f, TransientError) for f in failures) else EXIT_CONFIG
 
 
 def _simulator(args: argparse.Namespace) -> int:

@@ -13,20 +13,20 @@ PROBE_IDS = {"test": "510100198506020036", "prod": "110104198506020037"}
 MAX_SKEW_S = 300
 
 
-def run_checks(settings: Settings, *, out: TextIO) -> bool:
-    """Run every check, print one line each; True when nothing failed."""
+def run_checks(settings: Settings, *, out: TextIO) -> list[SyncError]:
+    """Run every check, print one line each; return what failed (empty when nothing did)."""
+    from sync.dberrors import DB_ERRORS
     from sync.his import HisSource
-    from sync.outbox.store import Store
+    from sync.outbox.store import Store, describe_error
     from sync.upstream.client import Client
 
-    failures = 0
+    failures: list[SyncError] = []
 
     def report(name: str, fn: Callable[[], str]) -> bool:
-        nonlocal failures
         try:
             detail = fn()
         except SyncError as exc:
-            failures += 1
+            failures.append(exc)
             print(f"[FAIL] {name}: {exc.message}", file=out)
             if exc.platform_message and exc.platform_message not in exc.message:
                 print(f"       平台返回 platform said: {exc.platform_message}", file=out)
@@ -38,17 +38,29 @@ def run_checks(settings: Settings, *, out: TextIO) -> bool:
 
     print(f"[ OK ] settings: {settings.source_path} parsed", file=out)
 
-    store = Store(settings.outbox.url.get_secret_value(), lease_s=settings.outbox.lease_s)
-    his = HisSource(settings.his, need_key_crowd=settings.key_crowd.source == "column")
+    outbox_url = settings.outbox.url.get_secret_value()
+    stores: list[Store] = []
+    sources: list[HisSource] = []
     client: Client | None = None
     try:
         def outbox() -> str:
-            store.ensure_schema()
-            return f"{store.url_for_humans} schema current"
+            opened = Store(outbox_url, lease_s=settings.outbox.lease_s)
+            stores.append(opened)
+            try:
+                opened.ensure_schema()
+            except DB_ERRORS as exc:
+                # Unreachable, refused or unusable: a FAIL line with the fix, and the other checks go on.
+                described = describe_error(exc, outbox_url)
+                if described is None:
+                    raise
+                raise described from None
+            return f"{opened.url_for_humans} schema current"
 
         outbox_ok = report("outbox", outbox)
 
         def his_query() -> str:
+            his = HisSource(settings.his, need_key_crowd=settings.key_crowd.source == "column")
+            sources.append(his)
             columns = his.check()
             now = his.now()
             return f"query returns the {len(columns)} expected columns; HIS clock {now:%Y-%m-%d %H:%M:%S}"
@@ -57,7 +69,8 @@ def run_checks(settings: Settings, *, out: TextIO) -> bool:
 
         if not outbox_ok:
             print("[SKIP] platform checks: they need the outbox (it keeps the shared login token)", file=out)
-            return False
+            return failures
+        store = stores[0]
         client = Client(settings.upstream, store.token_store(), key_forms=store.key_form_memory())
         c = client
 
@@ -114,7 +127,9 @@ def run_checks(settings: Settings, *, out: TextIO) -> bool:
     finally:
         if client is not None:
             client.close()
-        his.dispose()
-        store.dispose()
-    print("all checks passed" if not failures else f"{failures} check(s) failed", file=out)
-    return failures == 0
+        for source in sources:
+            source.dispose()
+        for opened in stores:
+            opened.dispose()
+    print("all checks passed" if not failures else f"{len(failures)} check(s) failed", file=out)
+    return failures

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
 
-from sync import records
+from sync import dberrors, records
 from sync.errors import ConfigError, TransientError
 from sync.logs import redact, register_secret
 from sync.settings import His
@@ -41,26 +41,8 @@ _DATE_COLUMNS = frozenset({"changed_at", "enter_date", "leave_date", "settlement
 _MONEY_COLUMNS = frozenset({"total_fee", "ins_fee", "total_prepayment", "deficient_fee"})
 _ISO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?)?$")
 
-# Database errors that pass by themselves: lock waits, deadlocks, a killed or
-# timed-out statement, a server going down or refusing connections for a while.
-_MYSQL_TRANSIENT = frozenset({1040, 1053, 1205, 1213, 1317, 1927, 2002, 2003, 2006, 2013, 2055, 3024, 4031})
-_PG_TRANSIENT_CLASSES = ("08", "40", "53", "57")
-_TRANSIENT_TEXT = (
-    "database is locked",  # SQLite: another process holds the write lock
-    "ORA-03113", "ORA-03114", "ORA-03135", "ORA-12170", "ORA-12541", "ORA-12543", "ORA-01013",
-    "DPY-4011", "DPY-6005",  # python-oracledb thin mode: connection closed / cannot connect
-    "Adaptive Server connection failed", "Unable to connect", "Read from the server failed",
-)
-# Connection failures that will not pass by waiting: the account or database is wrong.
-_MYSQL_AUTH = frozenset({1044, 1045, 1049, 1698})
-_AUTH_TEXT = (
-    "password authentication failed", "no pg_hba.conf entry", "does not exist",  # PostgreSQL
-    "ORA-01017", "ORA-12514", "ORA-28000", "ORA-28001",  # Oracle: credentials, service name, locked, expired
-    "Login failed",  # SQL Server 18456
-)
-
-# DisconnectionError is the pool's own signal of a dead connection; it is no DBAPIError.
-_DB_ERRORS = (sa.exc.DBAPIError, sa.exc.DisconnectionError)
+# DisconnectionError is the pool's own signal of a dead connection; sync.dberrors classifies both.
+_DB_ERRORS = dberrors.DB_ERRORS
 
 _QUERY_HINT = (
     "his.query runs as SELECT * FROM (<his.query>) q ORDER BY changed_at, lsh; run it by hand against the HIS "
@@ -215,9 +197,8 @@ class HisSource:
         return columns
 
     def _connect_error(self, exc: sa.exc.SQLAlchemyError) -> ConfigError | TransientError:
-        message = _db_message(exc)
-        code = _mysql_code(exc)
-        if code in _MYSQL_AUTH or any(t.lower() in message.lower() for t in _AUTH_TEXT):
+        message = dberrors.message(exc)
+        if dberrors.is_refused(exc):
             log.error("his_connect_refused", url=self.display_url, error=message)
             return ConfigError(
                 f"the HIS database {self.display_url} refused the connection: {message}",
@@ -230,8 +211,8 @@ class HisSource:
         )
 
     def _error(self, exc: sa.exc.SQLAlchemyError, *, doing: str) -> ConfigError | TransientError:
-        message = _db_message(exc)
-        if _is_transient(exc):
+        message = dberrors.message(exc)
+        if dberrors.is_transient(exc):
             # The pool has already discarded an invalidated connection: the next poll reconnects.
             log.warning("his_connection_lost", url=self.display_url, doing=doing, error=message)
             return TransientError(
@@ -303,7 +284,7 @@ def _create_engine(url: URL, his: His) -> Engine:
         if driver == "cx_oracle":
             hint = "install cx_Oracle, or use oracle+oracledb:// which needs no client libraries"
         else:
-            hint = f"install the Python package of driver {driver!r}, or pick a driver that is installed"
+            hint = dberrors.install_hint(driver)
         raise ConfigError(f"his.url {shown}: the database driver cannot be loaded ({exc})", hint=hint) from None
     except (sa.exc.ArgumentError, TypeError, ValueError) as exc:
         raise ConfigError(
@@ -401,34 +382,3 @@ def _as_naive_datetime(value: Any) -> datetime:
         raise TypeError(f"the database clock returned {type(value).__name__}, not a datetime")
     # An aware value's wall clock is the session's local time, which is what DATETIME columns hold.
     return value.replace(tzinfo=None)
-
-
-def _db_message(exc: sa.exc.SQLAlchemyError) -> str:
-    # The driver's own message, without the SQL text and parameters SQLAlchemy appends.
-    orig = getattr(exc, "orig", None)
-    text = " ".join(str(orig).split()) if orig is not None else str(exc).split("\n")[0]
-    return redact(text)[:500]
-
-
-def _mysql_code(exc: sa.exc.SQLAlchemyError) -> int | None:
-    orig = getattr(exc, "orig", None)
-    # Only MySQL drivers: other drivers' numbers (SQL Server's) mean other things.
-    if orig is None or not type(orig).__module__.startswith(("pymysql", "MySQLdb")):
-        return None
-    args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int):
-        return args[0]
-    return None
-
-
-def _is_transient(exc: sa.exc.SQLAlchemyError) -> bool:
-    if isinstance(exc, sa.exc.DisconnectionError) or getattr(exc, "connection_invalidated", False):
-        return True
-    if _mysql_code(exc) in _MYSQL_TRANSIENT:
-        return True
-    orig = getattr(exc, "orig", None)
-    pgcode = getattr(orig, "pgcode", None)
-    if isinstance(pgcode, str) and pgcode.startswith(_PG_TRANSIENT_CLASSES):
-        return True
-    message = str(orig if orig is not None else exc).lower()
-    return any(t.lower() in message for t in _TRANSIENT_TEXT)

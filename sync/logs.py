@@ -9,17 +9,22 @@ third-party loggers (urllib3, sqlalchemy, apscheduler) included:
 Redaction runs on the event dict after tracebacks are rendered to text and just
 before the renderer, so structlog events and stdlib records (with their
 ``%s`` arguments and ``exc_info``) pass the same gate.
+
+Under systemd, stderr is a stream into the journal, which reads a ``<N>`` at the
+start of each line as its syslog priority (sd-daemon(3), SyslogLevelPrefix=yes):
+every line gets one there, so ``journalctl -p warning`` shows warnings and errors.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import threading
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 from urllib.parse import quote, quote_plus, unquote
 
 import structlog
@@ -51,6 +56,12 @@ _secret_re: re.Pattern[str] | None = None
 
 # Marks the handler `configure` installs, so a second call replaces it.
 _HANDLER_FLAG = "_crowd_sync_handler"
+
+# Syslog priorities by logging level (sd-daemon(3)): what journald reads from a "<N>" prefix.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+_DEBUG_PRIORITY = 7
+# Whether lines to stderr carry the prefix, as `configure` decided; None: not configured yet.
+_prefix_stderr: bool | None = None
 
 
 def mask_id(value: str) -> str:
@@ -155,12 +166,73 @@ class _RedactingFilter(logging.Filter):
         return True
 
 
-def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+def priority(level: int | str) -> int:
+    """The syslog priority of a logging level (a number, or a name such as ``"warning"``)."""
+    if isinstance(level, str):
+        number = logging.getLevelName(level.upper())
+        level = number if isinstance(number, int) else logging.INFO
+    for threshold, value in _PRIORITIES:
+        if level >= threshold:
+            return value
+    return _DEBUG_PRIORITY
+
+
+def with_priority(text: str, level: int | str) -> str:
+    """``text`` with ``<N>`` before each of its lines: journald takes each line as one entry."""
+    prefix = f"<{priority(level)}>"
+    return "\n".join(prefix + line for line in text.split("\n"))
+
+
+def is_journal(stream: TextIO | None = None) -> bool:
+    """Whether ``stream`` (stderr) is connected to the journal: systemd names that connection's
+    device and inode in ``$JOURNAL_STREAM`` (a child's redirected stderr no longer matches)."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat((stream or sys.stderr).fileno())
+    except (OSError, ValueError, AttributeError):  # closed, or no file descriptor (a StringIO)
+        return False
+    return st.st_dev == int(dev) and st.st_ino == int(ino)
+
+
+def for_stderr(text: str, level: int | str = "error") -> str:
+    """What a command prints on stderr besides the log: with the journald priority when the
+    log lines carry theirs (or, before ``configure``, when stderr is the journal)."""
+    wanted = is_journal() if _prefix_stderr is None else _prefix_stderr
+    return with_priority(text, level) if wanted else text
+
+
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that can put the journald priority before each line."""
+
+    def __init__(self, stream: TextIO, *, prefix: bool) -> None:
+        super().__init__(stream)
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return with_priority(text, record.levelno) if self.prefix else text
+
+
+def configure(
+    level: str = "info",
+    fmt: str = "json",
+    stream: TextIO | None = None,
+    *,
+    priority_prefix: bool | Literal["auto"] = "auto",
+) -> None:
     """Route structlog and stdlib logging to one stream, every line redacted.
 
-    Calling it again replaces the previous set-up (no duplicated lines).
+    ``priority_prefix``: put ``<N>`` (the syslog priority) before each line; ``"auto"``
+    does so when the stream is connected to the journal. Calling it again replaces the
+    previous set-up (no duplicated lines).
     """
+    global _prefix_stderr
     out = stream or sys.stderr
+    prefix = is_journal(out) if priority_prefix == "auto" else bool(priority_prefix)
+    if out is sys.stderr:
+        _prefix_stderr = prefix
     lvl = getattr(logging, level.upper(), logging.INFO)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -196,7 +268,7 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
             renderer,
         ],
     )
-    handler = logging.StreamHandler(out)
+    handler = _Handler(out, prefix=prefix)
     handler.setFormatter(formatter)
     handler.addFilter(_RedactingFilter())
     setattr(handler, _HANDLER_FLAG, True)

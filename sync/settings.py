@@ -223,6 +223,8 @@ class Retry(_Model):
 class Log(_Model):
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # "<N>" (the syslog priority) before each line, for journald; auto: when stderr is the journal.
+    priority_prefix: bool | Literal["auto"] = "auto"
 
 
 class Metrics(_Model):

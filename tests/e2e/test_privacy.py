@@ -136,7 +136,7 @@ def test_a_faulty_debug_run_prints_no_secret_and_no_unmasked_id_number(
                    base_url=sim.url, overrides=overrides)
     write_settings(tmp_path / "wrong.yaml", his_url=his_url, outbox_url="sqlite:///outbox.db", base_url=sim.url,
                    overrides={**overrides, "upstream": {"password": WRONG_PASSWORD}})
-    # An outbox file that is no database (an unexpected error), and a HIS that refuses connections.
+    # An outbox file that is no database, and a HIS that refuses connections.
     (tmp_path / "garbage.db").write_text(f"not a database {TEST_IDS[0]} " * 200, encoding="utf-8")
     write_settings(tmp_path / "broken.yaml", his_url=f"mysql+pymysql://reader:{DB_PASSWORD}@127.0.0.1:{closed_port}/his",
                    outbox_url="sqlite:///garbage.db", base_url=sim.url, overrides=overrides)
@@ -168,10 +168,23 @@ def test_a_faulty_debug_run_prints_no_secret_and_no_unmasked_id_number(
     cli("lookup json", "lookup", ID_X.lower(), "--json", "--config", "settings.yaml")
     sim.faults.next_504 = 1
     cli("lookup 504", "lookup", ID15, "--config", "settings.yaml")
-    # An unexpected error: the traceback goes to the log, through the same masking.
-    assert cli("once on a broken outbox", "once", "--config", "broken.yaml").returncode == 1
-    assert cli("check unreachable HIS", "check", "--config", "no-his.yaml").returncode == 2
-    assert cli("once unreachable HIS", "once", "--config", "no-his.yaml").returncode == 2
+    # An outbox file that is no database: one paragraph, no traceback.
+    assert cli("once on a broken outbox", "once", "--config", "broken.yaml").returncode == 2
+    # An unexpected error (a table dropped by hand): the traceback goes to the log, through the same masking.
+    tampered = sqlite3.connect(tmp_path / "tampered.db")
+    try:
+        source = sqlite3.connect(tmp_path / "outbox.db")
+        source.backup(tampered)
+        source.close()
+        tampered.execute("DROP TABLE sync_run")
+        tampered.commit()
+    finally:
+        tampered.close()
+    write_settings(tmp_path / "tampered.yaml", his_url=his_url, outbox_url="sqlite:///tampered.db",
+                   base_url=sim.url, overrides=overrides)
+    assert cli("once on a tampered outbox", "once", "--config", "tampered.yaml").returncode == 1
+    assert cli("check unreachable HIS", "check", "--config", "no-his.yaml").returncode == 75
+    assert cli("once unreachable HIS", "once", "--config", "no-his.yaml").returncode == 75
 
     # The daemon, with more faults, until every labelled visit has arrived; then SIGTERM.
     his.insert([make_visit(20, changed=_past(1), id_no=TEST_IDS[2])])
@@ -258,7 +271,7 @@ def test_a_secret_file_readable_by_others_draws_a_warning_naming_chmod(tmp_path:
     assert "password_file" in text
     path.write_text(text, encoding="utf-8")
 
-    loose = crowd_sync("status", "--config", "settings.yaml", cwd=tmp_path)
+    loose = crowd_sync("migrate", "--config", "settings.yaml", cwd=tmp_path)
     secret.chmod(0o600)
     tight = crowd_sync("status", "--config", "settings.yaml", cwd=tmp_path)
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 import structlog
 
-from sync.logs import configure, mask_id, redact, register_secret
+from sync.logs import configure, is_journal, mask_id, priority, redact, register_secret, with_priority
 
 ID18 = "510100198506020036"
 ID18_MASKED = "510100********0036"
@@ -272,3 +274,52 @@ def test_a_library_line_with_a_broken_format_is_kept_and_redacted(restore_loggin
     line = json.loads(buf.getvalue())
     assert line["event"].startswith(f"job for {ID18_MASKED} failed: %s %s")
     assert line["level"] == "warning"
+
+
+# --- journald priorities ------------------------------------------------------------------
+
+
+def test_priority_prefix_on_every_line_tracebacks_included_still_redacted(restore_logging: None) -> None:
+    buf = io.StringIO()
+    configure(level="debug", fmt="console", stream=buf, priority_prefix=True)
+    log = structlog.get_logger("sync.pipeline")
+    log.debug("detail")
+    log.info("cycle_finished", sent=3)
+    log.warning("record_failed", lsh="A")
+    logging.getLogger("urllib3.connectionpool").warning("Retrying with password=%s", PASSWORD)
+    try:
+        raise RuntimeError(f"login failed for {ID18} with {PASSWORD}")
+    except RuntimeError:
+        log.exception("upload_crashed")
+
+    lines = buf.getvalue().splitlines()
+    assert len(lines) > 5  # the traceback spans several lines, each its own journal entry
+    assert [line[:3] for line in lines[:4]] == ["<7>", "<6>", "<4>", "<4>"]
+    assert all(line.startswith("<3>") for line in lines[4:]), lines[4:]
+    text = buf.getvalue()
+    assert PASSWORD not in text and ID18 not in text and ID18_MASKED in text
+
+
+def test_priority_prefix_auto_follows_journal_stream(
+    restore_logging: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with (tmp_path / "journal").open("w", encoding="utf-8") as journal, (tmp_path / "other").open("w") as other:
+        st = os.fstat(journal.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        assert is_journal(journal) and not is_journal(other) and not is_journal(io.StringIO())
+        configure(level="info", fmt="json", stream=journal)
+        structlog.get_logger("sync.cli").error("bad_settings")
+        configure(level="info", fmt="json", stream=other)
+        structlog.get_logger("sync.cli").error("bad_settings")
+        configure(level="info", fmt="json", stream=journal, priority_prefix=False)
+        structlog.get_logger("sync.cli").error("not_prefixed")
+        monkeypatch.setenv("JOURNAL_STREAM", "garbage")
+        assert not is_journal(journal)
+    lines = (tmp_path / "journal").read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith('<3>{"event": "bad_settings"') and lines[1].startswith('{"event": "not_prefixed"')
+    assert (tmp_path / "other").read_text(encoding="utf-8").startswith('{"event": "bad_settings"')
+
+
+def test_syslog_priorities_of_each_level() -> None:
+    assert [priority(n) for n in ("critical", "error", "warning", "info", "debug")] == [2, 3, 4, 6, 7]
+    assert with_priority("one\ntwo", logging.WARNING) == "<4>one\n<4>two"

@@ -546,3 +546,13 @@ def assert_clean(msg: str) -> None:
     """An operator-facing message: no traceback, no validation library internals."""
     for junk in ("Traceback", 'File "', "pydantic", "errors.pydantic.dev", "input_value", "ValidationError"):
         assert junk not in msg
+
+
+@pytest.mark.parametrize(("written", "read"), [("auto", "auto"), ("true", True), ("yes", True), ("false", False)])
+def test_log_priority_prefix_is_auto_or_a_yes_no(tmp_path: Path, written: str, read: object) -> None:
+    assert load_text(tmp_path, MINIMAL + f"log:\n  priority_prefix: {written}\n").log.priority_prefix == read
+    assert load_text(tmp_path, MINIMAL).log.priority_prefix == "auto"
+
+
+def test_a_wrong_log_priority_prefix_names_the_key(tmp_path: Path) -> None:
+    assert "log.priority_prefix" in problems_of(tmp_path, MINIMAL + "log:\n  priority_prefix: sometimes\n")
