@@ -1,5 +1,5 @@
-"""Measurements that run alone in a child process, so that the peak RSS (``ru_maxrss``) and
-the CPU time are their own. Each prints one JSON line of figures.
+"""Measurements that run alone in a child process, so that the peak RSS and the CPU time
+are their own. Each prints one JSON line of figures.
 
     python -m bench.child raw HIS_URL SINCE UNTIL
         the vendor query, wrapped as crowd-sync wraps it (sync.his.window_sql), read with
@@ -18,6 +18,7 @@ import resource
 import sys
 import time
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pymysql
@@ -35,6 +36,19 @@ _FETCH = 1000  # rows per fetchmany: his.batch_size's default
 
 
 def peak_mb() -> float:
+    """This process's peak resident set, in MB.
+
+    VmHWM, not ``ru_maxrss``: Linux carries the RSS peak of the parent's address space
+    over the exec of a (v)forked child into ``ru_maxrss``, so a child of a large benchmark
+    process would report at least the benchmark's own size. VmHWM belongs to the address
+    space exec created.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     # ru_maxrss is in kilobytes on Linux.
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 

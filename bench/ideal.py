@@ -42,10 +42,16 @@ class Figures:
     kind: Kind
     requests: int
     seconds: float
+    cpu_s: float  # the whole process's CPU time over the run
 
     @property
     def per_s(self) -> float:
         return self.requests / self.seconds
+
+    @property
+    def cpu_us(self) -> float:
+        """CPU time per request, in microseconds."""
+        return self.cpu_s / self.requests * 1e6
 
 
 def _headers() -> dict[str, str]:
@@ -113,10 +119,10 @@ def run(base_url: str, kind: Kind, items: Sequence[str] | Sequence[bytes], *, th
     for t in workers:
         t.start()
     start.wait()
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     for t in workers:
         t.join()
-    elapsed = time.perf_counter() - began
+    elapsed, cpu = time.perf_counter() - began, time.process_time() - cpu
     if errors:
         raise RuntimeError(f"the ideal client was refused: {errors[0]}")
-    return Figures(kind=kind, requests=n, seconds=elapsed)
+    return Figures(kind=kind, requests=n, seconds=elapsed, cpu_s=cpu)

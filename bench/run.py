@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import claims, reading, uploads
+from bench import claims, reading, uploads, vendor
 from bench.databases import Databases
 from bench.results import Results
 from bench.simproc import Platform
@@ -80,6 +80,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--due", type=int, help=f"the large backlog of section 6 (default {FULL.due_large:,})")
     ap.add_argument("--raw-reads", type=int, default=2, help="raw reads around the intake, the fastest kept (default 2)")
     ap.add_argument("--reseed", action="store_true", help="seed the vendor HIS again even if a kept one matches")
+    ap.add_argument("--drop-his", action="store_true", help="drop the kept vendor HIS at the end (frees its disk space)")
     ap.add_argument("--no-mariadb", action="store_true", help="skip sections 3-5 and the MariaDB claims")
     ap.add_argument("--markdown", action="store_true", help="print the final table as Markdown")
     return ap.parse_args(argv)
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             for f in (yardsticks[0.0].lookups, yardsticks[0.0].uploads):
                 results.info(f"ideal client {f.kind}, 0 ms", f"{f.per_s:.0f}/s")
         if "2" in sections:
-            say("\n2. crowd-sync's dispatch, the same simulator, latency and concurrency (SQLite outbox)")
+            say("\n2. crowd-sync's dispatch, the same simulator, latency and concurrency (SQLite outbox; "
+                "upstream.rate_limit_per_s 1000, the settings' maximum)")
             for source, ms, n in (
                 ("column", latency, sizes.visits), ("lookup", latency, sizes.visits),
                 ("column", 0.0, sizes.uploads_0ms), ("lookup", 0.0, sizes.visits),
@@ -150,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         platform.stop()
         dbs.close()
+        if args.drop_his and "3" in sections:
+            vendor.drop(sizes.his)
     say(f"\nsummary ({time.perf_counter() - began:.0f} s; load average at the end {load_average()})")
     results.print(say, markdown=args.markdown)
     return 0

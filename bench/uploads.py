@@ -34,6 +34,10 @@ class Yardstick:
         seconds = lookups / self.lookups.per_s + uploads / self.uploads.per_s
         return (lookups + uploads) / seconds
 
+    def cpu_for(self, lookups: int, uploads: int) -> float:
+        """The ideal client's CPU time per request for this mix, in microseconds."""
+        return (lookups * self.lookups.cpu_us + uploads * self.uploads.cpu_us) / (lookups + uploads)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Run:
@@ -43,6 +47,11 @@ class Run:
     lookups: int
     uploads: int
     seconds: float
+    cpu_s: float
+
+    @property
+    def cpu_us(self) -> float:
+        return self.cpu_s / self.requests * 1e6
 
     @property
     def requests(self) -> int:
@@ -70,7 +79,7 @@ def ideal_client(
     for f in (got_lookups, got_uploads):
         limit = f" = {share(f.per_s / (threads / latency_ms * 1000))} of concurrency/latency" if latency_ms else ""
         say(f"  ideal client, {latency_ms:g} ms, {f.kind:7s}: {f.requests:,} in {f.seconds:.1f} s = "
-            f"{f.per_s:.0f} requests/s{limit}")
+            f"{f.per_s:.0f} requests/s{limit}; CPU {f.cpu_us:.0f} µs a request")
     return Yardstick(latency_ms=latency_ms, lookups=got_lookups, uploads=got_uploads)
 
 
@@ -93,9 +102,9 @@ def crowd_sync(
         platform.latency(latency_ms / 1000)
         stats = CycleStats()
         try:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             w.pipeline.dispatch(stats)
-            elapsed = time.perf_counter() - started
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         finally:
             platform.latency(0)
         counters = platform.counters()
@@ -104,7 +113,7 @@ def crowd_sync(
         raise RuntimeError(f"crowd-sync ({source}, {latency_ms:g} ms) sent {stats.sent} of {visits}: {stats}")
     return Run(
         source=source, latency_ms=latency_ms, visits=visits, lookups=counters.get("lookups", 0),
-        uploads=counters.get("uploads", 0), seconds=elapsed,
+        uploads=counters.get("uploads", 0), seconds=elapsed, cpu_s=cpu,
     )
 
 
@@ -114,11 +123,12 @@ def report(
     what = f"crowd-sync {run.source}, {run.latency_ms:g} ms"
     mix = f"{run.lookups:,} lookups + {run.uploads:,} uploads" if run.lookups else f"{run.uploads:,} uploads"
     figure = f"{mix} in {run.seconds:.1f} s = {run.per_s:.0f} requests/s"
-    line = f"  {what}: {figure}"
+    line = f"  {what}: {figure} (CPU {run.cpu_us:.0f} µs a request)"
     limit = concurrency / run.latency_ms * 1000 if run.latency_ms else None
     if yardstick is not None:
         ideal_rate = yardstick.rate_for(run.lookups, run.uploads)
-        line += f"; ideal client {ideal_rate:.0f}/s: {share(run.per_s / ideal_rate)}"
+        ideal_cpu = yardstick.cpu_for(run.lookups, run.uploads)
+        line += f"; ideal client {ideal_rate:.0f}/s (CPU {ideal_cpu:.0f} µs): {share(run.per_s / ideal_rate)}"
     if limit:
         line += f"; concurrency/latency {limit:.0f}/s: {share(run.per_s / limit)}"
     say(line)
