@@ -133,10 +133,10 @@ def report(
         line += f"; concurrency/latency {limit:.0f}/s: {share(run.per_s / limit)}"
     say(line)
     if limit:
-        results.at_least(f"{what}: / concurrency/latency ({limit:.0f}/s)", figure, run.per_s / limit, 0.90)
+        results.at_least(f"{what} / concurrency/latency ({limit:.0f}/s)", figure, run.per_s / limit, 0.90)
     if yardstick is not None:
         ideal_rate = yardstick.rate_for(run.lookups, run.uploads)
         floor = 0.95 if run.latency_ms else 0.80
-        results.at_least(f"{what}: / ideal client ({ideal_rate:.0f}/s)", figure, run.per_s / ideal_rate, floor)
+        results.at_least(f"{what} / ideal client ({ideal_rate:.0f}/s)", figure, run.per_s / ideal_rate, floor)
     else:
         results.info(what, figure)
