@@ -17,6 +17,8 @@ import sqlalchemy as sa
 _WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _CHECK = "10X98765432"
 _CHUNK = 5000
+# The first settlement of a seeded HIS; rows follow one second apart.
+HISTORY_START = datetime(2024, 1, 1)
 
 HIS_QUERY = """\
 SELECT lsh, code, card_type, card_no, visit_type, enter_date, leave_date, key_crowd,

@@ -1,18 +1,11 @@
 """The built-in simulator in a process of its own, so that its request handling does not
-share the benchmark's GIL (the real platform is another machine), plus the naive
-uploader the pipeline is compared with."""
+share the benchmark's GIL (the real platform is another machine)."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
-import time
 from multiprocessing.connection import Connection
 from typing import Any
-
-import requests
-
-from sync.upstream.signing import EHRKEY_HEADER, ENDPOINTS, event_code, platform_app_key, signed_query
-from sync.upstream.simulator import TEST_APP_KEY, TEST_PASSWORD, TEST_USERNAME
 
 
 def _serve(conn: Connection) -> None:
@@ -84,22 +77,3 @@ class Platform:
         finally:
             self._proc.join(timeout=10)
 
-
-def naive_upload(base_url: str, bodies: list[str]) -> float:
-    """Upload ``bodies`` one plain ``requests.post`` at a time (a new connection each, no
-    shared session), signed as the client signs; returns the elapsed seconds."""
-    key = platform_app_key(TEST_APP_KEY, "as_printed")  # the reading the simulator plays by default
-    headers = {"Accept": "application/json", "Content-Type": "application/json;charset=UTF-8", EHRKEY_HEADER[0]: EHRKEY_HEADER[1]}
-
-    def url(endpoint: str) -> str:
-        query = signed_query(event_code("test", endpoint), key, int(time.time() * 1000))  # type: ignore[arg-type]
-        return f"{base_url}{ENDPOINTS[endpoint].path}?{query}"  # type: ignore[index]
-
-    answer = requests.post(url("login"), json={"username": TEST_USERNAME, "password": TEST_PASSWORD}, headers=headers, timeout=30)
-    token = answer.json()["data"]["token"]
-    started = time.perf_counter()
-    for body in bodies:
-        r = requests.post(url("upload"), data=body.encode("utf-8"), headers={**headers, "accesstoken": token}, timeout=30)
-        if r.status_code != 200 or r.json().get("code") != 200:
-            raise RuntimeError(f"naive upload refused: {r.status_code} {r.text[:200]}")
-    return time.perf_counter() - started

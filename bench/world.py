@@ -1,7 +1,13 @@
-"""Wiring for the benchmark: settings, outbox, client and pipeline as the CLI builds them."""
+"""Wiring for the benchmark: settings, outbox, client and pipeline as the CLI builds them.
+
+The one place in bench/ that constructs crowd-sync's objects: when the project's factory
+(settings -> store, client, pipeline) exists, only ``make_world`` changes.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +23,7 @@ from sync.upstream.simulator import TEST_APP_KEY, TEST_PASSWORD, TEST_USERNAME
 
 def make_settings(
     *, his_url: str, outbox_url: str, base_url: str, concurrency: int = 16, rate_limit_per_s: float = 1000,
-    source: str = "column", batch_size: int = 1000,
+    source: str = "column", batch_size: int = 1000, his_query: str = HIS_QUERY,
 ) -> Settings:
     raw: dict[str, Any] = {
         "institution": {"name": "基准测试医院", "county_code": "511425"},
@@ -27,7 +33,7 @@ def make_settings(
             "rate_limit_per_s": rate_limit_per_s,
         },
         "his": {
-            "url": his_url, "query": HIS_QUERY, "settle_delay_s": 0, "lookback_s": 0,
+            "url": his_url, "query": his_query, "settle_delay_s": 0, "lookback_s": 0,
             "start_from": "2000-01-01", "batch_size": batch_size,
         },
         "key_crowd": {"source": source},
@@ -54,3 +60,13 @@ def make_world(settings: Settings) -> World:
     store.migrate()
     client = Client(settings.upstream, store.token_store(), key_forms=store.key_form_memory())
     return World(settings=settings, store=store, client=client, pipeline=Pipeline(settings, store=store, client=client))
+
+
+@contextmanager
+def open_world(his_url: str, outbox_url: str, base_url: str, **settings: Any) -> Iterator[World]:
+    """``make_world(make_settings(...))``, closed on leaving."""
+    world = make_world(make_settings(his_url=his_url, outbox_url=outbox_url, base_url=base_url, **settings))
+    try:
+        yield world
+    finally:
+        world.close()

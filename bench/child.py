@@ -1,0 +1,143 @@
+"""Measurements that run alone in a child process, so that the peak RSS and the CPU time
+are their own. Each prints one JSON line of figures.
+
+    python -m bench.child raw HIS_URL SINCE UNTIL
+        the vendor query, wrapped as crowd-sync wraps it (sync.his.window_sql), read with
+        PyMySQL's unbuffered cursor (SSCursor), rows discarded
+    python -m bench.child intake HIS_URL OUTBOX_URL BASE_URL SINCE UNTIL [--dispatch]
+        crowd-sync's intake of the same window (Pipeline.read_window, as reconcile reads,
+        key_crowd.source: column) into a fresh outbox; with --dispatch, then everything due
+    python -m bench.child backfill HIS_URL OUTBOX_URL BASE_URL SINCE UNTIL
+        the same window end to end, as `crowd-sync reconcile --since --until` runs it
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pymysql
+import pymysql.cursors
+from sqlalchemy.dialects.mysql.pymysql import MySQLDialect_pymysql
+from sqlalchemy.engine import make_url
+
+from bench import vendor
+from bench.world import open_world
+from sync.his import window_sql
+from sync.logs import configure
+from sync.pipeline import CycleStats
+
+_FETCH = 1000  # rows per fetchmany: his.batch_size's default
+
+
+def peak_mb() -> float:
+    """This process's peak resident set, in MB.
+
+    VmHWM, not ``ru_maxrss``: Linux carries the RSS peak of the parent's address space
+    over the exec of a (v)forked child into ``ru_maxrss``, so a child of a large benchmark
+    process would report at least the benchmark's own size. VmHWM belongs to the address
+    space exec created.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    # ru_maxrss is in kilobytes on Linux.
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def raw(his_url: str, since: datetime, until: datetime) -> dict[str, Any]:
+    url = make_url(his_url)
+    dialect = MySQLDialect_pymysql()
+    compiled = window_sql(vendor.QUERY, dialect, order_by=["changed_at", "lsh"]).compile(dialect=dialect)
+    values = {"since": since, "until": until}
+    # The driver's own placeholders, in the order the statement binds them.
+    params = tuple(values[name] for name in compiled.positiontup or ())
+    conn = pymysql.connect(
+        host=url.host, port=url.port or 3306, user=url.username, password=url.password or "",
+        database=url.database, charset="utf8mb4", cursorclass=pymysql.cursors.SSCursor,
+    )
+    rows = 0
+    rss_start = peak_mb()
+    started, cpu = time.perf_counter(), time.process_time()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(str(compiled), params)
+            while batch := cur.fetchmany(_FETCH):
+                rows += len(batch)
+    finally:
+        conn.close()
+    elapsed = time.perf_counter() - started
+    return {
+        "rows": rows, "seconds": round(elapsed, 3), "cpu_s": round(time.process_time() - cpu, 2),
+        "rows_per_s": rows / elapsed, "rss_start_mb": rss_start, "peak_rss_mb": peak_mb(),
+    }
+
+
+def intake(his_url: str, outbox_url: str, base_url: str, since: datetime, until: datetime, *, dispatch: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"rss_start_mb": peak_mb()}
+    with open_world(his_url, outbox_url, base_url, his_query=vendor.QUERY, source="column") as w:
+        out["rss_world_mb"] = peak_mb()
+        stats = CycleStats()
+        started, cpu = time.perf_counter(), time.process_time()
+        w.pipeline.read_window(since, until, stats, move_cursor=False)
+        elapsed = time.perf_counter() - started
+        out.update(
+            rows=stats.rows_read, enqueued=stats.enqueued, skipped=stats.skipped, invalid=stats.invalid,
+            seconds=round(elapsed, 3), cpu_s=round(time.process_time() - cpu, 2),
+            rows_per_s=stats.rows_read / elapsed, peak_rss_mb=peak_mb(),
+        )
+        if dispatch:
+            stats = CycleStats()
+            started, cpu = time.perf_counter(), time.process_time()
+            w.pipeline.dispatch(stats)
+            elapsed = time.perf_counter() - started
+            out.update(
+                sent=stats.sent, failed=stats.failed, dispatch_s=round(elapsed, 3),
+                dispatch_cpu_s=round(time.process_time() - cpu, 2), uploads_per_s=stats.sent / elapsed,
+                peak_rss_after_dispatch_mb=peak_mb(),
+            )
+    return out
+
+
+def backfill(his_url: str, outbox_url: str, base_url: str, since: datetime, until: datetime) -> dict[str, Any]:
+    with open_world(his_url, outbox_url, base_url, his_query=vendor.QUERY, source="column") as w:
+        started, cpu = time.perf_counter(), time.process_time()
+        # reconcile's until is the last day included.
+        stats = w.pipeline.reconcile(since.date(), (until - timedelta(days=1)).date())
+        elapsed = time.perf_counter() - started
+    return {
+        "rows": stats.rows_read, "enqueued": stats.enqueued, "skipped": stats.skipped, "invalid": stats.invalid,
+        "sent": stats.sent, "failed": stats.failed, "seconds": round(elapsed, 3),
+        "cpu_s": round(time.process_time() - cpu, 2), "peak_rss_mb": peak_mb(),
+    }
+
+
+def main(argv: list[str]) -> int:
+    configure("warning", "json")
+    what, args = argv[0], argv[1:]
+    if what == "raw":
+        his_url, since, until = args[0], datetime.fromisoformat(args[1]), datetime.fromisoformat(args[2])
+        figures = raw(his_url, since, until)
+    elif what in ("intake", "backfill"):
+        his_url, outbox_url, base_url = args[:3]
+        since, until = datetime.fromisoformat(args[3]), datetime.fromisoformat(args[4])
+        if what == "intake":
+            figures = intake(his_url, outbox_url, base_url, since, until, dispatch="--dispatch" in args)
+        else:
+            figures = backfill(his_url, outbox_url, base_url, since, until)
+    else:
+        raise SystemExit(f"unknown measurement {what!r}: raw, intake or backfill")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
