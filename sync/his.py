@@ -26,7 +26,7 @@ from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
 from sync import records
 from sync.errors import ConfigError, TransientError
 from sync.logs import redact, register_secret
-from sync.settings import His
+from sync.settings import His, escape_literal_colons
 
 log = structlog.get_logger(__name__)
 
@@ -119,7 +119,8 @@ def window_sql(query: str, dialect: Dialect, *, order_by: Sequence[str] | None =
     and only reveals the column names. The derived table has no ``AS`` before its
     alias because Oracle rejects one.
     """
-    inner = query.strip().rstrip(";").strip()
+    # A `:word` inside a string literal or a comment of the hospital's query is text, not a parameter.
+    inner = escape_literal_colons(query.strip().rstrip(";").strip(), dialect.name)
     if order_by is None:
         tail = "WHERE 1 = 0"
     else:
