@@ -520,6 +520,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     from pathlib import Path
 
     from sync import report
+    from sync.files import write_private
 
     store = _store(settings)
     try:
@@ -530,7 +531,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     print(report.render_table(figures, outbox=store.url_for_humans), file=out)
     if args.csv:
         try:
-            Path(args.csv).write_bytes(report.csv_bytes(figures))
+            write_private(Path(args.csv), report.csv_bytes(figures))
         except OSError as exc:
             raise ConfigError(
                 f"cannot write the CSV file {args.csv}: {exc.strerror or exc}",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from sync import settings as settings_mod
+from sync.files import private_dir, touch_private, write_private
 from sync.logs import mask_id
 
 DEMO_SEED = 20241105
@@ -123,6 +124,7 @@ def build_his(path: Path, *, now: datetime, visits: int = 300, seed: int = DEMO_
     rng = random.Random(seed)
     if path.exists():
         path.unlink()
+    touch_private(path)
     db = sqlite3.connect(path)
     db.executescript(HIS_SCHEMA)
     patients: list[tuple[int, str, str, str]] = []
@@ -195,7 +197,8 @@ def write_settings(path: Path, *, his_db: Path, outbox_db: Path, base_url: str) 
     from sync.upstream.simulator import TEST_APP_KEY, TEST_PASSWORD, TEST_USERNAME
 
     query = textwrap.indent(HIS_QUERY, "    ")
-    path.write_text(
+    write_private(
+        path,
         f"""\
 # crowd-sync 演示配置 / demo settings (written by `crowd-sync demo`)
 # 平台为内置模拟器 / the platform is the built-in simulator:
@@ -222,8 +225,7 @@ outbox:
 log:
   format: console
   level: warning
-""",
-        encoding="utf-8",
+""".encode(),
     )
 
 
@@ -234,7 +236,7 @@ def main(directory: str, *, out: TextIO) -> int:
     from sync.upstream.simulator import SimConfig, Simulator
 
     base = Path(directory).resolve()
-    base.mkdir(parents=True, exist_ok=True)
+    private_dir(base)
     his_db, outbox_db, settings_path = base / "his.db", base / "outbox.db", base / "settings.yaml"
     for f in (outbox_db, outbox_db.with_name(outbox_db.name + "-wal"), outbox_db.with_name(outbox_db.name + "-shm")):
         f.unlink(missing_ok=True)

@@ -292,6 +292,8 @@ def _create_engine(url: URL, his: His) -> Engine:
         "pool_pre_ping": True,
         "pool_recycle": his.pool_recycle_s,
         "connect_args": connect_args,
+        # SQL parameters hold ID numbers and names: never in a log line or an error message.
+        "hide_parameters": True,
     }
     if backend != "sqlite":
         # One query at a time is all a poll needs; stay light on the hospital's server.

@@ -35,13 +35,13 @@ def _unavailable(what: str, how: str) -> None:
     pytest.skip(message)
 
 
-def _fresh_database(admin_url: str, dialect: str) -> Iterator[str]:
+def _fresh_database(admin_url: str, dialect: str, *, collation: str = "utf8mb4_unicode_ci") -> Iterator[str]:
     name = f"cs_test_{secrets.token_hex(4)}"
     admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
             if dialect == "mysql":
-                conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+                conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE {collation}")
             else:
                 conn.exec_driver_sql(f"CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0")
         url = sa.engine.make_url(admin_url).set(database=name)
@@ -63,6 +63,17 @@ def mariadb_url() -> Iterator[str]:
             "MariaDB", "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql"
         )
     yield from _fresh_database(MARIADB_ADMIN, "mysql")
+
+
+@pytest.fixture
+def mariadb_general_ci_url() -> Iterator[str]:
+    """An empty MariaDB database with the server's default collation utf8mb4_general_ci, which
+    compares text case-insensitively (as most installs' databases do)."""
+    if not _port_open("127.0.0.1", 3306):
+        _unavailable(
+            "MariaDB", "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql"
+        )
+    yield from _fresh_database(MARIADB_ADMIN, "mysql", collation="utf8mb4_general_ci")
 
 
 @pytest.fixture

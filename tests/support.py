@@ -200,3 +200,8 @@ def capture_all_logs() -> Iterator[list[MutableMapping[str, Any]]]:
         yield capture.entries
     finally:
         structlog.configure(**saved)
+
+
+def his_now() -> datetime:
+    """Now as the test HIS writes its datetimes."""
+    return datetime.now().replace(microsecond=0)

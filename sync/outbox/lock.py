@@ -33,6 +33,7 @@ import sqlalchemy as sa
 import structlog
 
 from sync.errors import ConfigError
+from sync.files import open_private
 
 log = structlog.get_logger(__name__)
 
@@ -214,8 +215,7 @@ class InstanceLock:
             self._memory_key = key
             return True
         path = Path(database).resolve().with_name(Path(database).name + ".lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_private(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -40,6 +40,7 @@ from sqlalchemy.pool import StaticPool
 import migrations
 from sync.crashpoints import crash_point
 from sync.errors import ConfigError
+from sync.files import private_dir, touch_private
 from sync.outbox.lock import AlreadyRunning, InstanceLock
 from sync.outbox.schema import (
     sync_cursor,
@@ -192,6 +193,45 @@ def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
         yield items[i : i + size]
 
 
+# The label lists of the label API's answer (document 3.1.2), in the order the decision reads them.
+LABEL_LISTS = ("rkxBq", "jjxBq", "jkBq", "glztBq")
+
+
+def _label_codes(data_json: str | None) -> str | None:
+    """The label API's ``data`` JSON reduced to its label codes per list (what the label cache
+    keeps); None when the platform returned no data."""
+    if data_json is None:
+        return None
+    try:
+        data = json.loads(data_json)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return None
+    codes: dict[str, list[str]] = {}
+    for name in LABEL_LISTS:
+        items = data.get(name)
+        codes[name] = [
+            str(item.get("code") or "") for item in (items if isinstance(items, list) else []) if isinstance(item, dict)
+        ]
+    return json.dumps(codes, separators=(",", ":"))
+
+
+def _labels_as_data(labels: str | None) -> str | None:
+    """A cached ``labels`` value back in the shape of the label API's ``data`` (codes only)."""
+    if labels is None:
+        return None
+    try:
+        codes = json.loads(labels)
+    except ValueError:
+        return None
+    if not isinstance(codes, dict):
+        return None
+    return json.dumps(
+        {name: [{"code": c} for c in codes.get(name) or []] for name in LABEL_LISTS}, ensure_ascii=False
+    )
+
+
 def card_hash(card_no: str) -> str:
     """The label cache key: sha256 of the ID number, so the cache need not repeat it."""
     return hashlib.sha256(card_no.strip().upper().encode("utf-8")).hexdigest()
@@ -339,15 +379,27 @@ def _make_engine(url: str) -> sa.Engine:
         # pool_size: every upload thread records its outcome in a transaction of its own.
         # With fewer pooled connections than threads, the ones beyond are opened and closed
         # per record (a login to the server each time); the pool only keeps what was used.
-        return sa.create_engine(parsed, pool_pre_ping=True, pool_recycle=1800, pool_size=_POOL_SIZE)
+        return sa.create_engine(
+            parsed, pool_pre_ping=True, pool_recycle=1800, pool_size=_POOL_SIZE, hide_parameters=True
+        )
     memory = _is_memory_sqlite(parsed)
     if memory:
         # One shared connection, or every pool connection would see its own empty database.
-        engine = sa.create_engine(parsed, poolclass=StaticPool, connect_args={"check_same_thread": False})
+        engine = sa.create_engine(
+            parsed, poolclass=StaticPool, connect_args={"check_same_thread": False}, hide_parameters=True
+        )
     else:
         assert parsed.database is not None
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(parsed, connect_args={"timeout": 30}, pool_size=_POOL_SIZE)
+        path = Path(parsed.database).expanduser()
+        private_dir(path.parent)
+        engine = sa.create_engine(parsed, connect_args={"timeout": 30}, pool_size=_POOL_SIZE, hide_parameters=True)
+        if not parsed.database.startswith("file:"):  # a URI filename is SQLite's own business
+
+            @event.listens_for(engine, "do_connect")
+            def _create_private(*_args: Any) -> None:
+                # Created 0600 before SQLite opens it: the file holds full ID numbers and the
+                # live token, and SQLite gives its -wal and -shm files the database's permissions.
+                touch_private(path)
 
     # The pysqlite recipe from the SQLAlchemy documentation: let SQLAlchemy emit
     # BEGIN itself, and make it BEGIN IMMEDIATE, so a writer takes the write lock
@@ -942,7 +994,8 @@ class Store:
 
     # -- label cache --------------------------------------------------------------------------
     def cache_get(self, card_nos: Sequence[str], *, now: datetime, ttl_s: float) -> dict[str, tuple[str | None]]:
-        """Fresh cached labels: card_no -> (data JSON, or None when not in the key population)."""
+        """Fresh cached labels: card_no -> (label data JSON holding the label codes only, or None
+        when the platform returned no data)."""
         by_hash = {card_hash(c): c for c in card_nos}
         fresh_from = _utc(now) - timedelta(seconds=ttl_s)
         t = sync_label_cache
@@ -950,21 +1003,25 @@ class Store:
         with self.engine.connect() as conn:
             for chunk in _chunks(list(by_hash)):
                 rows = conn.execute(
-                    sa.select(t.c.card_hash, t.c.data).where(t.c.card_hash.in_(chunk), t.c.fetched_at >= fresh_from)
+                    sa.select(t.c.card_hash, t.c.labels).where(t.c.card_hash.in_(chunk), t.c.fetched_at >= fresh_from)
                 )
                 for r in rows:
-                    found[by_hash[r.card_hash]] = (r.data,)
+                    found[by_hash[r.card_hash]] = (_labels_as_data(r.labels),)
         return found
 
     def cache_put(self, entries: Mapping[str, str | None], *, now: datetime) -> None:
-        """Remember labels (card_no -> data JSON or None)."""
+        """Remember labels (card_no -> the label API's data JSON, or None): only the label codes
+        are kept, never the name, the ID number or the counties the answer also holds."""
         if not entries:
             return
         now = _utc(now)
-        rows = {
-            card_hash(card): {"card_hash": card_hash(card), "data": data, "key_crowd": "0" if data is None else "1", "fetched_at": now}
-            for card, data in entries.items()
-        }
+        rows: dict[str, dict[str, Any]] = {}
+        for card, data in entries.items():
+            labels = _label_codes(data)
+            rows[card_hash(card)] = {
+                "card_hash": card_hash(card), "labels": labels,
+                "key_crowd": "1" if labels and any(json.loads(labels).values()) else "0", "fetched_at": now,
+            }
         t = sync_label_cache
         for attempt in (1, 2):
             try:

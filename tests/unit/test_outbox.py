@@ -312,15 +312,41 @@ def test_a_configuration_error_is_recorded_until_cleared(store: Store) -> None:
 
 
 def test_label_cache_keeps_answers_for_the_ttl_without_storing_id_numbers(store: Store) -> None:
-    store.cache_put({"510100198506020036": '{"bq": ["结核病"]}', "510100198506020132": None}, now=T0)
+    store.cache_put({"510100198506020036": '{"rkxBq": [], "jjxBq": [], "jkBq": [{"code": "H01.05"}]}', "510100198506020132": None}, now=T0)
     got = store.cache_get(["510100198506020036", "510100198506020132", "510100198506020028"], now=T0 + timedelta(hours=23), ttl_s=86400)
-    assert got == {"510100198506020036": ('{"bq": ["结核病"]}',), "510100198506020132": (None,)}
+    assert set(got) == {"510100198506020036", "510100198506020132"}
+    assert got["510100198506020132"] == (None,)
+    labels = got["510100198506020036"][0]
+    assert labels is not None and json.loads(labels)["jkBq"] == [{"code": "H01.05"}]
     assert store.cache_get(["510100198506020036"], now=T0 + timedelta(hours=25), ttl_s=86400) == {}
     store.cache_put({"510100198506020036": None}, now=T0 + timedelta(hours=25))
     assert store.cache_get(["510100198506020036"], now=T0 + timedelta(hours=25), ttl_s=86400) == {"510100198506020036": (None,)}
     with store.engine.connect() as conn:
         dump = " ".join(str(v) for r in conn.exec_driver_sql("SELECT * FROM sync_label_cache") for v in r)
     assert "510100198506020036" not in dump
+
+
+def test_label_cache_keeps_label_codes_only(store: Store) -> None:
+    """The decision needs whether the person is known and which labels they carry: not their name,
+    ID number, counties or the label names."""
+    data = {
+        "xm": "张三", "zjhm": "510100198506020036", "hjdQh": "510104", "hjdQhName": "锦江区", "xjdQh": "510104",
+        "xjdQhName": "锦江区", "ylbx": "1", "rkxBq": [], "glztBq": [],
+        "jjxBq": [{"code": "J01.02", "name": "农村低保对象", "remark": "2024年认定", "attr1": "1", "attr2": None}],
+        "jkBq": [{"code": "H01.05", "name": "结核病患者", "remark": None, "attr1": "0", "attr2": None}],
+    }
+    store.cache_put({"510100198506020036": json.dumps(data, ensure_ascii=False), "510100198506020028": "{}"}, now=T0)
+    with store.engine.connect() as conn:
+        dump = " ".join(str(v) for r in conn.exec_driver_sql("SELECT * FROM sync_label_cache") for v in r)
+    for private in ("张三", "510100198506020036", "510104", "锦江区", "农村低保对象", "结核病患者", "2024年认定"):
+        assert private not in dump, private
+    got = store.cache_get(["510100198506020036", "510100198506020028"], now=T0, ttl_s=60)
+    known = json.loads(got["510100198506020036"][0] or "null")
+    assert [i["code"] for i in known["jjxBq"]] == ["J01.02"]
+    assert [i["code"] for i in known["jkBq"]] == ["H01.05"]
+    # Known to the platform without labels stays apart from "no data at all".
+    empty = json.loads(got["510100198506020028"][0] or "null")
+    assert empty is not None and not any(empty.values())
 
 
 # -- token ------------------------------------------------------------------------------------
