@@ -24,7 +24,8 @@ import fcntl
 import hashlib
 import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -280,3 +281,98 @@ class InstanceLock:
             # ORA-00054: resource busy; the transaction stays open on success only.
             return False
         return True
+
+
+# -- the token renewal lock ---------------------------------------------------------------------
+
+
+def renewal_lock(engine: sa.Engine, *, wait_s: float) -> contextlib.AbstractContextManager[None] | None:
+    """A lock that one process at a time holds while it logs in, outside any outbox transaction:
+    a file lock beside a SQLite outbox, a named lock of the server elsewhere. None where there is
+    no such lock (Oracle, whose users cannot be assumed to have DBMS_LOCK): the caller then
+    locks the token row instead, which on Oracle blocks no reader. Raises ``TimeoutError``
+    when another process holds it longer than ``wait_s``."""
+    dialect = engine.dialect.name
+    name = "crowd_sync_token:" + (engine.url.database or "")
+    if dialect == "sqlite":
+        database = engine.url.database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return contextlib.nullcontext()  # no other process can open this database
+        path = Path(database).expanduser().resolve()
+        return _file_lock(path.with_name(path.name + ".token-lock"), wait_s)
+    if dialect in ("mysql", "mariadb"):
+        return _server_lock(
+            engine, wait_s,
+            # Waits up to a second on the server each time: fewer round trips than polling.
+            take=("SELECT GET_LOCK(:name, 1)", {"name": name[:_MYSQL_NAME_MAX]}),
+            free=("SELECT RELEASE_LOCK(:name)", {"name": name[:_MYSQL_NAME_MAX]}),
+        )
+    if dialect == "postgresql":
+        key = advisory_key(name)
+        return _server_lock(
+            engine, wait_s,
+            take=("SELECT pg_try_advisory_lock(:key)", {"key": key}),
+            free=("SELECT pg_advisory_unlock(:key)", {"key": key}),
+        )
+    if dialect == "mssql":
+        return _server_lock(
+            engine, wait_s,
+            take=(
+                "DECLARE @r int; EXEC @r = sp_getapplock @Resource = :name, @LockMode = 'Exclusive', "
+                "@LockOwner = 'Session', @LockTimeout = 0; SELECT CASE WHEN @r >= 0 THEN 1 ELSE 0 END",
+                {"name": name},
+            ),
+            free=("EXEC sp_releaseapplock @Resource = :name, @LockOwner = 'Session'; SELECT 1", {"name": name}),
+        )
+    return None
+
+
+_POLL_S = 0.05
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, wait_s: float) -> Iterator[None]:
+    fd = open_private(path)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path} held by another process for over {wait_s:g} s") from None
+                time.sleep(_POLL_S)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _server_lock(
+    engine: sa.Engine, wait_s: float, *, take: tuple[str, dict[str, Any]], free: tuple[str, dict[str, Any]]
+) -> Iterator[None]:
+    """A session-level named lock on a connection of its own. Each statement is committed at
+    once: the connection holds no transaction, hence no lock on any table, while it waits."""
+    with engine.connect() as conn:
+        deadline = time.monotonic() + wait_s
+        while True:
+            got = conn.execute(sa.text(take[0]), take[1]).scalar()
+            conn.commit()
+            if got in (1, True):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the lock {take[1]} held by another process for over {wait_s:g} s")
+            time.sleep(_POLL_S)
+        try:
+            yield
+        finally:
+            try:
+                conn.execute(sa.text(free[0]), free[1]).scalar()
+                conn.commit()
+            except sa.exc.DBAPIError:
+                # The server drops a session's named locks with the session: make sure it goes.
+                conn.invalidate()

@@ -39,9 +39,9 @@ from sqlalchemy.pool import StaticPool
 
 import migrations
 from sync.crashpoints import crash_point
-from sync.errors import ConfigError
+from sync.errors import ConfigError, TransientError
 from sync.files import private_dir, touch_private
-from sync.outbox.lock import AlreadyRunning, InstanceLock
+from sync.outbox.lock import AlreadyRunning, InstanceLock, renewal_lock
 from sync.outbox.schema import (
     sync_cursor,
     sync_label_cache,
@@ -1070,10 +1070,15 @@ class Store:
 class DbTokenStore:
     """``sync.upstream.tokens.TokenStore`` on the single ``sync_token`` row.
 
-    Single flight across threads (a lock in the process) and across processes
-    (the row is locked in the renewing transaction: ``SELECT ... FOR UPDATE``, or
-    SQLite's BEGIN IMMEDIATE), so concurrent renewals cause exactly one login.
+    Single flight across threads (a lock in the process) and across processes (a lock
+    beside the outbox: a file lock next to a SQLite outbox, a named lock of the database
+    server elsewhere), so concurrent renewals cause exactly one login. No outbox
+    transaction is open while the login waits on the network: a slow platform never holds
+    up the poll or the recording of outcomes (SQLite has a single writer).
     """
+
+    # Longer than any one login (upstream.timeout_s is at most 600 s).
+    RENEWAL_WAIT_S = 900.0
 
     def __init__(self, engine: sa.Engine, clock: Callable[[], datetime] | None = None) -> None:
         self._engine = engine
@@ -1099,26 +1104,46 @@ class DbTokenStore:
             return self._token(conn.execute(self._select()).first())
 
     def renew(self, stale: str | None, login: Callable[[], Token]) -> Token:
-        with self._lock, self._engine.begin() as conn:
+        with self._lock:
+            guard = renewal_lock(self._engine, wait_s=self.RENEWAL_WAIT_S)
+            if guard is None:
+                return self._renew_holding_the_row(stale, login)
+            try:
+                with guard:
+                    tok = self.current()
+                    if tok is not None and tok.value != stale and tok.valid_at(self._clock()):
+                        return tok  # another process renewed it while we waited
+                    tok = login()
+                    with self._engine.begin() as conn:
+                        self._store(conn, tok)
+                    return tok
+            except TimeoutError as exc:
+                raise TransientError(
+                    f"the platform login is held up: {exc}",
+                    hint="another crowd-sync process is logging in; it is retried at the next cycle",
+                ) from None
+
+    def _renew_holding_the_row(self, stale: str | None, login: Callable[[], Token]) -> Token:
+        """Where no named lock exists (Oracle): the token row stays locked during the login,
+        which holds up other renewers only (Oracle's readers never wait for a row lock)."""
+        with self._engine.begin() as conn:
             row = conn.execute(self._select().with_for_update()).first()
-            if row is None:
-                # The migration inserts the row; recreate it if someone deleted it.
-                conn.execute(sa.insert(sync_token).values(id=1))
-                row = conn.execute(self._select().with_for_update()).first()
             tok = self._token(row)
             if tok is not None and tok.value != stale and tok.valid_at(self._clock()):
                 return tok
             tok = login()
-            conn.execute(
-                sa.update(sync_token)
-                .where(sync_token.c.id == 1)
-                .values(
-                    token=tok.value, obtained_at=_utc(tok.obtained_at), expires_at=_utc(tok.expires_at),
-                    updated_at=_utc(self._clock()),
-                )
-            )
-            log.info("token_stored", expires_at=tok.expires_at.isoformat())
+            self._store(conn, tok)
             return tok
+
+    def _store(self, conn: sa.Connection, tok: Token) -> None:
+        values = {
+            "token": tok.value, "obtained_at": _utc(tok.obtained_at), "expires_at": _utc(tok.expires_at),
+            "updated_at": _utc(self._clock()),
+        }
+        if not conn.execute(sa.update(sync_token).where(sync_token.c.id == 1).values(values)).rowcount:
+            # The migration inserts the row; recreate it if someone deleted it.
+            conn.execute(sa.insert(sync_token).values(id=1, **values))
+        log.info("token_stored", expires_at=tok.expires_at.isoformat())
 
     def discard(self, value: str) -> None:
         with self._lock, self._engine.begin() as conn:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -350,6 +351,34 @@ def test_label_cache_keeps_label_codes_only(store: Store) -> None:
 
 
 # -- token ------------------------------------------------------------------------------------
+
+
+def test_a_slow_login_holds_up_no_write_to_the_outbox(store: Store) -> None:
+    """The login waits on the network outside any outbox transaction: with SQLite's single
+    writer, a login as slow as upstream.timeout_s allows used to hold every enqueue back
+    (and past busy_timeout, 30 s, fail it with "database is locked")."""
+    tokens = store.token_store()
+    in_login, release = threading.Event(), threading.Event()
+    now = datetime.now(UTC)
+
+    def slow_login() -> Token:
+        in_login.set()
+        release.wait(10)
+        return Token(value="slow", obtained_at=now, expires_at=now + timedelta(hours=12))
+
+    renewer = threading.Thread(target=tokens.renew, args=(None, slow_login))
+    renewer.start()
+    try:
+        assert in_login.wait(5)
+        started = time.monotonic()
+        assert store.enqueue([item("MZ0001")], now=T0, cursor=(T0, "MZ0001")).inserted == 1
+        store.set_config_error(message="m", hint="h", now=T0)
+        took = time.monotonic() - started
+    finally:
+        release.set()
+        renewer.join(15)
+    assert took < 2.0, f"an enqueue waited {took:.1f} s for the login"
+    assert tokens.current() is not None and tokens.current().value == "slow"  # type: ignore[union-attr]
 
 
 def test_token_renewal_is_single_flight_across_threads(store: Store) -> None:
