@@ -225,8 +225,9 @@ def _one_shot(args: argparse.Namespace, settings: Settings, out: TextIO, kind: s
     with ExitStack() as stack:
         stack.callback(store.dispose)
         store.ensure_schema()
-        stack.enter_context(store.instance_lock(command=kind))
+        lock = stack.enter_context(store.instance_lock(command=kind))
         pipeline = _pipeline(settings, store)
+        pipeline.before_dispatch = lock.ensure
         stack.callback(pipeline.close)
         pipeline.his.check()
         stats = pipeline.reconcile(args.since, args.until) if kind == "reconcile" else pipeline.cycle("once")
@@ -257,10 +258,10 @@ def cmd_run(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     with ExitStack() as stack:
         stack.callback(store.dispose)
         store.ensure_schema()
-        stack.enter_context(store.instance_lock(command="run"))
+        lock = stack.enter_context(store.instance_lock(command="run"))
         pipeline = _pipeline(settings, store)
         pipeline.his.check()
-        return Daemon(settings, pipeline).run()
+        return Daemon(settings, pipeline, lock=lock).run()
     return EXIT_UNEXPECTED  # pragma: no cover
 
 

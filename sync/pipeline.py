@@ -232,6 +232,8 @@ class Pipeline:
         )
         self._lock = threading.Lock()
         self._recorder = _Recorder(store)
+        # Raises unless this process may send (the instance lock is still ours): see InstanceLock.ensure.
+        self.before_dispatch: Callable[[], None] | None = None
 
     # -- life cycle -------------------------------------------------------
 
@@ -486,6 +488,8 @@ class Pipeline:
     def dispatch(self, stats: CycleStats) -> None:
         """Send everything due, with ``upstream.concurrency`` uploads in flight; every outcome
         is in the outbox when this returns."""
+        if self.before_dispatch is not None:
+            self.before_dispatch()
         looked_up: dict[str, _Decision] = {}
         try:
             paused = self.store.get_config_error()

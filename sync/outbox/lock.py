@@ -33,7 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
-from sync.errors import ConfigError
+from sync.errors import ConfigError, TransientError
 from sync.files import open_private
 
 log = structlog.get_logger(__name__)
@@ -94,6 +94,7 @@ class InstanceLock:
         self._on_acquired = on_acquired
         self._on_released = on_released
         self._fd: int | None = None
+        self._path: Path | None = None
         self._conn: sa.Connection | None = None
         self._memory_key: str | None = None
         self._held = False
@@ -139,10 +140,47 @@ class InstanceLock:
             # (and needs the schema, which may not exist yet).
             log.warning("instance_record_failed", lock=self.name, error=str(exc.__class__.__name__))
 
+    def ensure(self) -> None:
+        """Return only while the lock is ours; called before each cycle and each dispatch.
+
+        A lock lost meanwhile (its server session killed or timed out, its lock file deleted)
+        is taken again if it is free; ``AlreadyRunning`` if another process took it, so that
+        this one stops instead of sending beside it; ``TransientError`` if the outbox cannot
+        be asked now (nothing is sent until it can).
+        """
+        if self.still_held():
+            return
+        if self._held:
+            log.error(
+                "instance_lock_lost", lock=self.name, command=self.command,
+                fix="sending stops until the lock is ours again; check the outbox server's connection limits "
+                "and timeouts (a DBA's KILL, wait_timeout, a restart)",
+            )
+            self.release()
+        try:
+            self.acquire()
+        except AlreadyRunning:
+            log.error("instance_lock_taken", lock=self.name, command=self.command)
+            raise
+        except sa.exc.SQLAlchemyError as exc:
+            raise TransientError(
+                f"the instance lock {self.name} was lost and cannot be taken again now: {type(exc).__name__}",
+                hint="nothing is sent until it is; check that the outbox database is reachable",
+            ) from None
+        log.warning("instance_lock_reacquired", lock=self.name, command=self.command)
+
     def still_held(self) -> bool:
         """Whether the lock is still ours (a server-side lock dies with its connection)."""
         if not self._held:
             return False
+        if self._fd is not None and self._path is not None:
+            # flock holds the file we opened: a lock file deleted (or replaced) since is
+            # one another process can create and lock again.
+            try:
+                ours, there = os.fstat(self._fd), os.stat(self._path)
+            except OSError:
+                return False
+            return (ours.st_dev, ours.st_ino) == (there.st_dev, there.st_ino)
         if self._conn is None:
             return True
         dialect = self.engine.dialect.name
@@ -180,6 +218,7 @@ class InstanceLock:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+            self._path = None
         if self._memory_key is not None:
             with _memory_guard:
                 _memory_locks.discard(self._memory_key)
@@ -223,6 +262,7 @@ class InstanceLock:
             os.close(fd)
             return False
         self._fd = fd
+        self._path = path
         return True
 
     def _acquire_on_connection(self, attempt: Callable[[sa.Connection], bool]) -> bool:

@@ -426,3 +426,23 @@ def test_a_second_instance_is_refused_naming_the_first(store: Store) -> None:
         other.dispose()
     with store.instance_lock(command="once"):
         pass
+
+
+def test_a_deleted_lock_file_is_a_lost_lock(store: Store) -> None:
+    """flock holds the file that was opened: once it is deleted, a second process creates a
+    new one and locks that. The first must see it has lost the lock, not send beside it."""
+    database = store.engine.url.database
+    assert database is not None
+    first = store.instance_lock(command="run")
+    first.acquire()
+    try:
+        Path(database + ".lock").unlink()
+        assert not first.still_held()
+        other = Store(str(store.engine.url))
+        with other.instance_lock(command="run"), pytest.raises(AlreadyRunning):
+            first.ensure()
+        first.ensure()  # free again: taken back
+        assert first.still_held()
+        other.dispose()
+    finally:
+        first.release()
