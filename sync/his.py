@@ -61,6 +61,10 @@ _AUTH_TEXT = (
 
 # DisconnectionError is the pool's own signal of a dead connection; it is no DBAPIError.
 _DB_ERRORS = (sa.exc.DBAPIError, sa.exc.DisconnectionError)
+# What a driver raises on one row it cannot read: its own error (SQLite: "Could not decode
+# to UTF-8 column"), or Python's while converting a value (psycopg2 decoding a SQL_ASCII
+# database's bytes, a date beyond year 9999).
+_READ_ERRORS = (*_DB_ERRORS, UnicodeDecodeError, ValueError, OverflowError)
 
 _QUERY_HINT = (
     "his.query runs as SELECT * FROM (<his.query>) q ORDER BY changed_at, lsh; run it by hand against the HIS "
@@ -111,24 +115,42 @@ def now_sql(dialect: Dialect) -> sa.TextClause:
     return sa.text(text)
 
 
-def window_sql(query: str, dialect: Dialect, *, order_by: Sequence[str] | None = None) -> sa.TextClause:
+def window_sql(
+    query: str,
+    dialect: Dialect,
+    *,
+    order_by: Sequence[str] | None = None,
+    after: bool = False,
+    select: Sequence[str] | None = None,
+    at_key: bool = False,
+) -> sa.TextClause:
     """The hospital's query wrapped for one window.
 
-    With ``order_by`` (the actual column names, as the result keys spell them) the
-    rows come back in cursor order; without it the statement reads no rows at all
-    and only reveals the column names. The derived table has no ``AS`` before its
-    alias because Oracle rejects one.
+    With ``order_by`` (the actual column names, as the result keys spell them: the
+    cursor's ``changed_at, lsh``) the rows come back in cursor order; without it the
+    statement reads no rows at all and only reveals the column names. The derived table
+    has no ``AS`` before its alias because Oracle rejects one.
+
+    Used to read around a row the driver cannot read: ``after`` keeps only the rows after
+    the key ``(:cs_after_at, :cs_after_lsh)`` in cursor order (compared by the database,
+    with its own collation, as its ORDER BY sorts); ``select`` names the columns to read
+    instead of all; ``at_key`` keeps only the row at ``(:cs_key_at, :cs_key_lsh)``.
     """
     # A `:word` inside a string literal or a comment of the hospital's query is text, not a parameter.
     inner = escape_literal_colons(query.strip().rstrip(";").strip(), dialect.name)
+    # Quoted only when needed: an Oracle key `lsh` stands for the folded LSH and must
+    # stay unquoted, a PostgreSQL alias "LSH" must be quoted to be found again.
+    quote = dialect.identifier_preparer.quote
+    what = "*" if select is None else ", ".join(f"q.{quote(name)}" for name in select)
     if order_by is None:
-        tail = "WHERE 1 = 0"
-    else:
-        # Quoted only when needed: an Oracle key `lsh` stands for the folded LSH and must
-        # stay unquoted, a PostgreSQL alias "LSH" must be quoted to be found again.
-        preparer = dialect.identifier_preparer
-        tail = "ORDER BY " + ", ".join(preparer.quote(name) for name in order_by)
-    return sa.text(f"SELECT * FROM (\n{inner}\n) q {tail}")
+        return sa.text(f"SELECT {what} FROM (\n{inner}\n) q WHERE 1 = 0")
+    at, lsh = (f"q.{quote(name)}" for name in order_by)
+    where = ""
+    if after:
+        where = f"WHERE ({at} > :cs_after_at OR ({at} = :cs_after_at AND {lsh} > :cs_after_lsh)) "
+    elif at_key:
+        where = f"WHERE {at} = :cs_key_at AND {lsh} = :cs_key_lsh "
+    return sa.text(f"SELECT {what} FROM (\n{inner}\n) q {where}ORDER BY {at}, {lsh}")
 
 
 class HisSource:
@@ -171,26 +193,64 @@ class HisSource:
         """Stream the rows of ``[since, until)`` ordered by ``changed_at, lsh``, keys in lower case.
 
         The columns are checked before the first row is yielded, so a bad query
-        fails before any row is processed.
+        fails before any row is processed. A row the driver cannot read (bytes that are
+        not text in the connection's character set, a value no Python type holds) comes
+        out with ``records.Unreadable`` in place of each value it could not read, and
+        the window goes on after it.
         """
         count = 0
-        with self._connect() as conn:
-            columns = self._columns(conn)
-            keys = [c.lower() for c in columns]
-            dates, money = _DATE_COLUMNS.intersection(keys), _MONEY_COLUMNS.intersection(keys)
-            stream = conn.execution_options(stream_results=True, yield_per=self._his.batch_size)
-            try:
-                # Closed even when the caller stops early: an unbuffered MySQL result left
-                # open would poison the pooled connection for the next poll.
-                with stream.execute(
-                    window_sql(self._his.query, conn.dialect, order_by=_sort_keys(columns)),
-                    {"since": since, "until": until},
-                ) as result:
-                    for row in result:
-                        count += 1
-                        yield _canonical(dict(zip(keys, row, strict=True)), dates, money)
-            except _DB_ERRORS as exc:
-                raise self._error(exc, doing="reading the window") from None
+        after: tuple[Any, Any] | None = None  # the last row's (changed_at, lsh) as the database gave them
+        # After a failure the window is read again from the last row handed out, one row per
+        # fetch: a driver fails a whole fetch of many rows, and the rows before the bad one
+        # in that fetch must not be taken for it.
+        careful = False
+        while True:
+            failure: Exception | None = None
+            with self._connect() as conn:
+                columns = self._columns(conn)
+                keys = [c.lower() for c in columns]
+                at_i, lsh_i = keys.index("changed_at"), keys.index("lsh")
+                dates, money = _DATE_COLUMNS.intersection(keys), _MONEY_COLUMNS.intersection(keys)
+                stream = conn.execution_options(stream_results=True, yield_per=1 if careful else self._his.batch_size)
+                params: dict[str, Any] = {"since": since, "until": until}
+                if after is not None:
+                    params.update(cs_after_at=after[0], cs_after_lsh=after[1])
+                try:
+                    # Closed even when the caller stops early: an unbuffered MySQL result left
+                    # open would poison the pooled connection for the next poll.
+                    with stream.execute(
+                        window_sql(self._his.query, conn.dialect, order_by=_sort_keys(columns), after=after is not None),
+                        params,
+                    ) as result:
+                        rows = iter(result)
+                        while True:
+                            try:
+                                row = next(rows)
+                            except StopIteration:
+                                break
+                            except _READ_ERRORS as exc:
+                                if _is_transient(exc):
+                                    raise
+                                failure = exc  # this one row: read around it below
+                                break
+                            count += 1
+                            after = (row[at_i], row[lsh_i])
+                            yield _canonical(dict(zip(keys, row, strict=True)), dates, money)
+                except _DB_ERRORS as exc:
+                    raise self._error(exc, doing="reading the window") from None
+                if failure is not None:
+                    conn.invalidate()  # whatever state the driver was left in, it is not reused
+            if failure is None:
+                break
+            if not careful:
+                careful = True
+                continue
+            bad, key = self._unreadable_row(since, until, after, columns, failure)
+            if key == after:  # no progress: the same row again (never expected; never loop)
+                raise self._error(failure, doing="reading the window")
+            after, careful = key, False
+            count += 1
+            yield _canonical(bad, dates, money)
         log.info("his_window_read", since=since.isoformat(), until=until.isoformat(), rows=count)
 
     def dispose(self) -> None:
@@ -198,6 +258,70 @@ class HisSource:
         self._engine.dispose()
 
     # -- internals ---------------------------------------------------------------
+
+    def _unreadable_row(
+        self, since: datetime, until: datetime, after: tuple[Any, Any] | None, columns: list[str], failure: Exception
+    ) -> tuple[dict[str, Any], tuple[Any, Any]]:
+        """The row after ``after`` that could not be read, column by column: what can be read,
+        and ``Unreadable`` where the driver fails; with its (changed_at, lsh) to go on after."""
+        order = _sort_keys(columns)
+        base: dict[str, Any] = {"since": since, "until": until}
+        if after is not None:
+            base.update(cs_after_at=after[0], cs_after_lsh=after[1])
+
+        def first(select: list[str], *, at_key: tuple[Any, Any] | None = None) -> tuple[Any, ...] | None:
+            with self._connect() as conn:
+                try:
+                    params = dict(base)
+                    if at_key is not None:
+                        params.update(cs_key_at=at_key[0], cs_key_lsh=at_key[1])
+                    sql = window_sql(
+                        self._his.query, conn.dialect, order_by=order, select=select,
+                        after=at_key is None and after is not None, at_key=at_key is not None,
+                    )
+                    with conn.execution_options(stream_results=True).execute(sql, params) as result:
+                        row = result.first()
+                    return None if row is None else tuple(row)
+                except Exception:
+                    conn.invalidate()
+                    raise
+
+        reason = _read_error_text(failure)
+        try:
+            found = first(order)
+        except _READ_ERRORS as exc:
+            if _is_transient(exc):
+                raise self._error(exc, doing="reading the window") from None
+            # The key itself cannot be read: park the row under its time alone, and go on
+            # after that time (other visits settled at that very instant come with it).
+            try:
+                found_at = first(order[:1])
+            except _READ_ERRORS:
+                raise self._error(failure, doing="reading the window") from None
+            if found_at is None:
+                raise self._error(failure, doing="reading the window") from None
+            log.error("his_row_unreadable", changed_at=str(found_at[0]), columns=["lsh"], error=reason)
+            return {"changed_at": found_at[0], "lsh": records.Unreadable(_read_error_text(exc))}, (found_at[0], None)
+        if found is None:
+            raise self._error(failure, doing="reading the window")
+        key = (found[0], found[1])
+        values: dict[str, Any] = {}
+        unreadable: list[str] = []
+        for column in columns:
+            name = column.lower()
+            if column in order:
+                values[name] = key[order.index(column)]
+                continue
+            try:
+                got = first([column], at_key=key)
+                values[name] = None if got is None else got[0]
+            except _READ_ERRORS as exc:
+                if _is_transient(exc):
+                    raise self._error(exc, doing="reading the window") from None
+                values[name] = records.Unreadable(_read_error_text(exc))
+                unreadable.append(name)
+        log.error("his_row_unreadable", lsh=str(key[1]), changed_at=str(key[0]), columns=unreadable, error=reason)
+        return values, key
 
     def _connect(self) -> Connection:
         try:
@@ -230,7 +354,7 @@ class HisSource:
             hint="check host and port in his.url, that the database is running, the firewall between the two hosts, and the credentials",
         )
 
-    def _error(self, exc: sa.exc.SQLAlchemyError, *, doing: str) -> ConfigError | TransientError:
+    def _error(self, exc: BaseException, *, doing: str) -> ConfigError | TransientError:
         message = _db_message(exc)
         if _is_transient(exc):
             # The pool has already discarded an invalidated connection: the next poll reconnects.
@@ -406,14 +530,20 @@ def _as_naive_datetime(value: Any) -> datetime:
     return value.replace(tzinfo=None)
 
 
-def _db_message(exc: sa.exc.SQLAlchemyError) -> str:
+def _db_message(exc: BaseException) -> str:
     # The driver's own message, without the SQL text and parameters SQLAlchemy appends.
     orig = getattr(exc, "orig", None)
     text = " ".join(str(orig).split()) if orig is not None else str(exc).split("\n")[0]
     return redact(text)[:500]
 
 
-def _mysql_code(exc: sa.exc.SQLAlchemyError) -> int | None:
+def _read_error_text(exc: BaseException) -> str:
+    if isinstance(exc, sa.exc.SQLAlchemyError):
+        return _db_message(exc)
+    return redact(f"{type(exc).__name__}: {exc}")[:300]
+
+
+def _mysql_code(exc: BaseException) -> int | None:
     orig = getattr(exc, "orig", None)
     # Only MySQL drivers: other drivers' numbers (SQL Server's) mean other things.
     if orig is None or not type(orig).__module__.startswith(("pymysql", "MySQLdb")):
@@ -424,7 +554,7 @@ def _mysql_code(exc: sa.exc.SQLAlchemyError) -> int | None:
     return None
 
 
-def _is_transient(exc: sa.exc.SQLAlchemyError) -> bool:
+def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, sa.exc.DisconnectionError) or getattr(exc, "connection_invalidated", False):
         return True
     if _mysql_code(exc) in _MYSQL_TRANSIENT:

@@ -29,7 +29,7 @@ from sync.crashpoints import crash_point
 from sync.errors import AuthError, ConfigError, InvalidRecord, SyncError, TransientError
 from sync.his import HisSource, polling_window
 from sync.outbox.store import Claimed, Incoming, Outcome, Status, Store
-from sync.policy import RetryPolicy
+from sync.policy import MAX_UPLOAD_CRASHES, RetryPolicy
 from sync.settings import Settings
 from sync.upstream.client import Client, LookupResult, parse_person
 
@@ -558,8 +558,7 @@ class Pipeline:
                 c = pending.pop(fut)
                 exc = fut.exception()
                 if exc is not None:
-                    log.error("upload_crashed", lsh=c.lsh, error=f"{type(exc).__name__}: {exc}")
-                    self.store.release([c], now=self.clock())
+                    self._crashed(c, exc, stats)
         if queue:
             self.store.release([c for c, _, _ in queue], now=self.clock())
         if config_error:
@@ -649,6 +648,26 @@ class Pipeline:
             else:
                 stats.updated += 1
         log.debug("record_sent", lsh=c.lsh, answer=result.message)
+
+    def _crashed(self, c: Claimed, exc: BaseException, stats: CycleStats) -> None:
+        """The upload path raised where it should not: counted against the record, which is
+        parked invalid at the MAX_UPLOAD_CRASHES-th time instead of crashing every cycle."""
+        now = self.clock()
+        error = (
+            f"crowd-sync crashed uploading this record: {type(exc).__name__}: {exc} — if its payload was "
+            "edited by hand, correct it and run `crowd-sync retry --lsh` (or let the HIS row change); "
+            "otherwise report it as a bug with this text"
+        )
+        status = self.store.record_crash(
+            c, error=error, now=now, next_attempt_at=self.policy.next_attempt_at(now, c.attempts + 1),
+            limit=MAX_UPLOAD_CRASHES,
+        )
+        log.error("upload_crashed", lsh=c.lsh, error=f"{type(exc).__name__}: {exc}", now_status=status)
+        with self._lock:
+            if status is Status.INVALID:
+                stats.invalid += 1
+            elif status is Status.FAILED:
+                stats.failed += 1
 
     def _failed(self, c: Claimed, exc: SyncError, stats: CycleStats, prefix: str = "") -> None:
         now = self.clock()

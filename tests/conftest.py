@@ -35,7 +35,9 @@ def _unavailable(what: str, how: str) -> None:
     pytest.skip(message)
 
 
-def _fresh_database(admin_url: str, dialect: str, *, collation: str = "utf8mb4_unicode_ci") -> Iterator[str]:
+def _fresh_database(
+    admin_url: str, dialect: str, *, collation: str = "utf8mb4_unicode_ci", encoding: str = "UTF8"
+) -> Iterator[str]:
     name = f"cs_test_{secrets.token_hex(4)}"
     admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
@@ -43,7 +45,8 @@ def _fresh_database(admin_url: str, dialect: str, *, collation: str = "utf8mb4_u
             if dialect == "mysql":
                 conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE {collation}")
             else:
-                conn.exec_driver_sql(f"CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0")
+                locale = " LC_COLLATE 'C' LC_CTYPE 'C'" if encoding == "SQL_ASCII" else ""
+                conn.exec_driver_sql(f"CREATE DATABASE {name} ENCODING '{encoding}'{locale} TEMPLATE template0")
         url = sa.engine.make_url(admin_url).set(database=name)
         yield url.render_as_string(hide_password=False)
     finally:
@@ -84,6 +87,17 @@ def postgres_url() -> Iterator[str]:
             "PostgreSQL", "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
         )
     yield from _fresh_database(POSTGRES_ADMIN, "postgresql")
+
+
+@pytest.fixture
+def postgres_sql_ascii_url() -> Iterator[str]:
+    """An empty PostgreSQL database created with ENCODING 'SQL_ASCII', as old HIS installs are:
+    the server stores and returns bytes unchecked, whatever their encoding."""
+    if not _port_open("127.0.0.1", 5432):
+        _unavailable(
+            "PostgreSQL", "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+        )
+    yield from _fresh_database(POSTGRES_ADMIN, "postgresql", encoding="SQL_ASCII")
 
 
 @pytest.fixture

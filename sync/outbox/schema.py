@@ -68,6 +68,9 @@ sync_outbox = sa.Table(
               comment="upload attempts of the current payload / 上传尝试次数"),
     sa.Column("generic_failures", sa.Integer, nullable=False, server_default=sa.text("0"),
               comment="answers 中间请求异常 received for the current payload (retried a bounded number of times) / 通用异常次数"),
+    sa.Column("crashes", sa.Integer, nullable=False, server_default=sa.text("0"),
+              comment="times uploading the current payload crashed crowd-sync (a payload edited by hand, a bug); "
+              "at 3 the row is parked invalid / 上传崩溃次数"),
     sa.Column("first_failed_at", Timestamp, nullable=True,
               comment="UTC, first transient failure of the current payload; drives retry.give_up_after_h / 首次失败时间(UTC)"),
     sa.Column("next_attempt_at", Timestamp, nullable=True,

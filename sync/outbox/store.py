@@ -619,6 +619,7 @@ class Store:
             "source_changed_at": _wall(item.source_changed_at),
             "attempts": 0,
             "generic_failures": 0,
+            "crashes": 0,
             "first_failed_at": None,
             "next_attempt_at": now if status is Status.PENDING else None,
             "last_error": item.reason,
@@ -820,6 +821,35 @@ class Store:
             values["key_crowd"] = key_crowd
         return Outcome(claimed=c, values=values)
 
+    def record_crash(
+        self, c: Claimed, *, error: str, now: datetime, next_attempt_at: datetime, limit: int
+    ) -> Status | None:
+        """Uploading ``c`` raised where nothing should (a payload edited into broken JSON, a
+        bug): ``failed`` until its ``limit``-th crash, then ``invalid`` with ``error``, so a
+        poison record stops being tried every cycle. None when the row is no longer ours."""
+        now = _utc(now)
+        o = sync_outbox
+        ours = sa.and_(o.c.lsh == c.lsh, o.c.lease_owner == c.lease_owner, o.c.payload_hash == c.payload_hash)
+        with self._outcome_lock, self.engine.begin() as conn:
+            crashes = conn.execute(sa.select(o.c.crashes).where(ours)).scalar()
+            if crashes is None:
+                conn.execute(
+                    sa.update(o).where(o.c.lsh == c.lsh, o.c.lease_owner == c.lease_owner)
+                    .values(lease_owner=None, lease_until=None)
+                )
+                return None
+            crashes = int(crashes) + 1
+            status = Status.INVALID if crashes >= limit else Status.FAILED
+            conn.execute(
+                sa.update(o).where(ours).values(
+                    status=status.value, crashes=crashes, attempts=o.c.attempts + 1, last_error=error,
+                    last_http_status=None, updated_at=now, lease_owner=None, lease_until=None,
+                    next_attempt_at=None if status is Status.INVALID else _utc(next_attempt_at),
+                    first_failed_at=sa.func.coalesce(o.c.first_failed_at, now),
+                )
+            )
+        return status
+
     def release(self, claims: Iterable[Claimed], *, now: datetime) -> None:
         """Drop leases and change nothing else (configuration pause, shutdown)."""
         by_owner: dict[str, list[str]] = {}
@@ -855,7 +885,7 @@ class Store:
         now = _utc(now)
         o = sync_outbox
         values = {
-            "status": Status.PENDING.value, "attempts": 0, "generic_failures": 0, "first_failed_at": None,
+            "status": Status.PENDING.value, "attempts": 0, "generic_failures": 0, "crashes": 0, "first_failed_at": None,
             "next_attempt_at": now, "updated_at": now,
         }
         conds: list[sa.ColumnElement[bool]] = []

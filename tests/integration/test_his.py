@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 
 from sync.errors import ConfigError, TransientError
 from sync.his import HisSource, now_sql, window_sql
+from sync.records import Unreadable
 from sync.settings import His
 
 metadata = sa.MetaData()
@@ -489,3 +490,29 @@ def test_cx_oracle_url_without_the_driver_says_what_to_install() -> None:
 def test_an_unknown_dialect_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="dialect"):
         source("informix://reader:pw@his-db/his")
+
+
+def test_a_value_the_driver_cannot_decode_is_isolated_to_its_row(postgres_sql_ascii_url: str) -> None:
+    """A SQL_ASCII database returns a clerk's Latin-1 text as bytes psycopg2 cannot decode."""
+    sql_ascii_url = postgres_sql_ascii_url
+    engine = sa.create_engine(sql_ascii_url)
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(patients.insert(), [{**p, "xm": "Zhang"} for p in PATIENTS])
+    rows = [settlement(i, T0 + timedelta(minutes=i)) for i in range(1, 8)]
+    for r in rows:
+        r["zdmc"] = "Pneumonia"
+    insert(engine, rows)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE js_jsxx SET zdmc = E'Maladie de M\\xe9ni\\xe8re' WHERE jsid = 4")
+    engine.dispose()
+    src = source(sql_ascii_url, batch_size=100)
+    try:
+        got = list(src.rows(T0, T0 + timedelta(hours=1)))
+    finally:
+        src.dispose()
+    assert [r["lsh"] for r in got] == [f"JS{i:08d}" for i in range(1, 8)]
+    bad = got[3]
+    assert isinstance(bad["icd_name"], Unreadable) and "UnicodeDecodeError" in bad["icd_name"].reason
+    assert bad["total_fee"] == Decimal("3456.78") and bad["changed_at"] == T0 + timedelta(minutes=4)
+    assert all(r["icd_name"] == "Pneumonia" for r in got if r is not bad)
