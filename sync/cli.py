@@ -266,16 +266,20 @@ def cmd_run(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    from sync import clock
     from sync.pipeline import utcnow
 
     store = _store(settings)
     try:
         store.ensure_schema()
         summary = store.summary(now=utcnow())
+        cursor = store.get_cursor()
+        his_clock = clock.current(store.get_his_clock(), cursor[0] if cursor else None, now_utc=utcnow())
     finally:
         store.dispose()
     data = _summary_dict(summary, utcnow())
     data["outbox"] = store.url_for_humans
+    data["his_clock"] = his_clock
     if args.json:
         print(json.dumps(data, ensure_ascii=False, indent=2, default=str), file=out)
         return EXIT_OK
@@ -340,6 +344,7 @@ def _render_status(d: dict[str, Any]) -> str:
         )
     else:
         lines.append("  上次运行 last run: never")
+    lines.extend(_render_his_clock(d.get("his_clock")))
     ce = d.get("config_error")
     if ce:
         lines.append(f"  !! 发送已暂停 sending paused since {ce.get('since')}: {ce.get('message')}")
@@ -348,6 +353,45 @@ def _render_status(d: dict[str, Any]) -> str:
     else:
         lines.append("  配置错误 configuration error: none")
     return "\n".join(lines)
+
+
+def _render_his_clock(c: dict[str, Any] | None) -> list[str]:
+    """The HIS clock as the last poll read it, and the cursor's lag behind it."""
+    from sync.clock import human_offset
+
+    if not c:
+        return ["  HIS 时钟 HIS clock: not read yet (no poll has run)"]
+    read_at = datetime.fromisoformat(str(c["read_at"])) if c.get("read_at") else None
+    age = f", read {_human_age(int((_utcnow() - read_at).total_seconds()))} ago" if read_at else ""
+    offset = c.get("offset_s")
+    lines = [
+        f"  HIS 时钟 HIS clock: {c['his_now'].replace('T', ' ')} {c.get('zone')}"
+        + (f", {human_offset(float(offset))} from this host" if offset is not None else "") + age
+    ]
+    lag = c.get("cursor_lag_s")
+    if lag is None:
+        lines.append("  读取进度 cursor: none yet (the first poll back-fills)")
+    elif lag >= 0:
+        lines.append(f"  读取进度 cursor: {c['cursor_at'].replace('T', ' ')}, {human_offset(lag)[1:]} behind the HIS clock")
+    else:
+        lines.append(
+            f"  !! 读取进度超前 cursor: {c['cursor_at'].replace('T', ' ')} is {human_offset(-lag)[1:]} AHEAD of the HIS "
+            "clock: the next poll rewinds it (see `crowd-sync check`)"
+        )
+    for p in c.get("problems") or []:
+        lines.append(f"  !! HIS 时钟问题 clock problem: {p.get('message')}")
+        lines.append(f"     处理 fix: {p.get('fix')}")
+    rewound = c.get("cursor_rewound")
+    if rewound:
+        lines.append(
+            f"  游标已回拨 cursor rewound at {rewound.get('at')} UTC: it was {human_offset(float(rewound.get('ahead_s') or 0))[1:]} "
+            f"ahead of the HIS clock; read again from {rewound.get('rewound_to') or 'his.start_from'}"
+        )
+    return lines
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _human_age(seconds: int) -> str:

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TextIO
+from zoneinfo import ZoneInfo
 
 from sync import settings as settings_mod
 from sync.files import private_dir, touch_private, write_private
@@ -193,6 +194,13 @@ def resettle_one(path: Path, *, lsh: str, now: datetime) -> None:
     db.close()
 
 
+def _his_now() -> datetime:
+    """Now as the demo HIS writes its times: in schedule.timezone, which the demo settings leave at
+    its default and so is the HIS's zone (his.timezone), whatever this host's own zone."""
+    zone = ZoneInfo(str(settings_mod.Schedule.model_fields["timezone"].default))
+    return datetime.now(zone).replace(tzinfo=None, microsecond=0)
+
+
 def write_settings(path: Path, *, his_db: Path, outbox_db: Path, base_url: str) -> None:
     from sync.upstream.simulator import TEST_APP_KEY, TEST_PASSWORD, TEST_USERNAME
 
@@ -241,7 +249,7 @@ def main(directory: str, *, out: TextIO) -> int:
     for f in (outbox_db, outbox_db.with_name(outbox_db.name + "-wal"), outbox_db.with_name(outbox_db.name + "-shm")):
         f.unlink(missing_ok=True)
 
-    now = datetime.now().replace(microsecond=0)
+    now = _his_now()
     facts = build_his(his_db, now=now)
     print(f"1. 演示 HIS / demo HIS: {his_db} (300 visits, {len(facts.broken)} broken on purpose)", file=out)
 
@@ -271,7 +279,7 @@ def main(directory: str, *, out: TextIO) -> int:
                 file=out,
             )
             sent_lsh = next(iter(sorted(sim.records)))
-            resettle_one(his_db, lsh=sent_lsh, now=datetime.now().replace(microsecond=0) - timedelta(seconds=1))
+            resettle_one(his_db, lsh=sent_lsh, now=_his_now() - timedelta(seconds=1))
             s2 = pipeline.cycle("once")
             print(
                 f"4. 反结算后重新结算 / re-settlement of {sent_lsh}: read {s2.rows_read}, "

@@ -15,6 +15,7 @@ MAX_SKEW_S = 300
 
 def run_checks(settings: Settings, *, out: TextIO) -> bool:
     """Run every check, print one line each; True when nothing failed."""
+    from sync import clock as his_clocks
     from sync.his import HisSource
     from sync.outbox.store import Store
     from sync.upstream.client import Client
@@ -39,7 +40,9 @@ def run_checks(settings: Settings, *, out: TextIO) -> bool:
     print(f"[ OK ] settings: {settings.source_path} parsed", file=out)
 
     store = Store(settings.outbox.url.get_secret_value(), lease_s=settings.outbox.lease_s)
-    his = HisSource(settings.his, need_key_crowd=settings.key_crowd.source == "column")
+    his = HisSource(
+        settings.his, need_key_crowd=settings.key_crowd.source == "column", zone=settings.his_timezone
+    )
     client: Client | None = None
     try:
         def outbox() -> str:
@@ -50,10 +53,22 @@ def run_checks(settings: Settings, *, out: TextIO) -> bool:
 
         def his_query() -> str:
             columns = his.check()
-            now = his.now()
-            return f"query returns the {len(columns)} expected columns; HIS clock {now:%Y-%m-%d %H:%M:%S}"
+            return f"query returns the {len(columns)} expected columns"
 
-        report("HIS database and query", his_query)
+        his_ok = report("HIS database and query", his_query)
+
+        def his_clock() -> str:
+            reading = his.clock()
+            found = his_clocks.findings(reading, his.probe(reading), host_zone=settings.schedule.timezone)
+            if found:
+                raise SyncError(
+                    "; ".join(f.message for f in found),
+                    hint=" — ".join(f.fix for f in found),
+                )
+            return his_clocks.note(reading, host_zone=settings.schedule.timezone)
+
+        if his_ok:
+            report("HIS clock", his_clock)
 
         if not outbox_ok:
             print("[SKIP] platform checks: they need the outbox (it keeps the shared login token)", file=out)

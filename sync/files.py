@@ -40,8 +40,17 @@ def open_private(path: Path, flags: int = os.O_RDWR) -> int:
 
 def touch_private(path: Path) -> None:
     """Create an empty file 0600 unless it exists (SQLite then keeps that mode, and gives it
-    to the -wal and -shm files it creates beside it)."""
-    os.close(open_private(path))
+    to the -wal and -shm files it creates beside it).
+
+    An existing file is never opened: closing any descriptor of a SQLite database drops every
+    POSIX lock this process holds on it, SQLite's own included (see SQLite's "How To Corrupt").
+    """
+    private_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        return
+    os.close(fd)
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -24,9 +24,11 @@ import structlog
 from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
 
 from sync import records
+from sync.clock import MAX_OFFSET_S, DataProbe, HisClock
 from sync.errors import ConfigError, TransientError
 from sync.logs import redact, register_secret
-from sync.settings import His, escape_literal_colons
+from sync.settings import His, Schedule, escape_literal_colons
+from sync.settings import zone as tz_of
 
 log = structlog.get_logger(__name__)
 
@@ -95,23 +97,28 @@ def polling_window(
     return since, until
 
 
-def now_sql(dialect: Dialect) -> sa.TextClause:
-    """The statement giving the database's own local wall-clock time, as its DATETIME columns hold it."""
+def clock_sql(dialect: Dialect) -> sa.TextClause:
+    """The database's UTC clock and its session's own local time, in one statement.
+
+    The UTC clock is what polling uses (in his.timezone): it does not depend on the server's
+    time_zone, which is UTC on many installs while the HIS writes China time. The local time
+    is only compared, to tell an operator what the server's time_zone is.
+    """
     name = dialect.name
     if name in ("mysql", "mariadb"):
-        text = "SELECT CURRENT_TIMESTAMP"
+        text = "SELECT UTC_TIMESTAMP(6), NOW(6)"
     elif name == "postgresql":
-        # LOCALTIMESTAMP is naive, in the session time zone, as `timestamp` columns are filled.
-        text = "SELECT LOCALTIMESTAMP"
+        # clock_timestamp(), not now(): the time of the statement, not of the transaction's start.
+        text = "SELECT clock_timestamp() AT TIME ZONE 'UTC', CAST(clock_timestamp() AS timestamp)"
     elif name == "oracle":
-        # SYSDATE is what HIS triggers and defaults use for DATE columns (server OS time).
-        text = "SELECT SYSDATE FROM DUAL"
+        # SYSDATE is the server OS's local time, what HIS triggers and defaults write into DATE columns.
+        text = "SELECT SYS_EXTRACT_UTC(SYSTIMESTAMP), SYSDATE FROM DUAL"
     elif name == "mssql":
-        text = "SELECT SYSDATETIME()"
+        text = "SELECT SYSUTCDATETIME(), SYSDATETIME()"
     elif name == "sqlite":
-        text = "SELECT datetime('now', 'localtime')"
+        text = "SELECT strftime('%Y-%m-%d %H:%M:%f', 'now'), strftime('%Y-%m-%d %H:%M:%f', 'now', 'localtime')"
     else:
-        text = "SELECT CURRENT_TIMESTAMP"
+        text = "SELECT NULL, CURRENT_TIMESTAMP"  # no known UTC clock: the local one stands for the HIS clock
     return sa.text(text)
 
 
@@ -144,21 +151,31 @@ def window_sql(
     what = "*" if select is None else ", ".join(f"q.{quote(name)}" for name in select)
     if order_by is None:
         return sa.text(f"SELECT {what} FROM (\n{inner}\n) q WHERE 1 = 0")
-    at, lsh = (f"q.{quote(name)}" for name in order_by)
+    at, lsh = (quote(name) for name in order_by)
     where = ""
     if after:
-        where = f"WHERE ({at} > :cs_after_at OR ({at} = :cs_after_at AND {lsh} > :cs_after_lsh)) "
+        where = f"WHERE (q.{at} > :cs_after_at OR (q.{at} = :cs_after_at AND q.{lsh} > :cs_after_lsh)) "
     elif at_key:
-        where = f"WHERE {at} = :cs_key_at AND {lsh} = :cs_key_lsh "
+        where = f"WHERE q.{at} = :cs_key_at AND q.{lsh} = :cs_key_lsh "
     return sa.text(f"SELECT {what} FROM (\n{inner}\n) q {where}ORDER BY {at}, {lsh}")
+
+
+def newest_sql(query: str, dialect: Dialect, changed: str) -> sa.TextClause:
+    """How many rows the window holds and the newest changed_at among them."""
+    inner = escape_literal_colons(query.strip().rstrip(";").strip(), dialect.name)
+    column = f"q.{dialect.identifier_preparer.quote(changed)}"
+    return sa.text(f"SELECT COUNT(*), MAX({column}) FROM (\n{inner}\n) q")
 
 
 class HisSource:
     """The hospital database, seen through ``his.query``."""
 
-    def __init__(self, his: His, *, need_key_crowd: bool) -> None:
+    def __init__(self, his: His, *, need_key_crowd: bool, zone: str | None = None) -> None:
         self._his = his
         self._need_key_crowd = need_key_crowd
+        # The zone the HIS writes its datetimes in (Settings.his_timezone).
+        self.zone = zone or his.timezone or str(Schedule.model_fields["timezone"].default)
+        self._tz = tz_of(self.zone)
         self._url = _parse_url(his.url.get_secret_value())
         self.display_url = self._url.render_as_string(hide_password=True)
         self._engine = _create_engine(self._url, his)
@@ -166,13 +183,42 @@ class HisSource:
     # -- public -----------------------------------------------------------------
 
     def now(self) -> datetime:
-        """The HIS database's current time: naive, in the HIS's local time."""
+        """The HIS clock: the database's UTC clock in his.timezone, naive (as changed_at is)."""
+        return self.clock().now
+
+    def clock(self) -> HisClock:
+        """One reading of the database's clock (see ``sync.clock``)."""
         with self._connect() as conn:
+            before = datetime.now(UTC)
             try:
-                value = conn.execute(now_sql(conn.dialect)).scalar_one()
+                utc, local = conn.execute(clock_sql(conn.dialect)).one()
             except _DB_ERRORS as exc:
                 raise self._error(exc, doing="reading the database clock") from None
-        return _as_naive_datetime(value)
+            after = datetime.now(UTC)
+        server_local = _as_naive_datetime(local)
+        if utc is None:
+            now = server_local
+            moment = now.replace(tzinfo=self._tz).astimezone(UTC)
+        else:
+            moment = _as_naive_datetime(utc).replace(tzinfo=UTC)
+            now = moment.astimezone(self._tz).replace(tzinfo=None)
+        return HisClock(now=now, utc=moment, server_local=server_local, host_utc=before + (after - before) / 2, zone=self.zone)
+
+    def probe(self, clock: HisClock) -> DataProbe:
+        """The newest visits around the HIS clock: the newest not ahead of it, and how many are
+        (within a day). Two aggregates of his.query over about a day; see ``sync.clock``."""
+        edge = clock.now + timedelta(seconds=MAX_OFFSET_S)
+        start = min(clock.now, clock.server_local or clock.now) - timedelta(hours=1)
+        with self._connect() as conn:
+            columns = self._columns(conn)
+            changed = _sort_keys(columns)[0]
+            sql = newest_sql(self._his.query, conn.dialect, changed)
+            try:
+                _, newest = conn.execute(sql, {"since": start, "until": edge}).one()
+                ahead, newest_ahead = conn.execute(sql, {"since": edge, "until": clock.now + timedelta(days=1)}).one()
+            except _DB_ERRORS as exc:
+                raise self._error(exc, doing="looking at the newest visits") from None
+        return DataProbe(newest=_as_time(newest), ahead=int(ahead or 0), newest_ahead=_as_time(newest_ahead))
 
     def check(self) -> list[str]:
         """Connect, run the query over an empty window, validate its columns; return them."""
@@ -519,6 +565,14 @@ def _canonical(
         d = row["changed_at"]
         row["changed_at"] = datetime(d.year, d.month, d.day)
     return row
+
+
+def _as_time(value: Any) -> datetime | None:
+    """A changed_at as his.query returns it (datetime, date or ISO text), as a naive datetime."""
+    if value is None:
+        return None
+    got = _canonical({"changed_at": value}, ("changed_at",), ())["changed_at"]
+    return got if isinstance(got, datetime) else None
 
 
 def _as_naive_datetime(value: Any) -> datetime:

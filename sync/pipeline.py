@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 
 from sync import records
+from sync.clock import ClockWatch, HisClock, cursor_ahead, human_offset
 from sync.crashpoints import crash_point
 from sync.errors import AuthError, ConfigError, InvalidRecord, SyncError, TransientError
 from sync.his import HisSource, polling_window
@@ -234,13 +235,20 @@ class Pipeline:
         self._recorder = _Recorder(store)
         # Raises unless this process may send (the instance lock is still ours): see InstanceLock.ensure.
         self.before_dispatch: Callable[[], None] | None = None
+        self.clock_watch = ClockWatch(
+            host_zone=settings.schedule.timezone, probe=lambda c: self.his.probe(c),
+            keep=lambda reading: self.store.put_his_clock(reading, now=self.clock()), monotonic=time.monotonic,
+        )
 
     # -- life cycle -------------------------------------------------------
 
     @property
     def his(self) -> HisSource:
         if self._his is None:
-            self._his = HisSource(self.settings.his, need_key_crowd=self.settings.key_crowd.source == "column")
+            self._his = HisSource(
+                self.settings.his, need_key_crowd=self.settings.key_crowd.source == "column",
+                zone=self.settings.his_timezone,
+            )
         return self._his
 
     def request_stop(self) -> None:
@@ -348,7 +356,11 @@ class Pipeline:
 
     def poll(self, stats: CycleStats) -> None:
         cursor = self.store.get_cursor()
-        db_now = self.his.now()
+        clock = self.his.clock()
+        db_now = clock.now
+        if cursor is not None and cursor_ahead(cursor[0], clock):
+            cursor = self._rewind(cursor, clock)
+        self.clock_watch.observe(clock, cursor[0] if cursor else None)
         start = self.settings.his.start_from
         if start is not None:
             start_from = datetime(start.year, start.month, start.day)
@@ -367,6 +379,29 @@ class Pipeline:
         since, until = window
         log.debug("poll_window", since=since.isoformat(), until=until.isoformat())
         self.read_window(since, until, stats, move_cursor=True)
+
+    def _rewind(self, cursor: tuple[datetime, str], clock: HisClock) -> tuple[datetime, str] | None:
+        """The cursor is ahead of the HIS clock (it jumped forward and back, or his.timezone
+        changed): every poll would read nothing. Go back to the newest visit read that is not
+        in the HIS's future; the lookback re-reads what settled around it, and re-reading is
+        harmless (enqueue skips unchanged rows). None (no visit read yet): back-fill again."""
+        newest = self.store.newest_source_changed_at(not_after=clock.now)
+        to = (newest, "") if newest is not None else None
+        ahead = (cursor[0] - clock.now).total_seconds()
+        log.warning(
+            "his_cursor_ahead", cursor=cursor[0].isoformat(), his_clock=clock.now.isoformat(), zone=clock.zone,
+            ahead=human_offset(ahead), rewound_to=newest.isoformat() if newest else "his.start_from",
+            fix="nothing to do: the poll reads again from there; if the HIS clock jumped, check its NTP",
+        )
+        if to is not None:
+            self.store.rewind_cursor(to, now=self.clock())
+        else:
+            self.store.clear_cursor()
+        self.clock_watch.rewound = {
+            "at": self.clock().isoformat(timespec="seconds"), "cursor_was": cursor[0].isoformat(timespec="seconds"),
+            "ahead_s": round(ahead), "rewound_to": newest.isoformat(timespec="seconds") if newest else None,
+        }
+        return to
 
     def read_window(self, since: datetime, until: datetime, stats: CycleStats, *, move_cursor: bool) -> None:
         """Stream the window into the outbox batch by batch; with ``move_cursor`` the cursor

@@ -18,7 +18,7 @@ import os
 import re
 import stat
 import warnings
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -223,6 +223,14 @@ class His(_Model):
     batch_size: int = Field(default=1000, ge=1, le=100_000)
     # Below MySQL's wait_timeout (8 h by default) and the usual firewall idle cut.
     pool_recycle_s: int = Field(default=1800, ge=30)
+    # The zone the HIS writes its datetimes (changed_at) in; None: schedule.timezone. The HIS
+    # clock is the database's UTC clock in this zone, whatever the server's own time_zone.
+    timezone: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str | None) -> str | None:
+        return None if v is None or not v.strip() else check_zone(v.strip())
 
     @field_validator("query")
     @classmethod
@@ -260,6 +268,38 @@ class Outbox(_Model):
     url: SecretStr = SecretStr("sqlite:///var/crowd-sync.db")
     # How long a claimed row stays reserved for one worker before others may take it.
     lease_s: int = Field(default=300, ge=10, le=86400)
+
+
+def check_zone(v: str) -> str:
+    """A time zone name (Asia/Shanghai, UTC) or a fixed offset (+08:00, UTC+8, -05:30)."""
+    if _fixed_offset(v) is not None:
+        return v
+    try:
+        ZoneInfo(v)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown time zone {v!r}; use a name such as Asia/Shanghai or UTC, or an offset such as +08:00"
+        ) from None
+    return v
+
+
+_OFFSET = re.compile(r"^(?:UTC|GMT)?\s*([+-])(\d{1,2})(?::?(\d{2}))?$", re.IGNORECASE)
+
+
+def _fixed_offset(v: str) -> tzinfo | None:
+    m = _OFFSET.match(v.strip())
+    if not m:
+        return None
+    hours, minutes = int(m.group(2)), int(m.group(3) or 0)
+    if hours > 14 or minutes > 59:
+        return None
+    delta = timedelta(hours=hours, minutes=minutes)
+    return timezone(-delta if m.group(1) == "-" else delta)
+
+
+def zone(v: str) -> tzinfo:
+    """The tzinfo of a name ``check_zone`` accepted."""
+    return _fixed_offset(v) or ZoneInfo(v)
 
 
 class Schedule(_Model):
@@ -349,6 +389,11 @@ class Settings(_Model):
 
     # Where the settings came from (for messages); not a setting.
     source_path: str | None = Field(default=None, exclude=True)
+
+    @property
+    def his_timezone(self) -> str:
+        """The zone the HIS writes its datetimes in: his.timezone, else schedule.timezone."""
+        return self.his.timezone or self.schedule.timezone
 
 
 def default_config_path() -> Path:

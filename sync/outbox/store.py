@@ -515,6 +515,35 @@ class Store:
             return None
         return row.changed_at, row.lsh or ""
 
+    def rewind_cursor(self, cursor: tuple[datetime, str], *, now: datetime) -> None:
+        """Set the cursor back (it was found ahead of the HIS clock); ``enqueue`` only moves it forward."""
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                sa.update(sync_cursor)
+                .where(sync_cursor.c.name == CURSOR_NAME)
+                .values(changed_at=_wall(cursor[0]), lsh=cursor[1], updated_at=_utc(now))
+            ).rowcount
+            if not updated:
+                conn.execute(
+                    sa.insert(sync_cursor).values(
+                        name=CURSOR_NAME, changed_at=_wall(cursor[0]), lsh=cursor[1], updated_at=_utc(now)
+                    )
+                )
+
+    def clear_cursor(self) -> None:
+        """Forget the cursor: the next poll back-fills from his.start_from."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(sync_cursor).where(sync_cursor.c.name == CURSOR_NAME))
+
+    def newest_source_changed_at(self, *, not_after: datetime) -> datetime | None:
+        """The newest HIS change time (HIS clock) of any visit read, not after ``not_after``."""
+        o = sync_outbox
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                sa.select(sa.func.max(o.c.source_changed_at)).where(o.c.source_changed_at <= _wall(not_after))
+            ).scalar()
+        return value if isinstance(value, datetime) else None
+
     def _move_cursor(self, conn: sa.Connection, cursor: tuple[datetime, str], now: datetime) -> None:
         changed_at, lsh = _wall(cursor[0]), cursor[1]
         assert changed_at is not None
@@ -1002,6 +1031,14 @@ class Store:
                 # Another process inserted the same name first: update it instead.
                 if attempt == 2:
                     raise
+
+    def put_his_clock(self, reading: dict[str, Any], *, now: datetime) -> None:
+        """Keep the last reading of the HIS clock (``sync.clock.state``) for status and /healthz."""
+        self._put_state("his_clock", reading, now=now)
+
+    def get_his_clock(self) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            return self._get_state(conn, "his_clock")
 
     def set_config_error(self, *, message: str, hint: str, now: datetime) -> None:
         """Hold sending back until the configuration is fixed; ``since`` keeps the first occurrence."""

@@ -279,7 +279,11 @@ def test_visits_whose_lsh_differ_only_in_case_are_two_rows_on_a_case_insensitive
     store = Store(mariadb_general_ci_url)
     # An outbox migrated before the fix, holding a row already: the migration keeps it.
     _upgrade(store, "0002")
-    store.enqueue([item("ZY000a")], now=T0)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO sync_outbox (lsh, status, payload, payload_hash, first_seen_at, updated_at) "
+            "VALUES ('ZY000a', 'sent', '{}', 'h', '2026-03-01', '2026-03-01')"
+        )
     store.migrate()
     with store.engine.connect() as conn:
         collations = dict(conn.exec_driver_sql(

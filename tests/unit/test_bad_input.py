@@ -25,7 +25,7 @@ from sync.pipeline import Pipeline
 from sync.records import COLUMNS
 from sync.upstream.client import Client
 from sync.upstream.simulator import TEST_IDS, SimConfig, Simulator
-from tests.support import write_settings
+from tests.support import his_now, write_settings
 
 RAW_QUERY = (
     "SELECT " + ", ".join(COLUMNS) + " FROM raw_visit WHERE changed_at >= :since AND changed_at < :until"
@@ -207,7 +207,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
         store.ensure_schema()
         pipeline = Pipeline(settings, store=store, client=Client(settings.upstream, store.token_store()))
         try:
-            yield Site(sim, store, pipeline, his, datetime.now().replace(microsecond=0) - timedelta(minutes=30))
+            yield Site(sim, store, pipeline, his, his_now() - timedelta(minutes=30))
         finally:
             pipeline.close()
             store.dispose()

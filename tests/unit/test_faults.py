@@ -24,7 +24,7 @@ from sync.pipeline import CycleStats, Pipeline
 from sync.settings import Settings
 from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
-from tests.support import His, capture_all_logs, expected_payload, make_visit, write_settings
+from tests.support import His, capture_all_logs, expected_payload, his_now, make_visit, write_settings
 
 
 def _utcnow() -> datetime:
@@ -32,7 +32,7 @@ def _utcnow() -> datetime:
 
 
 def _past(minutes: float) -> datetime:
-    return (datetime.now() - timedelta(minutes=minutes)).replace(microsecond=0)
+    return his_now() - timedelta(minutes=minutes)
 
 
 class FakeClock:
