@@ -96,28 +96,30 @@ class Finding:
 
 def human_offset(seconds: float) -> str:
     """``+8 h 00 min``, ``-12 min 05 s``, ``+3 s``: signed, to the second."""
-    sign = "-" if seconds < 0 else "+"
     s = round(abs(seconds))
-    days, s = divmod(s, 86400)
-    hours, s = divmod(s, 3600)
+    sign = "-" if seconds < 0 and s else "+"
+    if s >= 3600:  # to the nearest minute: hours apart are told in hours and minutes
+        days, m = divmod(round(s / 60), 1440)
+        hours, minutes = divmod(m, 60)
+        return f"{sign}{days} d {hours} h {minutes:02d} min" if days else f"{sign}{hours} h {minutes:02d} min"
     minutes, s = divmod(s, 60)
-    if days:
-        return f"{sign}{days} d {hours} h {minutes:02d} min"
-    if hours:
-        return f"{sign}{hours} h {minutes:02d} min"
     if minutes:
         return f"{sign}{minutes} min {s:02d} s"
     return f"{sign}{s} s"
 
 
 def zone_name(offset_s: float) -> str:
-    """The UTC offset a server's clock shows, as a time zone setting: ``UTC``, ``+08:00``."""
-    minutes = round(offset_s / 60)
+    """A UTC offset as his.timezone takes it, to the quarter hour zones use: ``UTC``, ``+08:00``."""
+    minutes = round(offset_s / 900) * 15
     if minutes == 0:
         return "UTC"
     sign = "+" if minutes > 0 else "-"
     h, m = divmod(abs(minutes), 60)
     return f"{sign}{h:02d}:{m:02d}"
+
+
+def _shown(name: str) -> str:
+    return name if name == "UTC" else f"UTC{name}"
 
 
 def findings(clock: HisClock, probe: DataProbe | None, *, host_zone: str) -> list[Finding]:
@@ -151,7 +153,7 @@ def findings(clock: HisClock, probe: DataProbe | None, *, host_zone: str) -> lis
             ),
             fix=(
                 f"if the HIS writes its times in another zone than {clock.zone}, set his.timezone to that zone "
-                f"(about UTC{zone_name(ahead + _utc_offset_s(clock))}); if only a few rows, their changed_at is "
+                f"(about {_shown(zone_name(ahead + _utc_offset_s(clock)))}); if only a few rows, their changed_at is "
                 "wrong in the HIS"
             ),
         ))
@@ -166,7 +168,7 @@ def findings(clock: HisClock, probe: DataProbe | None, *, host_zone: str) -> lis
             code="data_follows_server", detail=round(server / 60),
             message=(
                 f"最新就诊按数据库服务器自身时区记录 / the newest visits follow the database server's own clock "
-                f"(its time_zone, UTC{server_zone}, {human_offset(server)} from his.timezone {clock.zone}): the "
+                f"(its time_zone, {_shown(server_zone)}, {human_offset(server)} from his.timezone {clock.zone}): the "
                 f"newest changed_at is {probe.newest:%Y-%m-%d %H:%M:%S}, {human_offset((probe.newest - clock.now).total_seconds())} "
                 "behind the HIS clock, so new visits wait hours for the poll (until the nightly reconcile)"
             ),
@@ -187,7 +189,7 @@ def note(clock: HisClock, *, host_zone: str) -> str:
     server = clock.server_offset_s
     if server is not None and abs(server) > MAX_OFFSET_S:
         text += (
-            f"; the database server's own time_zone is UTC{zone_name(server + _utc_offset_s(clock))} "
+            f"; the database server's own time_zone is {_shown(zone_name(server + _utc_offset_s(clock)))} "
             f"({human_offset(server)} from {clock.zone}): crowd-sync reads the database's UTC clock, so this only "
             "matters if the HIS fills changed_at from the database's NOW() (then set his.timezone to the server's zone)"
         )
