@@ -183,7 +183,7 @@ def findings(clock: HisClock, probe: DataProbe | None, *, host_zone: str) -> lis
 def note(clock: HisClock, *, host_zone: str) -> str:
     """What an operator should know even when nothing is wrong (``check``'s OK line)."""
     text = (
-        f"HIS clock {clock.now:%Y-%m-%d %H:%M:%S} {clock.zone}, this host "
+        f"HIS 时钟与本机一致 / HIS clock {clock.now:%Y-%m-%d %H:%M:%S} {clock.zone}, this host "
         f"{_wall(clock.host_utc, host_zone):%Y-%m-%d %H:%M:%S} {host_zone}: {human_offset(clock.offset_s)} apart"
     )
     server = clock.server_offset_s
@@ -219,7 +219,7 @@ def state(clock: HisClock, cursor_at: datetime | None, found: list[Finding]) -> 
         "read_at": clock.host_utc.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds"),
         "his_now": clock.now.isoformat(timespec="seconds"),
         "zone": clock.zone,
-        "offset_s": round(clock.offset_s, 1),
+        "offset_s": round(clock.offset_s, 1) + 0.0,  # never -0.0
         "server_offset_s": None if clock.server_offset_s is None else round(clock.server_offset_s),
         "cursor_lag_s": None if cursor_at is None else round((clock.now - cursor_at).total_seconds()),
         "problems": [{"code": f.code, "message": f.message, "fix": f.fix} for f in found],
