@@ -67,6 +67,9 @@ _DB_ERRORS = (sa.exc.DBAPIError, sa.exc.DisconnectionError)
 # to UTF-8 column"), or Python's while converting a value (psycopg2 decoding a SQL_ASCII
 # database's bytes, a date beyond year 9999).
 _READ_ERRORS = (*_DB_ERRORS, UnicodeDecodeError, ValueError, OverflowError)
+# Rows read around one by one in a window (a query of a few statements each) before the
+# window is given up: that many unreadable rows say his.query itself is at fault.
+MAX_UNREADABLE_ROWS = 50
 
 _QUERY_HINT = (
     "his.query runs as SELECT * FROM (<his.query>) q ORDER BY changed_at, lsh; run it by hand against the HIS "
@@ -250,6 +253,7 @@ class HisSource:
         # fetch: a driver fails a whole fetch of many rows, and the rows before the bad one
         # in that fetch must not be taken for it.
         careful = False
+        unreadable = 0
         while True:
             failure: Exception | None = None
             with self._connect() as conn:
@@ -291,6 +295,10 @@ class HisSource:
             if not careful:
                 careful = True
                 continue
+            unreadable += 1
+            if unreadable > MAX_UNREADABLE_ROWS:
+                log.error("his_rows_unreadable", rows=unreadable - 1, error=_read_error_text(failure))
+                raise self._error(failure, doing=f"reading the window ({unreadable - 1} rows could not be read)")
             bad, key = self._unreadable_row(since, until, after, columns, failure)
             if key == after:  # no progress: the same row again (never expected; never loop)
                 raise self._error(failure, doing="reading the window")
