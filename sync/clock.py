@@ -158,7 +158,9 @@ def findings(clock: HisClock, probe: DataProbe | None, *, host_zone: str) -> lis
             ),
         ))
     if (
-        probe is not None and probe.newest is not None and server is not None and abs(server) > MAX_OFFSET_S
+        # With a skew, the server's clock and its data disagree with this host's anyway: said once, above.
+        not any(f.code == "skew" for f in out)
+        and probe is not None and probe.newest is not None and server is not None and abs(server) > MAX_OFFSET_S
         and clock.server_local is not None
         and -_RECENT_S <= (probe.newest - clock.server_local).total_seconds() <= MAX_OFFSET_S
         and (clock.now - probe.newest).total_seconds() > _STALE_S
