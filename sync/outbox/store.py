@@ -390,7 +390,7 @@ def _make_engine(url: str) -> sa.Engine:
         )
     else:
         assert parsed.database is not None
-        path = Path(parsed.database).expanduser()
+        path = Path(parsed.database)  # as SQLite opens it (no ~ expansion)
         private_dir(path.parent)
         engine = sa.create_engine(parsed, connect_args={"timeout": 30}, pool_size=_POOL_SIZE, hide_parameters=True)
         if not parsed.database.startswith("file:"):  # a URI filename is SQLite's own business
