@@ -286,8 +286,9 @@ def _one_shot(args: argparse.Namespace, settings: Settings, out: TextIO, kind: s
     with ExitStack() as stack:
         stack.callback(store.dispose)
         store.ensure_schema()
-        stack.enter_context(store.instance_lock(command=kind))
+        lock = stack.enter_context(store.instance_lock(command=kind))
         pipeline = _pipeline(settings, store)
+        pipeline.before_dispatch = lock.ensure
         stack.callback(pipeline.close)
         pipeline.his.check()
         stats = pipeline.reconcile(args.since, args.until) if kind == "reconcile" else pipeline.cycle("once")
@@ -330,24 +331,28 @@ def cmd_run(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     with ExitStack() as stack:
         stack.callback(store.dispose)
         store.ensure_schema()
-        stack.enter_context(store.instance_lock(command="run"))
+        lock = stack.enter_context(store.instance_lock(command="run"))
         pipeline = _pipeline(settings, store)
         pipeline.his.check()
-        return Daemon(settings, pipeline).run()
+        return Daemon(settings, pipeline, lock=lock).run()
     return EXIT_UNEXPECTED  # pragma: no cover
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    from sync import clock
     from sync.pipeline import utcnow
 
     store = _store(settings, create=False)
     try:
         store.ensure_schema()
         summary = store.summary(now=utcnow())
+        cursor = store.get_cursor()
+        his_clock = clock.current(store.get_his_clock(), cursor[0] if cursor else None, now_utc=utcnow())
     finally:
         store.dispose()
     data = _summary_dict(summary, utcnow(), key_form_setting=settings.upstream.app_key_form)
     data["outbox"] = store.url_for_humans
+    data["his_clock"] = his_clock
     if args.json:
         print(json.dumps(data, ensure_ascii=False, indent=2, default=str), file=out)
         return EXIT_OK
@@ -420,6 +425,7 @@ def _render_status(d: dict[str, Any]) -> str:
     else:
         lines.append("  上次运行 last run: never")
     lines.append(f"  授权码读法 app key reading: {_key_form_text(d.get('app_key_form') or {})}")
+    lines.extend(_render_his_clock(d.get("his_clock")))
     ce = d.get("config_error")
     if ce:
         lines.append(f"  !! 发送已暂停 sending paused since {ce.get('since')}: {ce.get('message')}")
@@ -440,6 +446,45 @@ def _key_form_text(kf: dict[str, Any]) -> str:
         return f"{kf['accepted']}, accepted by the platform since {kf.get('accepted_at')} (平台已接受; setting auto)"
     first, second = KEY_FORMS
     return f"none accepted yet (尚未确定): the next login tries {first}, then {second} (setting auto)"
+
+
+def _render_his_clock(c: dict[str, Any] | None) -> list[str]:
+    """The HIS clock as the last poll read it, and the cursor's lag behind it."""
+    from sync.clock import human_offset
+
+    if not c:
+        return ["  HIS 时钟 HIS clock: not read yet (no poll has run)"]
+    read_at = datetime.fromisoformat(str(c["read_at"])) if c.get("read_at") else None
+    age = f", read {_human_age(int((_utcnow() - read_at).total_seconds()))} ago" if read_at else ""
+    offset = c.get("offset_s")
+    lines = [
+        f"  HIS 时钟 HIS clock: {c['his_now'].replace('T', ' ')} {c.get('zone')}"
+        + (f", {human_offset(float(offset))} from this host" if offset is not None else "") + age
+    ]
+    lag = c.get("cursor_lag_s")
+    if lag is None:
+        lines.append("  读取进度 cursor: none yet (the first poll back-fills)")
+    elif lag >= 0:
+        lines.append(f"  读取进度 cursor: {c['cursor_at'].replace('T', ' ')}, {human_offset(lag)[1:]} behind the HIS clock")
+    else:
+        lines.append(
+            f"  !! 读取进度超前 cursor: {c['cursor_at'].replace('T', ' ')} is {human_offset(-lag)[1:]} AHEAD of the HIS "
+            "clock: the next poll rewinds it (see `crowd-sync check`)"
+        )
+    for p in c.get("problems") or []:
+        lines.append(f"  !! HIS 时钟问题 clock problem: {p.get('message')}")
+        lines.append(f"     处理 fix: {p.get('fix')}")
+    rewound = c.get("cursor_rewound")
+    if rewound:
+        lines.append(
+            f"  游标已回拨 cursor rewound at {rewound.get('at')} UTC: it was {human_offset(float(rewound.get('ahead_s') or 0))[1:]} "
+            f"ahead of the HIS clock; read again from {rewound.get('rewound_to') or 'his.start_from'}"
+        )
+    return lines
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _human_age(seconds: int) -> str:
@@ -613,6 +658,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     from pathlib import Path
 
     from sync import report
+    from sync.files import write_private
 
     store = _store(settings, create=False)
     try:
@@ -623,7 +669,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     print(report.render_table(figures, outbox=store.url_for_humans), file=out)
     if args.csv:
         try:
-            Path(args.csv).write_bytes(report.csv_bytes(figures))
+            write_private(Path(args.csv), report.csv_bytes(figures))
         except OSError as exc:
             raise ConfigError(
                 f"cannot write the CSV file {args.csv}: {exc.strerror or exc}",

@@ -26,6 +26,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from sync.errors import SyncError
 from sync.metrics import Metrics, MetricsServer
+from sync.outbox.lock import AlreadyRunning, InstanceLock
 from sync.pipeline import CycleStats, Pipeline
 from sync.settings import Settings
 
@@ -60,10 +61,19 @@ class SystemdNotifier:
 
 
 class Daemon:
-    def __init__(self, settings: Settings, pipeline: Pipeline, *, notifier: SystemdNotifier | None = None) -> None:
+    def __init__(
+        self, settings: Settings, pipeline: Pipeline, *, notifier: SystemdNotifier | None = None,
+        lock: InstanceLock | None = None,
+    ) -> None:
         self.settings = settings
         self.pipeline = pipeline
         self.notifier = notifier or SystemdNotifier()
+        # Checked before every job and every dispatch: a second instance never sends beside us.
+        self.lock = lock
+        if lock is not None:
+            pipeline.before_dispatch = lock.ensure
+        # Why the daemon stopped by itself (the instance lock taken by another process).
+        self.fatal: SyncError | None = None
         self._stop = threading.Event()
         self._job_started: float | None = None
         self._job_lock = threading.Lock()
@@ -95,9 +105,18 @@ class Daemon:
         stats: CycleStats | None = None
         error: str | None = None
         try:
+            if self.lock is not None:
+                self.lock.ensure()
             result = fn()
             stats = result if isinstance(result, CycleStats) else None
             self.last_cycle_ok = True
+        except AlreadyRunning as exc:
+            # Another crowd-sync holds the lock now: stop, and let it do the work alone.
+            self.last_cycle_ok = False
+            error = str(exc)
+            self.fatal = exc
+            log.error("stopping_lock_taken", error=exc.message, fix=exc.hint)
+            self.request_stop()
         except SyncError as exc:
             self.last_cycle_ok = False
             error = str(exc)
@@ -174,7 +193,10 @@ class Daemon:
             else:
                 log.warning("watchdog_starved", seconds_without_progress=round(time.monotonic() - self.pipeline.progress.at))
         self.notifier.notify("STOPPING=1")
-        return self.shutdown()
+        code = self.shutdown()
+        if self.fatal is not None:
+            raise self.fatal
+        return code
 
     def shutdown(self) -> int:
         deadline = time.monotonic() + STOP_GRACE_S

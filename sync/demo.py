@@ -17,8 +17,10 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TextIO
+from zoneinfo import ZoneInfo
 
 from sync import settings as settings_mod
+from sync.files import private_dir, touch_private, write_private
 from sync.logs import mask_id
 
 DEMO_SEED = 20241105
@@ -123,6 +125,7 @@ def build_his(path: Path, *, now: datetime, visits: int = 300, seed: int = DEMO_
     rng = random.Random(seed)
     if path.exists():
         path.unlink()
+    touch_private(path)
     db = sqlite3.connect(path)
     db.executescript(HIS_SCHEMA)
     patients: list[tuple[int, str, str, str]] = []
@@ -191,11 +194,19 @@ def resettle_one(path: Path, *, lsh: str, now: datetime) -> None:
     db.close()
 
 
+def _his_now() -> datetime:
+    """Now as the demo HIS writes its times: in schedule.timezone, which the demo settings leave at
+    its default and so is the HIS's zone (his.timezone), whatever this host's own zone."""
+    zone = ZoneInfo(str(settings_mod.Schedule.model_fields["timezone"].default))
+    return datetime.now(zone).replace(tzinfo=None, microsecond=0)
+
+
 def write_settings(path: Path, *, his_db: Path, outbox_db: Path, base_url: str) -> None:
     from sync.upstream.simulator import TEST_APP_KEY, TEST_PASSWORD, TEST_USERNAME
 
     query = textwrap.indent(HIS_QUERY, "    ")
-    path.write_text(
+    write_private(
+        path,
         f"""\
 # crowd-sync 演示配置 / demo settings (written by `crowd-sync demo`)
 # 平台为内置模拟器 / the platform is the built-in simulator:
@@ -222,8 +233,7 @@ outbox:
 log:
   format: console
   level: warning
-""",
-        encoding="utf-8",
+""".encode(),
     )
 
 
@@ -236,12 +246,12 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
     from sync.upstream.simulator import SimConfig, Simulator
 
     base = Path(directory).resolve()
-    base.mkdir(parents=True, exist_ok=True)
+    private_dir(base)
     his_db, outbox_db, settings_path = base / "his.db", base / "outbox.db", base / "settings.yaml"
     for f in (outbox_db, outbox_db.with_name(outbox_db.name + "-wal"), outbox_db.with_name(outbox_db.name + "-shm")):
         f.unlink(missing_ok=True)
 
-    now = datetime.now().replace(microsecond=0)
+    now = _his_now()
     facts = build_his(his_db, now=now)
     print(f"1. 演示 HIS / demo HIS: {his_db} (300 visits, {len(facts.broken)} broken on purpose)", file=out)
 
@@ -271,7 +281,7 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
                 file=out,
             )
             sent_lsh = next(iter(sorted(sim.records)))
-            resettle_one(his_db, lsh=sent_lsh, now=datetime.now().replace(microsecond=0) - timedelta(seconds=1))
+            resettle_one(his_db, lsh=sent_lsh, now=_his_now() - timedelta(seconds=1))
             s2 = pipeline.cycle("once")
             print(
                 f"4. 反结算后重新结算 / re-settlement of {sent_lsh}: read {s2.rows_read}, "

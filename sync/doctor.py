@@ -15,6 +15,7 @@ MAX_SKEW_S = 300
 
 def run_checks(settings: Settings, *, out: TextIO) -> list[SyncError]:
     """Run every check, print one line each; return what failed (empty when nothing did)."""
+    from sync import clock as his_clocks
     from sync.dberrors import DB_ERRORS
     from sync.his import HisSource
     from sync.outbox.store import Store, describe_error
@@ -59,13 +60,28 @@ def run_checks(settings: Settings, *, out: TextIO) -> list[SyncError]:
         outbox_ok = report("outbox", outbox)
 
         def his_query() -> str:
-            his = HisSource(settings.his, need_key_crowd=settings.key_crowd.source == "column")
+            his = HisSource(
+                settings.his, need_key_crowd=settings.key_crowd.source == "column", zone=settings.his_timezone
+            )
             sources.append(his)
             columns = his.check()
-            now = his.now()
-            return f"query returns the {len(columns)} expected columns; HIS clock {now:%Y-%m-%d %H:%M:%S}"
+            return f"query returns the {len(columns)} expected columns"
 
-        report("HIS database and query", his_query)
+        his_ok = report("HIS database and query", his_query)
+
+        def his_clock() -> str:
+            his = sources[0]
+            reading = his.clock()
+            found = his_clocks.findings(reading, his.probe(reading), host_zone=settings.schedule.timezone)
+            if found:
+                raise SyncError(
+                    "; ".join(f.message for f in found),
+                    hint=" — ".join(f.fix for f in found),
+                )
+            return his_clocks.note(reading, host_zone=settings.schedule.timezone)
+
+        if his_ok:
+            report("HIS clock", his_clock)
 
         if not outbox_ok:
             print("[SKIP] platform checks: they need the outbox (it keeps the shared login token)", file=out)

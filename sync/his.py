@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -24,9 +24,11 @@ import structlog
 from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
 
 from sync import dberrors, records
+from sync.clock import MAX_OFFSET_S, DataProbe, HisClock
 from sync.errors import ConfigError, TransientError
 from sync.logs import redact, register_secret
-from sync.settings import His
+from sync.settings import His, Schedule, escape_literal_colons
+from sync.settings import zone as tz_of
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +45,13 @@ _ISO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}([ T]\d{2}:\d{2}(:\d{2}(\.\d{1,6}
 
 # DisconnectionError is the pool's own signal of a dead connection; sync.dberrors classifies both.
 _DB_ERRORS = dberrors.DB_ERRORS
+# What a driver raises on one row it cannot read: its own error (SQLite: "Could not decode
+# to UTF-8 column"), or Python's while converting a value (psycopg2 decoding a SQL_ASCII
+# database's bytes, a date beyond year 9999).
+_READ_ERRORS = (*_DB_ERRORS, UnicodeDecodeError, ValueError, OverflowError)
+# Rows read around one by one in a window (a query of a few statements each) before the
+# window is given up: that many unreadable rows say his.query itself is at fault.
+MAX_UNREADABLE_ROWS = 50
 
 _QUERY_HINT = (
     "his.query runs as SELECT * FROM (<his.query>) q ORDER BY changed_at, lsh; run it by hand against the HIS "
@@ -73,51 +82,85 @@ def polling_window(
     return since, until
 
 
-def now_sql(dialect: Dialect) -> sa.TextClause:
-    """The statement giving the database's own local wall-clock time, as its DATETIME columns hold it."""
+def clock_sql(dialect: Dialect) -> sa.TextClause:
+    """The database's UTC clock and its session's own local time, in one statement.
+
+    The UTC clock is what polling uses (in his.timezone): it does not depend on the server's
+    time_zone, which is UTC on many installs while the HIS writes China time. The local time
+    is only compared, to tell an operator what the server's time_zone is.
+    """
     name = dialect.name
     if name in ("mysql", "mariadb"):
-        text = "SELECT CURRENT_TIMESTAMP"
+        text = "SELECT UTC_TIMESTAMP(6), NOW(6)"
     elif name == "postgresql":
-        # LOCALTIMESTAMP is naive, in the session time zone, as `timestamp` columns are filled.
-        text = "SELECT LOCALTIMESTAMP"
+        # clock_timestamp(), not now(): the time of the statement, not of the transaction's start.
+        text = "SELECT clock_timestamp() AT TIME ZONE 'UTC', CAST(clock_timestamp() AS timestamp)"
     elif name == "oracle":
-        # SYSDATE is what HIS triggers and defaults use for DATE columns (server OS time).
-        text = "SELECT SYSDATE FROM DUAL"
+        # SYSDATE is the server OS's local time, what HIS triggers and defaults write into DATE columns.
+        text = "SELECT SYS_EXTRACT_UTC(SYSTIMESTAMP), SYSDATE FROM DUAL"
     elif name == "mssql":
-        text = "SELECT SYSDATETIME()"
+        text = "SELECT SYSUTCDATETIME(), SYSDATETIME()"
     elif name == "sqlite":
-        text = "SELECT datetime('now', 'localtime')"
+        text = "SELECT strftime('%Y-%m-%d %H:%M:%f', 'now'), strftime('%Y-%m-%d %H:%M:%f', 'now', 'localtime')"
     else:
-        text = "SELECT CURRENT_TIMESTAMP"
+        text = "SELECT NULL, CURRENT_TIMESTAMP"  # no known UTC clock: the local one stands for the HIS clock
     return sa.text(text)
 
 
-def window_sql(query: str, dialect: Dialect, *, order_by: Sequence[str] | None = None) -> sa.TextClause:
+def window_sql(
+    query: str,
+    dialect: Dialect,
+    *,
+    order_by: Sequence[str] | None = None,
+    after: bool = False,
+    select: Sequence[str] | None = None,
+    at_key: bool = False,
+) -> sa.TextClause:
     """The hospital's query wrapped for one window.
 
-    With ``order_by`` (the actual column names, as the result keys spell them) the
-    rows come back in cursor order; without it the statement reads no rows at all
-    and only reveals the column names. The derived table has no ``AS`` before its
-    alias because Oracle rejects one.
+    With ``order_by`` (the actual column names, as the result keys spell them: the
+    cursor's ``changed_at, lsh``) the rows come back in cursor order; without it the
+    statement reads no rows at all and only reveals the column names. The derived table
+    has no ``AS`` before its alias because Oracle rejects one.
+
+    Used to read around a row the driver cannot read: ``after`` keeps only the rows after
+    the key ``(:cs_after_at, :cs_after_lsh)`` in cursor order (compared by the database,
+    with its own collation, as its ORDER BY sorts); ``select`` names the columns to read
+    instead of all; ``at_key`` keeps only the row at ``(:cs_key_at, :cs_key_lsh)``.
     """
-    inner = query.strip().rstrip(";").strip()
+    # A `:word` inside a string literal or a comment of the hospital's query is text, not a parameter.
+    inner = escape_literal_colons(query.strip().rstrip(";").strip(), dialect.name)
+    # Quoted only when needed: an Oracle key `lsh` stands for the folded LSH and must
+    # stay unquoted, a PostgreSQL alias "LSH" must be quoted to be found again.
+    quote = dialect.identifier_preparer.quote
+    what = "*" if select is None else ", ".join(f"q.{quote(name)}" for name in select)
     if order_by is None:
-        tail = "WHERE 1 = 0"
-    else:
-        # Quoted only when needed: an Oracle key `lsh` stands for the folded LSH and must
-        # stay unquoted, a PostgreSQL alias "LSH" must be quoted to be found again.
-        preparer = dialect.identifier_preparer
-        tail = "ORDER BY " + ", ".join(preparer.quote(name) for name in order_by)
-    return sa.text(f"SELECT * FROM (\n{inner}\n) q {tail}")
+        return sa.text(f"SELECT {what} FROM (\n{inner}\n) q WHERE 1 = 0")
+    at, lsh = (quote(name) for name in order_by)
+    where = ""
+    if after:
+        where = f"WHERE (q.{at} > :cs_after_at OR (q.{at} = :cs_after_at AND q.{lsh} > :cs_after_lsh)) "
+    elif at_key:
+        where = f"WHERE q.{at} = :cs_key_at AND q.{lsh} = :cs_key_lsh "
+    return sa.text(f"SELECT {what} FROM (\n{inner}\n) q {where}ORDER BY {at}, {lsh}")
+
+
+def newest_sql(query: str, dialect: Dialect, changed: str) -> sa.TextClause:
+    """How many rows the window holds and the newest changed_at among them."""
+    inner = escape_literal_colons(query.strip().rstrip(";").strip(), dialect.name)
+    column = f"q.{dialect.identifier_preparer.quote(changed)}"
+    return sa.text(f"SELECT COUNT(*), MAX({column}) FROM (\n{inner}\n) q")
 
 
 class HisSource:
     """The hospital database, seen through ``his.query``."""
 
-    def __init__(self, his: His, *, need_key_crowd: bool) -> None:
+    def __init__(self, his: His, *, need_key_crowd: bool, zone: str | None = None) -> None:
         self._his = his
         self._need_key_crowd = need_key_crowd
+        # The zone the HIS writes its datetimes in (Settings.his_timezone).
+        self.zone = zone or his.timezone or str(Schedule.model_fields["timezone"].default)
+        self._tz = tz_of(self.zone)
         self._url = _parse_url(his.url.get_secret_value())
         self.display_url = self._url.render_as_string(hide_password=True)
         self._engine = _create_engine(self._url, his)
@@ -125,13 +168,42 @@ class HisSource:
     # -- public -----------------------------------------------------------------
 
     def now(self) -> datetime:
-        """The HIS database's current time: naive, in the HIS's local time."""
+        """The HIS clock: the database's UTC clock in his.timezone, naive (as changed_at is)."""
+        return self.clock().now
+
+    def clock(self) -> HisClock:
+        """One reading of the database's clock (see ``sync.clock``)."""
         with self._connect() as conn:
+            before = datetime.now(UTC)
             try:
-                value = conn.execute(now_sql(conn.dialect)).scalar_one()
+                utc, local = conn.execute(clock_sql(conn.dialect)).one()
             except _DB_ERRORS as exc:
                 raise self._error(exc, doing="reading the database clock") from None
-        return _as_naive_datetime(value)
+            after = datetime.now(UTC)
+        server_local = _as_naive_datetime(local)
+        if utc is None:
+            now = server_local
+            moment = now.replace(tzinfo=self._tz).astimezone(UTC)
+        else:
+            moment = _as_naive_datetime(utc).replace(tzinfo=UTC)
+            now = moment.astimezone(self._tz).replace(tzinfo=None)
+        return HisClock(now=now, utc=moment, server_local=server_local, host_utc=before + (after - before) / 2, zone=self.zone)
+
+    def probe(self, clock: HisClock) -> DataProbe:
+        """The newest visits around the HIS clock: the newest not ahead of it, and how many are
+        (within a day). Two aggregates of his.query over about a day; see ``sync.clock``."""
+        edge = clock.now + timedelta(seconds=MAX_OFFSET_S)
+        start = min(clock.now, clock.server_local or clock.now) - timedelta(hours=1)
+        with self._connect() as conn:
+            columns = self._columns(conn)
+            changed = _sort_keys(columns)[0]
+            sql = newest_sql(self._his.query, conn.dialect, changed)
+            try:
+                _, newest = conn.execute(sql, {"since": start, "until": edge}).one()
+                ahead, newest_ahead = conn.execute(sql, {"since": edge, "until": clock.now + timedelta(days=1)}).one()
+            except _DB_ERRORS as exc:
+                raise self._error(exc, doing="looking at the newest visits") from None
+        return DataProbe(newest=_as_time(newest), ahead=int(ahead or 0), newest_ahead=_as_time(newest_ahead))
 
     def check(self) -> list[str]:
         """Connect, run the query over an empty window, validate its columns; return them."""
@@ -152,26 +224,69 @@ class HisSource:
         """Stream the rows of ``[since, until)`` ordered by ``changed_at, lsh``, keys in lower case.
 
         The columns are checked before the first row is yielded, so a bad query
-        fails before any row is processed.
+        fails before any row is processed. A row the driver cannot read (bytes that are
+        not text in the connection's character set, a value no Python type holds) comes
+        out with ``records.Unreadable`` in place of each value it could not read, and
+        the window goes on after it.
         """
         count = 0
-        with self._connect() as conn:
-            columns = self._columns(conn)
-            keys = [c.lower() for c in columns]
-            dates, money = _DATE_COLUMNS.intersection(keys), _MONEY_COLUMNS.intersection(keys)
-            stream = conn.execution_options(stream_results=True, yield_per=self._his.batch_size)
-            try:
-                # Closed even when the caller stops early: an unbuffered MySQL result left
-                # open would poison the pooled connection for the next poll.
-                with stream.execute(
-                    window_sql(self._his.query, conn.dialect, order_by=_sort_keys(columns)),
-                    {"since": since, "until": until},
-                ) as result:
-                    for row in result:
-                        count += 1
-                        yield _canonical(dict(zip(keys, row, strict=True)), dates, money)
-            except _DB_ERRORS as exc:
-                raise self._error(exc, doing="reading the window") from None
+        after: tuple[Any, Any] | None = None  # the last row's (changed_at, lsh) as the database gave them
+        # After a failure the window is read again from the last row handed out, one row per
+        # fetch: a driver fails a whole fetch of many rows, and the rows before the bad one
+        # in that fetch must not be taken for it.
+        careful = False
+        unreadable = 0
+        while True:
+            failure: Exception | None = None
+            with self._connect() as conn:
+                columns = self._columns(conn)
+                keys = [c.lower() for c in columns]
+                at_i, lsh_i = keys.index("changed_at"), keys.index("lsh")
+                dates, money = _DATE_COLUMNS.intersection(keys), _MONEY_COLUMNS.intersection(keys)
+                stream = conn.execution_options(stream_results=True, yield_per=1 if careful else self._his.batch_size)
+                params: dict[str, Any] = {"since": since, "until": until}
+                if after is not None:
+                    params.update(cs_after_at=after[0], cs_after_lsh=after[1])
+                try:
+                    # Closed even when the caller stops early: an unbuffered MySQL result left
+                    # open would poison the pooled connection for the next poll.
+                    with stream.execute(
+                        window_sql(self._his.query, conn.dialect, order_by=_sort_keys(columns), after=after is not None),
+                        params,
+                    ) as result:
+                        rows = iter(result)
+                        while True:
+                            try:
+                                row = next(rows)
+                            except StopIteration:
+                                break
+                            except _READ_ERRORS as exc:
+                                if dberrors.is_transient(exc):
+                                    raise
+                                failure = exc  # this one row: read around it below
+                                break
+                            count += 1
+                            after = (row[at_i], row[lsh_i])
+                            yield _canonical(dict(zip(keys, row, strict=True)), dates, money)
+                except _DB_ERRORS as exc:
+                    raise self._error(exc, doing="reading the window") from None
+                if failure is not None:
+                    conn.invalidate()  # whatever state the driver was left in, it is not reused
+            if failure is None:
+                break
+            if not careful:
+                careful = True
+                continue
+            unreadable += 1
+            if unreadable > MAX_UNREADABLE_ROWS:
+                log.error("his_rows_unreadable", rows=unreadable - 1, error=_read_error_text(failure))
+                raise self._error(failure, doing=f"reading the window ({unreadable - 1} rows could not be read)")
+            bad, key = self._unreadable_row(since, until, after, columns, failure)
+            if key == after:  # no progress: the same row again (never expected; never loop)
+                raise self._error(failure, doing="reading the window")
+            after, careful = key, False
+            count += 1
+            yield _canonical(bad, dates, money)
         log.info("his_window_read", since=since.isoformat(), until=until.isoformat(), rows=count)
 
     def dispose(self) -> None:
@@ -179,6 +294,70 @@ class HisSource:
         self._engine.dispose()
 
     # -- internals ---------------------------------------------------------------
+
+    def _unreadable_row(
+        self, since: datetime, until: datetime, after: tuple[Any, Any] | None, columns: list[str], failure: Exception
+    ) -> tuple[dict[str, Any], tuple[Any, Any]]:
+        """The row after ``after`` that could not be read, column by column: what can be read,
+        and ``Unreadable`` where the driver fails; with its (changed_at, lsh) to go on after."""
+        order = _sort_keys(columns)
+        base: dict[str, Any] = {"since": since, "until": until}
+        if after is not None:
+            base.update(cs_after_at=after[0], cs_after_lsh=after[1])
+
+        def first(select: list[str], *, at_key: tuple[Any, Any] | None = None) -> tuple[Any, ...] | None:
+            with self._connect() as conn:
+                try:
+                    params = dict(base)
+                    if at_key is not None:
+                        params.update(cs_key_at=at_key[0], cs_key_lsh=at_key[1])
+                    sql = window_sql(
+                        self._his.query, conn.dialect, order_by=order, select=select,
+                        after=at_key is None and after is not None, at_key=at_key is not None,
+                    )
+                    with conn.execution_options(stream_results=True).execute(sql, params) as result:
+                        row = result.first()
+                    return None if row is None else tuple(row)
+                except Exception:
+                    conn.invalidate()
+                    raise
+
+        reason = _read_error_text(failure)
+        try:
+            found = first(order)
+        except _READ_ERRORS as exc:
+            if dberrors.is_transient(exc):
+                raise self._error(exc, doing="reading the window") from None
+            # The key itself cannot be read: park the row under its time alone, and go on
+            # after that time (other visits settled at that very instant come with it).
+            try:
+                found_at = first(order[:1])
+            except _READ_ERRORS:
+                raise self._error(failure, doing="reading the window") from None
+            if found_at is None:
+                raise self._error(failure, doing="reading the window") from None
+            log.error("his_row_unreadable", changed_at=str(found_at[0]), columns=["lsh"], error=reason)
+            return {"changed_at": found_at[0], "lsh": records.Unreadable(_read_error_text(exc))}, (found_at[0], None)
+        if found is None:
+            raise self._error(failure, doing="reading the window")
+        key = (found[0], found[1])
+        values: dict[str, Any] = {}
+        unreadable: list[str] = []
+        for column in columns:
+            name = column.lower()
+            if column in order:
+                values[name] = key[order.index(column)]
+                continue
+            try:
+                got = first([column], at_key=key)
+                values[name] = None if got is None else got[0]
+            except _READ_ERRORS as exc:
+                if dberrors.is_transient(exc):
+                    raise self._error(exc, doing="reading the window") from None
+                values[name] = records.Unreadable(_read_error_text(exc))
+                unreadable.append(name)
+        log.error("his_row_unreadable", lsh=str(key[1]), changed_at=str(key[0]), columns=unreadable, error=reason)
+        return values, key
 
     def _connect(self) -> Connection:
         try:
@@ -210,7 +389,7 @@ class HisSource:
             hint="check host and port in his.url, that the database is running, the firewall between the two hosts, and the credentials",
         )
 
-    def _error(self, exc: sa.exc.SQLAlchemyError, *, doing: str) -> ConfigError | TransientError:
+    def _error(self, exc: BaseException, *, doing: str) -> ConfigError | TransientError:
         message = dberrors.message(exc)
         if dberrors.is_transient(exc):
             # The pool has already discarded an invalidated connection: the next poll reconnects.
@@ -272,6 +451,8 @@ def _create_engine(url: URL, his: His) -> Engine:
         "pool_pre_ping": True,
         "pool_recycle": his.pool_recycle_s,
         "connect_args": connect_args,
+        # SQL parameters hold ID numbers and names: never in a log line or an error message.
+        "hide_parameters": True,
     }
     if backend != "sqlite":
         # One query at a time is all a poll needs; stay light on the hospital's server.
@@ -375,6 +556,14 @@ def _canonical(
     return row
 
 
+def _as_time(value: Any) -> datetime | None:
+    """A changed_at as his.query returns it (datetime, date or ISO text), as a naive datetime."""
+    if value is None:
+        return None
+    got = _canonical({"changed_at": value}, ("changed_at",), ())["changed_at"]
+    return got if isinstance(got, datetime) else None
+
+
 def _as_naive_datetime(value: Any) -> datetime:
     if isinstance(value, str):
         value = datetime.fromisoformat(value.strip())
@@ -382,3 +571,9 @@ def _as_naive_datetime(value: Any) -> datetime:
         raise TypeError(f"the database clock returned {type(value).__name__}, not a datetime")
     # An aware value's wall clock is the session's local time, which is what DATETIME columns hold.
     return value.replace(tzinfo=None)
+
+
+def _read_error_text(exc: BaseException) -> str:
+    if isinstance(exc, sa.exc.SQLAlchemyError):
+        return dberrors.message(exc)
+    return redact(f"{type(exc).__name__}: {exc}")[:300]

@@ -37,7 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from sync import logs
+from sync import clock, logs
 from sync.errors import ConfigError, SyncError
 from sync.outbox.store import Status, Store
 from sync.pipeline import CycleStats
@@ -56,15 +56,20 @@ STALE_POLLS = 3
 @dataclass(frozen=True, kw_only=True)
 class Health:
     ok: bool
-    status: str  # ok | starting | failing | paused | stalled
+    status: str  # ok | starting | failing | paused | clock | stalled
     reason: str | None
     last_success_age_s: float | None
+    # The HIS clock's offset from this host and the cursor's lag behind the HIS clock (s).
+    his_clock_offset_s: float | None = None
+    cursor_lag_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "status": self.status,
             "reason": self.reason,
             "last_success_age_s": None if self.last_success_age_s is None else round(self.last_success_age_s, 1),
+            "his_clock_offset_s": self.his_clock_offset_s,
+            "cursor_lag_s": self.cursor_lag_s,
         }
 
 
@@ -155,24 +160,47 @@ class Metrics:
 
     # -- read by /healthz -------------------------------------------------------------
 
+    def his_clock(self) -> dict[str, Any] | None:
+        """The HIS clock as the last poll read it, brought to now (``sync.clock.current``)."""
+        try:
+            cursor = self.store.get_cursor()
+            return clock.current(
+                self.store.get_his_clock(), cursor[0] if cursor else None,
+                now_utc=datetime.now(UTC).replace(tzinfo=None),
+            )
+        except (sa.exc.SQLAlchemyError, SyncError, OSError) as exc:  # the answer goes out without it
+            log.warning("metrics_his_clock_unreadable", error=logs.redact(f"{type(exc).__name__}: {exc}"))
+            return None
+
     def health(self) -> Health:
         now = self._clock()
         with self._lock:
             running, last_ok, last_error, paused = (
                 self._running_since, self._last_ok_at, self._last_error, self._paused
             )
+        reading = self.his_clock() or {}
+        figures = {"his_clock_offset_s": reading.get("offset_s"), "cursor_lag_s": reading.get("cursor_lag_s")}
         age = None if last_ok is None else now - last_ok
         if last_error is not None:
             kind, error = last_error
-            return Health(ok=False, status="failing", reason=f"the last {kind} failed: {error}", last_success_age_s=age)
+            return Health(
+                ok=False, status="failing", reason=f"the last {kind} failed: {error}", last_success_age_s=age, **figures
+            )
         if paused:
             return Health(
                 ok=False, status="paused", reason=f"sending paused by a configuration error: {paused}",
-                last_success_age_s=age,
+                last_success_age_s=age, **figures,
             )
         if last_ok is None:
             why = "the first cycle is still running" if running is not None else "no cycle has finished yet"
-            return Health(ok=False, status="starting", reason=why, last_success_age_s=None)
+            return Health(ok=False, status="starting", reason=why, last_success_age_s=None, **figures)
+        problems = reading.get("problems") or []
+        if problems:
+            # Polls go on, but visits wait (or the clocks disagree): nobody should take that for healthy.
+            return Health(
+                ok=False, status="clock", reason=f"HIS clock: {problems[0].get('message')} — {problems[0].get('fix')}",
+                last_success_age_s=age, **figures,
+            )
         assert age is not None
         # A long job (the nightly reconcile) keeps the service healthy while it makes progress.
         quiet = age
@@ -183,9 +211,9 @@ class Metrics:
                 ok=False, status="stalled",
                 reason=f"no cycle finished or progressed for {quiet:.0f} s "
                 f"(limit {self.stale_after_s:.0f} s = {STALE_POLLS} x schedule.poll_every_s)",
-                last_success_age_s=age,
+                last_success_age_s=age, **figures,
             )
-        return Health(ok=True, status="ok", reason=None, last_success_age_s=age)
+        return Health(ok=True, status="ok", reason=None, last_success_age_s=age, **figures)
 
     def paused_by_last_job(self) -> bool:
         with self._lock:
@@ -243,6 +271,27 @@ class _OutboxCollector(Collector):
         )
         sent.add_metric([], last.replace(tzinfo=UTC).timestamp() if last else 0.0)
         yield sent
+        reading = self._m.his_clock()
+        if reading is not None:
+            if reading.get("offset_s") is not None:
+                offset = GaugeMetricFamily(
+                    "crowd_sync_his_clock_offset_seconds",
+                    "The HIS database's clock minus this host's, at the last poll (0 when they agree)",
+                )
+                offset.add_metric([], float(reading["offset_s"]))
+                yield offset
+            if reading.get("cursor_lag_s") is not None:
+                lag = GaugeMetricFamily(
+                    "crowd_sync_cursor_lag_seconds",
+                    "How far the poll cursor is behind the HIS clock (negative: ahead of it, rewound at the next poll)",
+                )
+                lag.add_metric([], float(reading["cursor_lag_s"]))
+                yield lag
+            problems = GaugeMetricFamily(
+                "crowd_sync_his_clock_problems", "HIS clock problems found at the last poll (see `crowd-sync check`)"
+            )
+            problems.add_metric([], len(reading.get("problems") or []))
+            yield problems
 
 
 # -- the HTTP server -------------------------------------------------------------------

@@ -25,11 +25,12 @@ from typing import Any
 import structlog
 
 from sync import records
+from sync.clock import ClockWatch, HisClock, cursor_ahead, human_offset
 from sync.crashpoints import crash_point
 from sync.errors import AuthError, ConfigError, InvalidRecord, SyncError, TransientError
 from sync.his import HisSource, polling_window
 from sync.outbox.store import Claimed, Incoming, Outcome, Status, Store
-from sync.policy import RetryPolicy
+from sync.policy import MAX_UPLOAD_CRASHES, RetryPolicy
 from sync.settings import Settings
 from sync.upstream.client import Client, LookupResult, parse_person
 
@@ -232,13 +233,22 @@ class Pipeline:
         )
         self._lock = threading.Lock()
         self._recorder = _Recorder(store)
+        # Raises unless this process may send (the instance lock is still ours): see InstanceLock.ensure.
+        self.before_dispatch: Callable[[], None] | None = None
+        self.clock_watch = ClockWatch(
+            host_zone=settings.schedule.timezone, probe=lambda c: self.his.probe(c),
+            keep=lambda reading: self.store.put_his_clock(reading, now=self.clock()), monotonic=time.monotonic,
+        )
 
     # -- life cycle -------------------------------------------------------
 
     @property
     def his(self) -> HisSource:
         if self._his is None:
-            self._his = HisSource(self.settings.his, need_key_crowd=self.settings.key_crowd.source == "column")
+            self._his = HisSource(
+                self.settings.his, need_key_crowd=self.settings.key_crowd.source == "column",
+                zone=self.settings.his_timezone,
+            )
         return self._his
 
     def request_stop(self) -> None:
@@ -346,7 +356,11 @@ class Pipeline:
 
     def poll(self, stats: CycleStats) -> None:
         cursor = self.store.get_cursor()
-        db_now = self.his.now()
+        clock = self.his.clock()
+        db_now = clock.now
+        if cursor is not None and cursor_ahead(cursor[0], clock):
+            cursor = self._rewind(cursor, clock)
+        self.clock_watch.observe(clock, cursor[0] if cursor else None)
         start = self.settings.his.start_from
         if start is not None:
             start_from = datetime(start.year, start.month, start.day)
@@ -365,6 +379,29 @@ class Pipeline:
         since, until = window
         log.debug("poll_window", since=since.isoformat(), until=until.isoformat())
         self.read_window(since, until, stats, move_cursor=True)
+
+    def _rewind(self, cursor: tuple[datetime, str], clock: HisClock) -> tuple[datetime, str] | None:
+        """The cursor is ahead of the HIS clock (it jumped forward and back, or his.timezone
+        changed): every poll would read nothing. Go back to the newest visit read that is not
+        in the HIS's future; the lookback re-reads what settled around it, and re-reading is
+        harmless (enqueue skips unchanged rows). None (no visit read yet): back-fill again."""
+        newest = self.store.newest_source_changed_at(not_after=clock.now)
+        to = (newest, "") if newest is not None else None
+        ahead = (cursor[0] - clock.now).total_seconds()
+        log.warning(
+            "his_cursor_ahead", cursor=cursor[0].isoformat(), his_clock=clock.now.isoformat(), zone=clock.zone,
+            ahead=human_offset(ahead), rewound_to=newest.isoformat() if newest else "his.start_from",
+            fix="nothing to do: the poll reads again from there; if the HIS clock jumped, check its NTP",
+        )
+        if to is not None:
+            self.store.rewind_cursor(to, now=self.clock())
+        else:
+            self.store.clear_cursor()
+        self.clock_watch.rewound = {
+            "at": self.clock().isoformat(timespec="seconds"), "cursor_was": cursor[0].isoformat(timespec="seconds"),
+            "ahead_s": round(ahead), "rewound_to": newest.isoformat(timespec="seconds") if newest else None,
+        }
+        return to
 
     def read_window(self, since: datetime, until: datetime, stats: CycleStats, *, move_cursor: bool) -> None:
         """Stream the window into the outbox batch by batch; with ``move_cursor`` the cursor
@@ -486,6 +523,8 @@ class Pipeline:
     def dispatch(self, stats: CycleStats) -> None:
         """Send everything due, with ``upstream.concurrency`` uploads in flight; every outcome
         is in the outbox when this returns."""
+        if self.before_dispatch is not None:
+            self.before_dispatch()
         looked_up: dict[str, _Decision] = {}
         try:
             paused = self.store.get_config_error()
@@ -554,8 +593,7 @@ class Pipeline:
                 c = pending.pop(fut)
                 exc = fut.exception()
                 if exc is not None:
-                    log.error("upload_crashed", lsh=c.lsh, error=f"{type(exc).__name__}: {exc}")
-                    self.store.release([c], now=self.clock())
+                    self._crashed(c, exc, stats)
         if queue:
             self.store.release([c for c, _, _ in queue], now=self.clock())
         if config_error:
@@ -645,6 +683,26 @@ class Pipeline:
             else:
                 stats.updated += 1
         log.debug("record_sent", lsh=c.lsh, answer=result.message)
+
+    def _crashed(self, c: Claimed, exc: BaseException, stats: CycleStats) -> None:
+        """The upload path raised where it should not: counted against the record, which is
+        parked invalid at the MAX_UPLOAD_CRASHES-th time instead of crashing every cycle."""
+        now = self.clock()
+        error = (
+            f"crowd-sync crashed uploading this record: {type(exc).__name__}: {exc} — if its payload was "
+            "edited by hand, correct it and run `crowd-sync retry --lsh` (or let the HIS row change); "
+            "otherwise report it as a bug with this text"
+        )
+        status = self.store.record_crash(
+            c, error=error, now=now, next_attempt_at=self.policy.next_attempt_at(now, c.attempts + 1),
+            limit=MAX_UPLOAD_CRASHES,
+        )
+        log.error("upload_crashed", lsh=c.lsh, error=f"{type(exc).__name__}: {exc}", now_status=status)
+        with self._lock:
+            if status is Status.INVALID:
+                stats.invalid += 1
+            elif status is Status.FAILED:
+                stats.failed += 1
 
     def _failed(self, c: Claimed, exc: SyncError, stats: CycleStats, prefix: str = "") -> None:
         now = self.clock()

@@ -8,6 +8,10 @@ from datetime import datetime, timedelta
 
 _RNG = random.Random()
 
+# A record whose upload crashes crowd-sync this many times (not a platform answer: an
+# exception where none should be) is parked invalid with the exception's text.
+MAX_UPLOAD_CRASHES = 3
+
 
 @dataclass(frozen=True, kw_only=True)
 class RetryPolicy:

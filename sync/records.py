@@ -66,6 +66,7 @@ FIELD_COLUMNS: dict[str, str] = {
     "settlementDate": "settlement_date",
 }
 FIELDS: tuple[str, ...] = tuple(FIELD_COLUMNS)
+_COLUMN_FIELDS: dict[str, str] = {column: field for field, column in FIELD_COLUMNS.items()}
 MONEY_FIELDS: tuple[str, ...] = ("totalFee", "insFee", "totalPrepayment", "deficientFee")
 DATE_FIELDS: tuple[str, ...] = ("enterDate", "leaveDate", "settlementDate")
 OPTIONAL_FIELDS: frozenset[str] = frozenset({"leaveDate", "icdName", "icdCode"})
@@ -166,6 +167,47 @@ class Payload(TypedDict):
 
 
 # --------------------------------------------------------------------------- columns
+
+
+class Unreadable:
+    """A value the database driver could not read, in place of the value: bytes that are not
+    text in the connection's character set, a date no calendar holds. The row is parked
+    ``invalid`` naming the column; the other rows of the window go on.
+
+    As text it is empty, so that code asking a row for its lsh finds none.
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return f"<unreadable: {self.reason}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Unreadable) and other.reason == self.reason
+
+    def __hash__(self) -> int:
+        return hash(self.reason)
+
+
+def unreadable_problems(row: Mapping[str, Any]) -> list[str]:
+    """One violation per column of ``row`` the driver could not read."""
+    problems: list[str] = []
+    for column, value in row.items():
+        if isinstance(value, Unreadable):
+            field = _COLUMN_FIELDS.get(column)
+            name = f"{field} ({column})" if field else f"column {column}"
+            problems.append(
+                f"{name} cannot be read from the HIS database ({value.reason}): correct the value in the HIS, "
+                "or convert the column in his.query (e.g. CONVERT(col USING utf8mb4), CAST(col AS ...))"
+            )
+    return problems
+
 
 
 def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -485,6 +527,8 @@ def build(row: Mapping[str, Any], *, key_crowd: str | None = None, today: date |
         raise ValueError(f"key_crowd must be '1' or '0', not {key_crowd!r}")
     row = normalize_row(row)
     today = today or date.today()
+    if unreadable := unreadable_problems(row):
+        raise _invalid(_text_or_none(row.get("lsh")), unreadable)
     problems = _Problems()
 
     card_type: str | None = None
@@ -689,6 +733,8 @@ def _plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).hex()
+    if isinstance(value, Unreadable):
+        return repr(value)
     return str(value)
 
 

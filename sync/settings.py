@@ -18,13 +18,22 @@ import os
 import re
 import stat
 import warnings
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from sync import counties
 from sync.errors import ConfigError
@@ -128,6 +137,86 @@ class Upstream(_Model):
         return SecretStr(v.get_secret_value().strip())
 
 
+# -- SQL text of his.query ------------------------------------------------------------------
+# A bind parameter as sqlalchemy.text() finds one: `:name`, not after a colon, a word
+# character or a backslash (its escape), and not followed by a colon (PostgreSQL's `::`).
+_BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
+QUERY_PARAMETERS = ("since", "until")
+
+
+def _sql_parts(query: str, dialect: str) -> list[tuple[bool, str]]:
+    """``query`` cut into (is_code, text) parts: string literals, quoted identifiers and
+    comments are not code. ``dialect`` (a SQLAlchemy backend name) decides the quirks:
+    MySQL's backslash escapes and ``#`` comments, PostgreSQL's dollar quotes."""
+    mysql = dialect in ("mysql", "mariadb")
+    parts: list[tuple[bool, str]] = []
+    code_start = i = 0
+    n = len(query)
+
+    def close(end: int) -> int:
+        nonlocal code_start
+        if end > code_start:
+            parts.append((True, query[code_start:end]))
+        return end
+
+    while i < n:
+        ch = query[i]
+        end: int | None = None
+        if ch in "'\"`":
+            j = i + 1
+            while j < n:
+                if mysql and query[j] == "\\" and ch != "`":
+                    j += 2
+                    continue
+                if query[j] == ch:
+                    if j + 1 < n and query[j + 1] == ch:  # '' inside '...'
+                        j += 2
+                        continue
+                    break
+                j += 1
+            end = min(j + 1, n)
+        elif query.startswith("--", i) or (mysql and ch == "#"):
+            j = query.find("\n", i)
+            end = n if j < 0 else j
+        elif query.startswith("/*", i):
+            j = query.find("*/", i + 2)
+            end = n if j < 0 else j + 2
+        elif ch == "$" and dialect == "postgresql" and (m := re.match(r"\$([A-Za-z_]\w*)?\$", query[i:])):
+            j = query.find(m.group(0), i + len(m.group(0)))
+            end = n if j < 0 else j + len(m.group(0))
+        if end is None:
+            i += 1
+            continue
+        close(i)
+        parts.append((False, query[i:end]))
+        i = code_start = end
+    close(n)
+    return parts
+
+
+def query_parameters(query: str, dialect: str = "") -> list[str]:
+    """The bind parameters (``:name``) of ``query``, leaving string literals and comments alone."""
+    names: list[str] = []
+    for is_code, text in _sql_parts(query, dialect):
+        if is_code:
+            names.extend(m.group(1) for m in _BIND.finditer(text) if m.group(1) not in names)
+    return names
+
+
+def escape_literal_colons(query: str, dialect: str = "") -> str:
+    """``query`` for ``sqlalchemy.text()``: a ``:word`` inside a string literal or a comment is
+    escaped, so that only the real bind parameters are taken as parameters."""
+    return "".join(
+        text if is_code else _BIND.sub(lambda m: "\\:" + m.group(1), text) for is_code, text in _sql_parts(query, dialect)
+    )
+
+
+def _url_dialect(url: str) -> str:
+    """The backend name of a database URL (``mysql+pymysql://`` -> ``mysql``), "" when unknown."""
+    m = re.match(r"\s*([A-Za-z][\w]*)(?:\+[\w]+)?://", url)
+    return m.group(1).lower() if m else ""
+
+
 class His(_Model):
     url: SecretStr
     query: str
@@ -137,19 +226,38 @@ class His(_Model):
     batch_size: int = Field(default=1000, ge=1, le=100_000)
     # Below MySQL's wait_timeout (8 h by default) and the usual firewall idle cut.
     pool_recycle_s: int = Field(default=1800, ge=30)
+    # The zone the HIS writes its datetimes (changed_at) in; None: schedule.timezone. The HIS
+    # clock is the database's UTC clock in this zone, whatever the server's own time_zone.
+    timezone: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str | None) -> str | None:
+        return None if v is None or not v.strip() else check_zone(v.strip())
 
     @field_validator("query")
     @classmethod
-    def _query(cls, v: str) -> str:
+    def _query(cls, v: str, info: ValidationInfo) -> str:
         text = v.strip().rstrip(";").strip()
-        missing = [p for p in (":since", ":until") if not re.search(re.escape(p) + r"\b", text)]
+        # The URL is validated first (declared first): its dialect decides how literals are written.
+        url = info.data.get("url")
+        dialect = _url_dialect(url.get_secret_value()) if isinstance(url, SecretStr) else ""
+        used = query_parameters(text, dialect)
+        missing = [f":{p}" for p in QUERY_PARAMETERS if p not in used]
         if missing:
             raise ValueError(
-                f"must use the bind parameters :since and :until (missing {', '.join(missing)}), e.g. "
-                "WHERE changed_at >= :since AND changed_at < :until"
+                f"must use the bind parameters :since and :until (missing {', '.join(missing)}) outside string "
+                "literals and comments, e.g. WHERE changed_at >= :since AND changed_at < :until"
             )
-        if not re.match(r"(?is)^\s*(select|with)\b", text):
+        code = "".join(part for is_code, part in _sql_parts(text, dialect) if is_code)
+        if not re.match(r"(?is)^\s*(select|with)\b", code):
             raise ValueError("must be a SELECT (or WITH ... SELECT) statement")
+        unknown = [f":{p}" for p in used if p not in QUERY_PARAMETERS]
+        if unknown:
+            raise ValueError(
+                f"uses {', '.join(unknown)}, but crowd-sync fills in only :since and :until: write the value "
+                "itself, or put text holding a colon inside quotes"
+            )
         return text
 
 
@@ -163,6 +271,38 @@ class Outbox(_Model):
     url: SecretStr = SecretStr("sqlite:///var/crowd-sync.db")
     # How long a claimed row stays reserved for one worker before others may take it.
     lease_s: int = Field(default=300, ge=10, le=86400)
+
+
+def check_zone(v: str) -> str:
+    """A time zone name (Asia/Shanghai, UTC) or a fixed offset (+08:00, UTC+8, -05:30)."""
+    if _fixed_offset(v) is not None:
+        return v
+    try:
+        ZoneInfo(v)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown time zone {v!r}; use a name such as Asia/Shanghai or UTC, or an offset such as +08:00"
+        ) from None
+    return v
+
+
+_OFFSET = re.compile(r"^(?:UTC|GMT)?\s*([+-])(\d{1,2})(?::?(\d{2}))?$", re.IGNORECASE)
+
+
+def _fixed_offset(v: str) -> tzinfo | None:
+    m = _OFFSET.match(v.strip())
+    if not m:
+        return None
+    hours, minutes = int(m.group(2)), int(m.group(3) or 0)
+    if hours > 14 or minutes > 59:
+        return None
+    delta = timedelta(hours=hours, minutes=minutes)
+    return timezone(-delta if m.group(1) == "-" else delta)
+
+
+def zone(v: str) -> tzinfo:
+    """The tzinfo of a name ``check_zone`` accepted."""
+    return _fixed_offset(v) or ZoneInfo(v)
 
 
 class Schedule(_Model):
@@ -254,6 +394,11 @@ class Settings(_Model):
 
     # Where the settings came from (for messages); not a setting.
     source_path: str | None = Field(default=None, exclude=True)
+
+    @property
+    def his_timezone(self) -> str:
+        """The zone the HIS writes its datetimes in: his.timezone, else schedule.timezone."""
+        return self.his.timezone or self.schedule.timezone
 
 
 def default_config_path() -> Path:

@@ -35,15 +35,18 @@ def _unavailable(what: str, how: str) -> None:
     pytest.skip(message)
 
 
-def _fresh_database(admin_url: str, dialect: str) -> Iterator[str]:
+def _fresh_database(
+    admin_url: str, dialect: str, *, collation: str = "utf8mb4_unicode_ci", encoding: str = "UTF8"
+) -> Iterator[str]:
     name = f"cs_test_{secrets.token_hex(4)}"
     admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
             if dialect == "mysql":
-                conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci")
+                conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE {collation}")
             else:
-                conn.exec_driver_sql(f"CREATE DATABASE {name} ENCODING 'UTF8' TEMPLATE template0")
+                locale = " LC_COLLATE 'C' LC_CTYPE 'C'" if encoding == "SQL_ASCII" else ""
+                conn.exec_driver_sql(f"CREATE DATABASE {name} ENCODING '{encoding}'{locale} TEMPLATE template0")
         url = sa.engine.make_url(admin_url).set(database=name)
         yield url.render_as_string(hide_password=False)
     finally:
@@ -66,6 +69,17 @@ def mariadb_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def mariadb_general_ci_url() -> Iterator[str]:
+    """An empty MariaDB database with the server's default collation utf8mb4_general_ci, which
+    compares text case-insensitively (as most installs' databases do)."""
+    if not _port_open("127.0.0.1", 3306):
+        _unavailable(
+            "MariaDB", "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql"
+        )
+    yield from _fresh_database(MARIADB_ADMIN, "mysql", collation="utf8mb4_general_ci")
+
+
+@pytest.fixture
 def postgres_url() -> Iterator[str]:
     """URL of an empty PostgreSQL database, dropped after the test."""
     if not _port_open("127.0.0.1", 5432):
@@ -73,6 +87,17 @@ def postgres_url() -> Iterator[str]:
             "PostgreSQL", "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
         )
     yield from _fresh_database(POSTGRES_ADMIN, "postgresql")
+
+
+@pytest.fixture
+def postgres_sql_ascii_url() -> Iterator[str]:
+    """An empty PostgreSQL database created with ENCODING 'SQL_ASCII', as old HIS installs are:
+    the server stores and returns bytes unchecked, whatever their encoding."""
+    if not _port_open("127.0.0.1", 5432):
+        _unavailable(
+            "PostgreSQL", "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+        )
+    yield from _fresh_database(POSTGRES_ADMIN, "postgresql", encoding="SQL_ASCII")
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 import structlog
@@ -200,3 +201,12 @@ def capture_all_logs() -> Iterator[list[MutableMapping[str, Any]]]:
         yield capture.entries
     finally:
         structlog.configure(**saved)
+
+
+HIS_ZONE = ZoneInfo("Asia/Shanghai")  # schedule.timezone's default, hence the HIS's zone in these tests
+
+
+def his_now() -> datetime:
+    """Now as the test HIS writes its datetimes: China time, whatever the zone of this host or of
+    the database server (crowd-sync reads the database's UTC clock in his.timezone)."""
+    return datetime.now(HIS_ZONE).replace(tzinfo=None, microsecond=0)

@@ -24,7 +24,8 @@ import fcntl
 import hashlib
 import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -32,7 +33,8 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
-from sync.errors import ConfigError
+from sync.errors import ConfigError, TransientError
+from sync.files import open_private
 
 log = structlog.get_logger(__name__)
 
@@ -92,6 +94,7 @@ class InstanceLock:
         self._on_acquired = on_acquired
         self._on_released = on_released
         self._fd: int | None = None
+        self._path: Path | None = None
         self._conn: sa.Connection | None = None
         self._memory_key: str | None = None
         self._held = False
@@ -137,10 +140,47 @@ class InstanceLock:
             # (and needs the schema, which may not exist yet).
             log.warning("instance_record_failed", lock=self.name, error=str(exc.__class__.__name__))
 
+    def ensure(self) -> None:
+        """Return only while the lock is ours; called before each cycle and each dispatch.
+
+        A lock lost meanwhile (its server session killed or timed out, its lock file deleted)
+        is taken again if it is free; ``AlreadyRunning`` if another process took it, so that
+        this one stops instead of sending beside it; ``TransientError`` if the outbox cannot
+        be asked now (nothing is sent until it can).
+        """
+        if self.still_held():
+            return
+        if self._held:
+            log.error(
+                "instance_lock_lost", lock=self.name, command=self.command,
+                fix="sending stops until the lock is ours again; check the outbox server's connection limits "
+                "and timeouts (a DBA's KILL, wait_timeout, a restart)",
+            )
+            self.release()
+        try:
+            self.acquire()
+        except AlreadyRunning:
+            log.error("instance_lock_taken", lock=self.name, command=self.command)
+            raise
+        except sa.exc.SQLAlchemyError as exc:
+            raise TransientError(
+                f"the instance lock {self.name} was lost and cannot be taken again now: {type(exc).__name__}",
+                hint="nothing is sent until it is; check that the outbox database is reachable",
+            ) from None
+        log.warning("instance_lock_reacquired", lock=self.name, command=self.command)
+
     def still_held(self) -> bool:
         """Whether the lock is still ours (a server-side lock dies with its connection)."""
         if not self._held:
             return False
+        if self._fd is not None and self._path is not None:
+            # flock holds the file we opened: a lock file deleted (or replaced) since is
+            # one another process can create and lock again.
+            try:
+                ours, there = os.fstat(self._fd), os.stat(self._path)
+            except OSError:
+                return False
+            return (ours.st_dev, ours.st_ino) == (there.st_dev, there.st_ino)
         if self._conn is None:
             return True
         dialect = self.engine.dialect.name
@@ -178,6 +218,7 @@ class InstanceLock:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+            self._path = None
         if self._memory_key is not None:
             with _memory_guard:
                 _memory_locks.discard(self._memory_key)
@@ -214,14 +255,14 @@ class InstanceLock:
             self._memory_key = key
             return True
         path = Path(database).resolve().with_name(Path(database).name + ".lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_private(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return False
         self._fd = fd
+        self._path = path
         return True
 
     def _acquire_on_connection(self, attempt: Callable[[sa.Connection], bool]) -> bool:
@@ -280,3 +321,98 @@ class InstanceLock:
             # ORA-00054: resource busy; the transaction stays open on success only.
             return False
         return True
+
+
+# -- the token renewal lock ---------------------------------------------------------------------
+
+
+def renewal_lock(engine: sa.Engine, *, wait_s: float) -> contextlib.AbstractContextManager[None] | None:
+    """A lock that one process at a time holds while it logs in, outside any outbox transaction:
+    a file lock beside a SQLite outbox, a named lock of the server elsewhere. None where there is
+    no such lock (Oracle, whose users cannot be assumed to have DBMS_LOCK): the caller then
+    locks the token row instead, which on Oracle blocks no reader. Raises ``TimeoutError``
+    when another process holds it longer than ``wait_s``."""
+    dialect = engine.dialect.name
+    name = "crowd_sync_token:" + (engine.url.database or "")
+    if dialect == "sqlite":
+        database = engine.url.database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return contextlib.nullcontext()  # no other process can open this database
+        path = Path(database).expanduser().resolve()
+        return _file_lock(path.with_name(path.name + ".token-lock"), wait_s)
+    if dialect in ("mysql", "mariadb"):
+        return _server_lock(
+            engine, wait_s,
+            # Waits up to a second on the server each time: fewer round trips than polling.
+            take=("SELECT GET_LOCK(:name, 1)", {"name": name[:_MYSQL_NAME_MAX]}),
+            free=("SELECT RELEASE_LOCK(:name)", {"name": name[:_MYSQL_NAME_MAX]}),
+        )
+    if dialect == "postgresql":
+        key = advisory_key(name)
+        return _server_lock(
+            engine, wait_s,
+            take=("SELECT pg_try_advisory_lock(:key)", {"key": key}),
+            free=("SELECT pg_advisory_unlock(:key)", {"key": key}),
+        )
+    if dialect == "mssql":
+        return _server_lock(
+            engine, wait_s,
+            take=(
+                "DECLARE @r int; EXEC @r = sp_getapplock @Resource = :name, @LockMode = 'Exclusive', "
+                "@LockOwner = 'Session', @LockTimeout = 0; SELECT CASE WHEN @r >= 0 THEN 1 ELSE 0 END",
+                {"name": name},
+            ),
+            free=("EXEC sp_releaseapplock @Resource = :name, @LockOwner = 'Session'; SELECT 1", {"name": name}),
+        )
+    return None
+
+
+_POLL_S = 0.05
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, wait_s: float) -> Iterator[None]:
+    fd = open_private(path)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path} held by another process for over {wait_s:g} s") from None
+                time.sleep(_POLL_S)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _server_lock(
+    engine: sa.Engine, wait_s: float, *, take: tuple[str, dict[str, Any]], free: tuple[str, dict[str, Any]]
+) -> Iterator[None]:
+    """A session-level named lock on a connection of its own. Each statement is committed at
+    once: the connection holds no transaction, hence no lock on any table, while it waits."""
+    with engine.connect() as conn:
+        deadline = time.monotonic() + wait_s
+        while True:
+            got = conn.execute(sa.text(take[0]), take[1]).scalar()
+            conn.commit()
+            if got in (1, True):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the lock {take[1]} held by another process for over {wait_s:g} s")
+            time.sleep(_POLL_S)
+        try:
+            yield
+        finally:
+            try:
+                conn.execute(sa.text(free[0]), free[1]).scalar()
+                conn.commit()
+            except sa.exc.DBAPIError:
+                # The server drops a session's named locks with the session: make sure it goes.
+                conn.invalidate()

@@ -34,12 +34,21 @@ metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 # fractions of a second; keeping them keeps the cursor and lease arithmetic exact.
 Timestamp = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb").with_variant(oracle.TIMESTAMP(), "oracle").with_variant(mssql.DATETIME2, "mssql")
 
+# The platform's upsert key is case-sensitive, and so is every comparison of it here:
+# MySQL/MariaDB's and SQL Server's default collations are not (migration 0003). NVARCHAR
+# on SQL Server so that the binary collation's code page never narrows the column.
+Key = (
+    sa.String(255)
+    .with_variant(mysql.VARCHAR(255, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb")
+    .with_variant(mssql.NVARCHAR(255, collation="Latin1_General_100_BIN2"), "mssql")
+)
+
 STATUSES = ("pending", "sent", "failed", "invalid", "dead", "skipped")
 
 sync_outbox = sa.Table(
     "sync_outbox",
     metadata,
-    sa.Column("lsh", sa.String(255), primary_key=True,
+    sa.Column("lsh", Key, primary_key=True,
               comment="visit serial number, the platform's upsert key (the platform allows 50 characters; longer ones are kept to be reported invalid) / 就诊流水号"),
     sa.Column("status", sa.String(16), nullable=False,
               comment="pending | sent | failed | invalid | dead | skipped / 状态"),
@@ -59,6 +68,9 @@ sync_outbox = sa.Table(
               comment="upload attempts of the current payload / 上传尝试次数"),
     sa.Column("generic_failures", sa.Integer, nullable=False, server_default=sa.text("0"),
               comment="answers 中间请求异常 received for the current payload (retried a bounded number of times) / 通用异常次数"),
+    sa.Column("crashes", sa.Integer, nullable=False, server_default=sa.text("0"),
+              comment="times uploading the current payload crashed crowd-sync (a payload edited by hand, a bug); "
+              "at 3 the row is parked invalid / 上传崩溃次数"),
     sa.Column("first_failed_at", Timestamp, nullable=True,
               comment="UTC, first transient failure of the current payload; drives retry.give_up_after_h / 首次失败时间(UTC)"),
     sa.Column("next_attempt_at", Timestamp, nullable=True,
@@ -90,7 +102,7 @@ sync_cursor = sa.Table(
     sa.Column("name", sa.String(32), primary_key=True, comment="cursor name (his) / 游标名称"),
     sa.Column("changed_at", Timestamp, nullable=True,
               comment="HIS clock, changed_at of the last row read / 已读取到的HIS变更时间(HIS时钟)"),
-    sa.Column("lsh", sa.String(255), nullable=True, comment="lsh of the last row read, to break ties / 已读取到的流水号"),
+    sa.Column("lsh", Key, nullable=True, comment="lsh of the last row read, to break ties / 已读取到的流水号"),
     sa.Column("updated_at", Timestamp, nullable=True, comment="UTC, when the cursor last moved / 更新时间(UTC)"),
     comment="how far the HIS has been read / HIS读取进度",
 )
@@ -133,10 +145,12 @@ sync_label_cache = sa.Table(
     metadata,
     sa.Column("card_hash", sa.String(64), primary_key=True,
               comment="sha256 of the ID number (the cache does not repeat ID numbers) / 证件号摘要"),
-    sa.Column("data", sa.UnicodeText, nullable=True,
-              comment="the label API's data JSON; NULL = not in the key population / 人员标签数据"),
+    sa.Column("labels", sa.Text, nullable=True,
+              comment='label codes per list as JSON, e.g. {"jjxBq":["J01.02"]}; NULL = the platform returned no data '
+              "(not in the key population) / 标签代码"),
     sa.Column("key_crowd", sa.String(1), nullable=True, comment="1 key population, 0 not / 是否重点人群"),
     sa.Column("fetched_at", Timestamp, nullable=False, comment="UTC, when the labels were fetched / 查询时间(UTC)"),
+    # Only what the key-population decision needs: no name, no ID number, no county (0004).
     comment="key-population labels recently looked up / 人员标签缓存",
 )
 

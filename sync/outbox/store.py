@@ -41,7 +41,8 @@ import migrations
 from sync import dberrors
 from sync.crashpoints import crash_point
 from sync.errors import ConfigError, TransientError
-from sync.outbox.lock import AlreadyRunning, InstanceLock
+from sync.files import private_dir, touch_private
+from sync.outbox.lock import AlreadyRunning, InstanceLock, renewal_lock
 from sync.outbox.schema import (
     sync_cursor,
     sync_label_cache,
@@ -196,6 +197,45 @@ def _fit(value: str | None, size: int) -> str | None:
 def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+# The label lists of the label API's answer (document 3.1.2), in the order the decision reads them.
+LABEL_LISTS = ("rkxBq", "jjxBq", "jkBq", "glztBq")
+
+
+def _label_codes(data_json: str | None) -> str | None:
+    """The label API's ``data`` JSON reduced to its label codes per list (what the label cache
+    keeps); None when the platform returned no data."""
+    if data_json is None:
+        return None
+    try:
+        data = json.loads(data_json)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return None
+    codes: dict[str, list[str]] = {}
+    for name in LABEL_LISTS:
+        items = data.get(name)
+        codes[name] = [
+            str(item.get("code") or "") for item in (items if isinstance(items, list) else []) if isinstance(item, dict)
+        ]
+    return json.dumps(codes, separators=(",", ":"))
+
+
+def _labels_as_data(labels: str | None) -> str | None:
+    """A cached ``labels`` value back in the shape of the label API's ``data`` (codes only)."""
+    if labels is None:
+        return None
+    try:
+        codes = json.loads(labels)
+    except ValueError:
+        return None
+    if not isinstance(codes, dict):
+        return None
+    return json.dumps(
+        {name: [{"code": c} for c in codes.get(name) or []] for name in LABEL_LISTS}, ensure_ascii=False
+    )
 
 
 def card_hash(card_no: str) -> str:
@@ -428,14 +468,18 @@ def _engine_for(parsed: sa.URL, *, create: bool) -> sa.Engine:
         # pool_size: every upload thread records its outcome in a transaction of its own.
         # With fewer pooled connections than threads, the ones beyond are opened and closed
         # per record (a login to the server each time); the pool only keeps what was used.
-        return sa.create_engine(parsed, pool_pre_ping=True, pool_recycle=1800, pool_size=_POOL_SIZE)
+        return sa.create_engine(
+            parsed, pool_pre_ping=True, pool_recycle=1800, pool_size=_POOL_SIZE, hide_parameters=True
+        )
     memory = _is_memory_sqlite(parsed)
     if memory:
         # One shared connection, or every pool connection would see its own empty database.
-        engine = sa.create_engine(parsed, poolclass=StaticPool, connect_args={"check_same_thread": False})
+        engine = sa.create_engine(
+            parsed, poolclass=StaticPool, connect_args={"check_same_thread": False}, hide_parameters=True
+        )
     else:
         assert parsed.database is not None
-        path = Path(parsed.database).expanduser()
+        path = Path(parsed.database)  # as SQLite opens it (no ~ expansion)
         if not create and not path.is_file():
             raise ConfigError(
                 f"the outbox database file {path} does not exist" + _missing_parent(path),
@@ -445,14 +489,21 @@ def _engine_for(parsed: sa.URL, *, create: bool) -> sa.Engine:
             )
         if create:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                private_dir(path.parent)
             except OSError as exc:
                 raise ConfigError(
                     f"the outbox directory {path.parent} cannot be created: {exc.strerror or exc}",
                     hint="check outbox.url: a part of that path may be a file, or the user running crowd-sync "
                     "may not write there (the service runs as crowd-sync in /var/lib/crowd-sync)",
                 ) from None
-        engine = sa.create_engine(parsed, connect_args={"timeout": 30}, pool_size=_POOL_SIZE)
+        engine = sa.create_engine(parsed, connect_args={"timeout": 30}, pool_size=_POOL_SIZE, hide_parameters=True)
+        if create and not parsed.database.startswith("file:"):  # a URI filename is SQLite's own business
+
+            @event.listens_for(engine, "do_connect")
+            def _create_private(*_args: Any) -> None:
+                # Created 0600 before SQLite opens it: the file holds full ID numbers and the
+                # live token, and SQLite gives its -wal and -shm files the database's permissions.
+                touch_private(path)
 
     # The pysqlite recipe from the SQLAlchemy documentation: let SQLAlchemy emit
     # BEGIN itself, and make it BEGIN IMMEDIATE, so a writer takes the write lock
@@ -571,6 +622,35 @@ class Store:
             return None
         return row.changed_at, row.lsh or ""
 
+    def rewind_cursor(self, cursor: tuple[datetime, str], *, now: datetime) -> None:
+        """Set the cursor back (it was found ahead of the HIS clock); ``enqueue`` only moves it forward."""
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                sa.update(sync_cursor)
+                .where(sync_cursor.c.name == CURSOR_NAME)
+                .values(changed_at=_wall(cursor[0]), lsh=cursor[1], updated_at=_utc(now))
+            ).rowcount
+            if not updated:
+                conn.execute(
+                    sa.insert(sync_cursor).values(
+                        name=CURSOR_NAME, changed_at=_wall(cursor[0]), lsh=cursor[1], updated_at=_utc(now)
+                    )
+                )
+
+    def clear_cursor(self) -> None:
+        """Forget the cursor: the next poll back-fills from his.start_from."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(sync_cursor).where(sync_cursor.c.name == CURSOR_NAME))
+
+    def newest_source_changed_at(self, *, not_after: datetime) -> datetime | None:
+        """The newest HIS change time (HIS clock) of any visit read, not after ``not_after``."""
+        o = sync_outbox
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                sa.select(sa.func.max(o.c.source_changed_at)).where(o.c.source_changed_at <= _wall(not_after))
+            ).scalar()
+        return value if isinstance(value, datetime) else None
+
     def _move_cursor(self, conn: sa.Connection, cursor: tuple[datetime, str], now: datetime) -> None:
         changed_at, lsh = _wall(cursor[0]), cursor[1]
         assert changed_at is not None
@@ -675,6 +755,7 @@ class Store:
             "source_changed_at": _wall(item.source_changed_at),
             "attempts": 0,
             "generic_failures": 0,
+            "crashes": 0,
             "first_failed_at": None,
             "next_attempt_at": now if status is Status.PENDING else None,
             "last_error": item.reason,
@@ -876,6 +957,35 @@ class Store:
             values["key_crowd"] = key_crowd
         return Outcome(claimed=c, values=values)
 
+    def record_crash(
+        self, c: Claimed, *, error: str, now: datetime, next_attempt_at: datetime, limit: int
+    ) -> Status | None:
+        """Uploading ``c`` raised where nothing should (a payload edited into broken JSON, a
+        bug): ``failed`` until its ``limit``-th crash, then ``invalid`` with ``error``, so a
+        poison record stops being tried every cycle. None when the row is no longer ours."""
+        now = _utc(now)
+        o = sync_outbox
+        ours = sa.and_(o.c.lsh == c.lsh, o.c.lease_owner == c.lease_owner, o.c.payload_hash == c.payload_hash)
+        with self._outcome_lock, self.engine.begin() as conn:
+            crashes = conn.execute(sa.select(o.c.crashes).where(ours)).scalar()
+            if crashes is None:
+                conn.execute(
+                    sa.update(o).where(o.c.lsh == c.lsh, o.c.lease_owner == c.lease_owner)
+                    .values(lease_owner=None, lease_until=None)
+                )
+                return None
+            crashes = int(crashes) + 1
+            status = Status.INVALID if crashes >= limit else Status.FAILED
+            conn.execute(
+                sa.update(o).where(ours).values(
+                    status=status.value, crashes=crashes, attempts=o.c.attempts + 1, last_error=error,
+                    last_http_status=None, updated_at=now, lease_owner=None, lease_until=None,
+                    next_attempt_at=None if status is Status.INVALID else _utc(next_attempt_at),
+                    first_failed_at=sa.func.coalesce(o.c.first_failed_at, now),
+                )
+            )
+        return status
+
     def release(self, claims: Iterable[Claimed], *, now: datetime) -> None:
         """Drop leases and change nothing else (configuration pause, shutdown)."""
         by_owner: dict[str, list[str]] = {}
@@ -911,7 +1021,7 @@ class Store:
         now = _utc(now)
         o = sync_outbox
         values = {
-            "status": Status.PENDING.value, "attempts": 0, "generic_failures": 0, "first_failed_at": None,
+            "status": Status.PENDING.value, "attempts": 0, "generic_failures": 0, "crashes": 0, "first_failed_at": None,
             "next_attempt_at": now, "updated_at": now,
         }
         conds: list[sa.ColumnElement[bool]] = []
@@ -1031,6 +1141,14 @@ class Store:
                 if attempt == 2:
                     raise
 
+    def put_his_clock(self, reading: dict[str, Any], *, now: datetime) -> None:
+        """Keep the last reading of the HIS clock (``sync.clock.state``) for status and /healthz."""
+        self._put_state("his_clock", reading, now=now)
+
+    def get_his_clock(self) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            return self._get_state(conn, "his_clock")
+
     def set_config_error(self, *, message: str, hint: str, now: datetime) -> None:
         """Hold sending back until the configuration is fixed; ``since`` keeps the first occurrence."""
         previous = self.get_config_error()
@@ -1067,7 +1185,8 @@ class Store:
 
     # -- label cache --------------------------------------------------------------------------
     def cache_get(self, card_nos: Sequence[str], *, now: datetime, ttl_s: float) -> dict[str, tuple[str | None]]:
-        """Fresh cached labels: card_no -> (data JSON, or None when not in the key population)."""
+        """Fresh cached labels: card_no -> (label data JSON holding the label codes only, or None
+        when the platform returned no data)."""
         by_hash = {card_hash(c): c for c in card_nos}
         fresh_from = _utc(now) - timedelta(seconds=ttl_s)
         t = sync_label_cache
@@ -1075,21 +1194,25 @@ class Store:
         with self.engine.connect() as conn:
             for chunk in _chunks(list(by_hash)):
                 rows = conn.execute(
-                    sa.select(t.c.card_hash, t.c.data).where(t.c.card_hash.in_(chunk), t.c.fetched_at >= fresh_from)
+                    sa.select(t.c.card_hash, t.c.labels).where(t.c.card_hash.in_(chunk), t.c.fetched_at >= fresh_from)
                 )
                 for r in rows:
-                    found[by_hash[r.card_hash]] = (r.data,)
+                    found[by_hash[r.card_hash]] = (_labels_as_data(r.labels),)
         return found
 
     def cache_put(self, entries: Mapping[str, str | None], *, now: datetime) -> None:
-        """Remember labels (card_no -> data JSON or None)."""
+        """Remember labels (card_no -> the label API's data JSON, or None): only the label codes
+        are kept, never the name, the ID number or the counties the answer also holds."""
         if not entries:
             return
         now = _utc(now)
-        rows = {
-            card_hash(card): {"card_hash": card_hash(card), "data": data, "key_crowd": "0" if data is None else "1", "fetched_at": now}
-            for card, data in entries.items()
-        }
+        rows: dict[str, dict[str, Any]] = {}
+        for card, data in entries.items():
+            labels = _label_codes(data)
+            rows[card_hash(card)] = {
+                "card_hash": card_hash(card), "labels": labels,
+                "key_crowd": "1" if labels and any(json.loads(labels).values()) else "0", "fetched_at": now,
+            }
         t = sync_label_cache
         for attempt in (1, 2):
             try:
@@ -1161,10 +1284,15 @@ class _StateKeyFormMemory:
 class DbTokenStore:
     """``sync.upstream.tokens.TokenStore`` on the single ``sync_token`` row.
 
-    Single flight across threads (a lock in the process) and across processes
-    (the row is locked in the renewing transaction: ``SELECT ... FOR UPDATE``, or
-    SQLite's BEGIN IMMEDIATE), so concurrent renewals cause exactly one login.
+    Single flight across threads (a lock in the process) and across processes (a lock
+    beside the outbox: a file lock next to a SQLite outbox, a named lock of the database
+    server elsewhere), so concurrent renewals cause exactly one login. No outbox
+    transaction is open while the login waits on the network: a slow platform never holds
+    up the poll or the recording of outcomes (SQLite has a single writer).
     """
+
+    # Longer than any one login (upstream.timeout_s is at most 600 s).
+    RENEWAL_WAIT_S = 900.0
 
     def __init__(self, engine: sa.Engine, clock: Callable[[], datetime] | None = None) -> None:
         self._engine = engine
@@ -1190,26 +1318,46 @@ class DbTokenStore:
             return self._token(conn.execute(self._select()).first())
 
     def renew(self, stale: str | None, login: Callable[[], Token]) -> Token:
-        with self._lock, self._engine.begin() as conn:
+        with self._lock:
+            guard = renewal_lock(self._engine, wait_s=self.RENEWAL_WAIT_S)
+            if guard is None:
+                return self._renew_holding_the_row(stale, login)
+            try:
+                with guard:
+                    tok = self.current()
+                    if tok is not None and tok.value != stale and tok.valid_at(self._clock()):
+                        return tok  # another process renewed it while we waited
+                    tok = login()
+                    with self._engine.begin() as conn:
+                        self._store(conn, tok)
+                    return tok
+            except TimeoutError as exc:
+                raise TransientError(
+                    f"the platform login is held up: {exc}",
+                    hint="another crowd-sync process is logging in; it is retried at the next cycle",
+                ) from None
+
+    def _renew_holding_the_row(self, stale: str | None, login: Callable[[], Token]) -> Token:
+        """Where no named lock exists (Oracle): the token row stays locked during the login,
+        which holds up other renewers only (Oracle's readers never wait for a row lock)."""
+        with self._engine.begin() as conn:
             row = conn.execute(self._select().with_for_update()).first()
-            if row is None:
-                # The migration inserts the row; recreate it if someone deleted it.
-                conn.execute(sa.insert(sync_token).values(id=1))
-                row = conn.execute(self._select().with_for_update()).first()
             tok = self._token(row)
             if tok is not None and tok.value != stale and tok.valid_at(self._clock()):
                 return tok
             tok = login()
-            conn.execute(
-                sa.update(sync_token)
-                .where(sync_token.c.id == 1)
-                .values(
-                    token=tok.value, obtained_at=_utc(tok.obtained_at), expires_at=_utc(tok.expires_at),
-                    updated_at=_utc(self._clock()),
-                )
-            )
-            log.info("token_stored", expires_at=tok.expires_at.isoformat())
+            self._store(conn, tok)
             return tok
+
+    def _store(self, conn: sa.Connection, tok: Token) -> None:
+        values = {
+            "token": tok.value, "obtained_at": _utc(tok.obtained_at), "expires_at": _utc(tok.expires_at),
+            "updated_at": _utc(self._clock()),
+        }
+        if not conn.execute(sa.update(sync_token).where(sync_token.c.id == 1).values(values)).rowcount:
+            # The migration inserts the row; recreate it if someone deleted it.
+            conn.execute(sa.insert(sync_token).values(id=1, **values))
+        log.info("token_stored", expires_at=tok.expires_at.isoformat())
 
     def discard(self, value: str) -> None:
         with self._lock, self._engine.begin() as conn:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sync.upstream.simulator import TEST_IDS, SimConfig, Simulator
-from tests.support import His, make_visit, write_settings
+from tests.support import His, his_now, make_visit, write_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,7 +47,7 @@ def spawn(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproces
 
 
 def _past(minutes: float) -> datetime:
-    return (datetime.now() - timedelta(minutes=minutes)).replace(microsecond=0)
+    return his_now() - timedelta(minutes=minutes)
 
 
 @pytest.fixture(name="closed_port")
@@ -140,7 +140,7 @@ def test_reconcile_picks_up_rows_behind_the_cursor(site: Path, sim: Simulator) -
     his = His(f"sqlite:///{site / 'his.db'}")
     his.insert([make_visit(70, changed=_past(60 * 24 * 3))])  # three days late
     his.dispose()
-    since = (datetime.now() - timedelta(days=5)).strftime("%Y-%m-%d")
+    since = (his_now() - timedelta(days=5)).strftime("%Y-%m-%d")
 
     r = crowd_sync("reconcile", "--since", since, "--config", "settings.yaml", cwd=site)
 

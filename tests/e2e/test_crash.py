@@ -46,7 +46,7 @@ from sync.upstream.simulator import (
     Simulator,
 )
 from sync.upstream.tokens import MemoryTokenStore
-from tests.support import His, expected_payload, make_visit, write_settings
+from tests.support import His, expected_payload, his_now, make_visit, write_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,7 +97,7 @@ class Harness:
     ) -> Harness:
         h = cls(root, sim)
         rng = random.Random(seed)
-        base = (datetime.now() - timedelta(hours=3)).replace(microsecond=0)
+        base = his_now() - timedelta(hours=3)
         for n in range(1, visits + 1):
             # Three visits share each second: the cursor's (changed_at, lsh) tie-break matters.
             changed = base + timedelta(seconds=n // 3)

@@ -21,7 +21,8 @@ from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from sync.errors import ConfigError, TransientError
-from sync.his import HisSource, now_sql, window_sql
+from sync.his import HisSource, clock_sql, window_sql
+from sync.records import Unreadable
 from sync.settings import His
 
 metadata = sa.MetaData()
@@ -251,26 +252,36 @@ def test_a_query_the_database_rejects_is_a_config_error_naming_the_database_erro
     assert "his.query" in str(raised.value)
 
 
-def test_now_is_the_database_clock_naive(his_db: tuple[str, sa.Engine]) -> None:
+def test_now_is_the_database_utc_clock_in_his_timezone_whatever_the_server_zone(his_db: tuple[str, sa.Engine]) -> None:
+    """The HIS clock is the database's UTC clock in his.timezone: a server left on UTC (or on
+    any zone) while the HIS writes China time no longer puts the poll hours behind the data."""
     url, engine = his_db
-    # What the database itself writes into a DATETIME column for "now".
-    own_clock = {
-        "mysql": "SELECT NOW()",
-        "postgresql": "SELECT now()::timestamp",
-        "sqlite": "SELECT datetime('now', 'localtime')",
+    utc_sql = {
+        "mysql": "SELECT UTC_TIMESTAMP(6)",
+        "postgresql": "SELECT now() AT TIME ZONE 'UTC'",
+        "sqlite": "SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')",
     }[engine.dialect.name]
-    src = source(url)
+    if engine.dialect.name != "sqlite":
+        # The session's own zone as far from China time as it gets; the HIS clock must not follow it.
+        sep = "&" if "?" in url else "?"
+        init = "init_command=SET time_zone%3D'-11:00'" if engine.dialect.name == "mysql" else "options=-c%20TimeZone%3DPacific/Pago_Pago"
+        url = f"{url}{sep}{init}"
+    his = His(url=SecretStr(url), query=his_query(), timezone="Asia/Shanghai")
+    src = HisSource(his, need_key_crowd=False)
     try:
-        now = src.now()
+        reading = src.clock()
     finally:
         src.dispose()
     with engine.connect() as conn:
-        reference = conn.exec_driver_sql(own_clock).scalar_one()
+        reference = conn.exec_driver_sql(utc_sql).scalar_one()
     if isinstance(reference, str):
         reference = datetime.fromisoformat(reference)
-    assert isinstance(now, datetime)
-    assert now.tzinfo is None
-    assert abs(reference - now) < timedelta(seconds=5)
+    china = reference + timedelta(hours=8)
+    assert reading.now.tzinfo is None and reading.zone == "Asia/Shanghai"
+    assert abs(reading.now - china) < timedelta(seconds=5)
+    assert abs(reading.offset_s) < 5  # the database and this host agree
+    if engine.dialect.name != "sqlite":
+        assert reading.server_offset_s is not None and abs(reading.server_offset_s + 19 * 3600) < 5
 
 
 @pytest.fixture(params=["mariadb", "postgres"])
@@ -457,7 +468,7 @@ def test_oracle_thin_mode_engine_and_sql() -> None:
         assert ":until" in ordered
         probe = str(window_sql(his_query(), dialect).compile(dialect=dialect))
         assert probe.rstrip().endswith(") q WHERE 1 = 0")
-        assert str(now_sql(dialect).compile(dialect=dialect)) == "SELECT SYSDATE FROM DUAL"
+        assert str(clock_sql(dialect).compile(dialect=dialect)) == "SELECT SYS_EXTRACT_UTC(SYSTIMESTAMP), SYSDATE FROM DUAL"
         # A quoted mixed-case alias keeps its quotes; a folded one stays bare.
         mixed = str(window_sql("SELECT 1", dialect, order_by=["Changed_At", "lsh"]).compile(dialect=dialect))
         assert 'ORDER BY "Changed_At", lsh' in mixed
@@ -474,7 +485,7 @@ def test_sql_server_engine_and_sql() -> None:
         assert ordered.rstrip().endswith(") q ORDER BY changed_at, lsh")
         assert "%(since)s" in ordered
         assert "%(until)s" in ordered
-        assert str(now_sql(dialect).compile(dialect=dialect)) == "SELECT SYSDATETIME()"
+        assert str(clock_sql(dialect).compile(dialect=dialect)) == "SELECT SYSUTCDATETIME(), SYSDATETIME()"
     finally:
         src.dispose()
 
@@ -489,3 +500,29 @@ def test_cx_oracle_url_without_the_driver_says_what_to_install() -> None:
 def test_an_unknown_dialect_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="dialect"):
         source("informix://reader:pw@his-db/his")
+
+
+def test_a_value_the_driver_cannot_decode_is_isolated_to_its_row(postgres_sql_ascii_url: str) -> None:
+    """A SQL_ASCII database returns a clerk's Latin-1 text as bytes psycopg2 cannot decode."""
+    sql_ascii_url = postgres_sql_ascii_url
+    engine = sa.create_engine(sql_ascii_url)
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(patients.insert(), [{**p, "xm": "Zhang"} for p in PATIENTS])
+    rows = [settlement(i, T0 + timedelta(minutes=i)) for i in range(1, 8)]
+    for r in rows:
+        r["zdmc"] = "Pneumonia"
+    insert(engine, rows)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE js_jsxx SET zdmc = E'Maladie de M\\xe9ni\\xe8re' WHERE jsid = 4")
+    engine.dispose()
+    src = source(sql_ascii_url, batch_size=100)
+    try:
+        got = list(src.rows(T0, T0 + timedelta(hours=1)))
+    finally:
+        src.dispose()
+    assert [r["lsh"] for r in got] == [f"JS{i:08d}" for i in range(1, 8)]
+    bad = got[3]
+    assert isinstance(bad["icd_name"], Unreadable) and "UnicodeDecodeError" in bad["icd_name"].reason
+    assert bad["total_fee"] == Decimal("3456.78") and bad["changed_at"] == T0 + timedelta(minutes=4)
+    assert all(r["icd_name"] == "Pneumonia" for r in got if r is not bad)

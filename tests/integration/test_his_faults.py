@@ -21,7 +21,7 @@ from sync.outbox.store import Store
 from sync.pipeline import Pipeline
 from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
-from tests.support import HIS_QUERY, His, capture_all_logs, expected_payload, make_visit, write_settings
+from tests.support import HIS_QUERY, His, capture_all_logs, expected_payload, his_now, make_visit, write_settings
 
 # Each row costs the server `delay` seconds, so a poll is still streaming when it is killed.
 # The index lets MariaDB send rows in cursor order as it finds them instead of sorting first.
@@ -50,7 +50,7 @@ class Setup:
         self.pipeline = Pipeline(self.settings, store=self.store, client=self.client)
         # The DBA's own session: excluded from every KILL by CONNECTION_ID().
         self.admin = sa.create_engine(his_url, isolation_level="AUTOCOMMIT")
-        self.base = (datetime.now() - timedelta(minutes=50)).replace(microsecond=0)
+        self.base = his_now() - timedelta(minutes=50)
 
     def visits(self, first: int, last: int, *, changed: datetime | None = None) -> list[dict[str, Any]]:
         """Visits inserted into the HIS: settled 5 s apart in the last hour, or all at ``changed``."""
@@ -145,7 +145,7 @@ def test_a_session_killed_mid_poll_fails_that_cycle_only_and_nothing_is_sent_twi
     assert s.sim.counters["creates"] == 60
 
     # 240 visits settled in one second, after the cursor: only (changed_at, lsh) orders them.
-    at = s.his.now()
+    at = s.his.now().replace(microsecond=0)
     visits += s.visits(61, 300, changed=at)
     while s.his.now() <= at:
         time.sleep(0.1)

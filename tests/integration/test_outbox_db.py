@@ -253,3 +253,70 @@ def test_one_instance_per_outbox_and_the_lock_dies_with_its_process(store: Store
         assert lock.held and lock.still_held()
     finally:
         lock.release()
+
+
+# -- lsh is case-sensitive on every dialect ---------------------------------------------------
+
+
+def _upgrade(store: Store, to: str) -> None:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    with store.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, to)
+
+
+def test_visits_whose_lsh_differ_only_in_case_are_two_rows_on_a_case_insensitive_database(
+    mariadb_general_ci_url: str, tmp_path: Path
+) -> None:
+    """MariaDB's default collation utf8mb4_general_ci: ZY001a and ZY001A were one key, the second
+    a duplicate on every poll, and the visits behind them never enqueued."""
+    from sync.pipeline import Pipeline
+    from sync.upstream.client import Client
+    from sync.upstream.simulator import SimConfig, Simulator
+    from tests.support import His, make_visit, write_settings
+
+    store = Store(mariadb_general_ci_url)
+    # An outbox migrated before the fix, holding a row already: the migration keeps it.
+    _upgrade(store, "0002")
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO sync_outbox (lsh, status, payload, payload_hash, first_seen_at, updated_at) "
+            "VALUES ('ZY000a', 'sent', '{}', 'h', '2026-03-01', '2026-03-01')"
+        )
+    store.migrate()
+    with store.engine.connect() as conn:
+        collations = dict(conn.exec_driver_sql(
+            "SELECT table_name, collation_name FROM information_schema.columns "
+            "WHERE table_schema = DATABASE() AND column_name = 'lsh'"
+        ).all())
+    assert (collations["sync_outbox"], collations["sync_cursor"]) == ("utf8mb4_bin", "utf8mb4_bin")
+    assert store.enqueue([item("ZY000A"), item("ZY000a")], now=T0).inserted == 1  # ZY000a was there already
+
+    his = His(f"sqlite:///{tmp_path / 'his.db'}")
+    changed = datetime(2026, 3, 1, 9, 0, 0)
+    his.insert([
+        make_visit(1, changed=changed, serial_no="ZY001a"),
+        make_visit(2, changed=changed, serial_no="ZY001A"),
+        make_visit(3, changed=changed, serial_no="ZY002"),  # an unrelated visit behind them
+    ])
+    his.dispose()
+    with Simulator(SimConfig()) as sim:
+        settings = write_settings(
+            tmp_path / "settings.yaml", his_url=f"sqlite:///{tmp_path / 'his.db'}",
+            outbox_url=mariadb_general_ci_url, base_url=sim.url, overrides={"his": {"start_from": "2026-03-01"}},
+        )
+        pipeline = Pipeline(settings, store=store, client=Client(settings.upstream, store.token_store()))
+        try:
+            first = pipeline.cycle()
+            again = pipeline.cycle()
+        finally:
+            pipeline.close()
+        uploaded = set(sim.records)
+    assert first.error is None and first.sent == 3, first
+    assert again.error is None and again.enqueued == 0 and again.sent == 0, again
+    assert {"ZY001a", "ZY001A", "ZY002"} <= uploaded
+    s = Store(mariadb_general_ci_url)
+    assert s.summary(now=T0).counts["sent"] == 3
+    s.dispose()
+    store.dispose()

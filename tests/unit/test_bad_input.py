@@ -25,7 +25,7 @@ from sync.pipeline import Pipeline
 from sync.records import COLUMNS
 from sync.upstream.client import Client
 from sync.upstream.simulator import TEST_IDS, SimConfig, Simulator
-from tests.support import write_settings
+from tests.support import his_now, write_settings
 
 RAW_QUERY = (
     "SELECT " + ", ".join(COLUMNS) + " FROM raw_visit WHERE changed_at >= :since AND changed_at < :until"
@@ -207,7 +207,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
         store.ensure_schema()
         pipeline = Pipeline(settings, store=store, client=Client(settings.upstream, store.token_store()))
         try:
-            yield Site(sim, store, pipeline, his, datetime.now().replace(microsecond=0) - timedelta(minutes=30))
+            yield Site(sim, store, pipeline, his, his_now() - timedelta(minutes=30))
         finally:
             pipeline.close()
             store.dispose()
@@ -288,3 +288,49 @@ def test_a_bad_date_in_the_cursor_column_does_not_block_the_window(site: Site) -
     assert stats.rows_read == 2
     assert set(site.sim.records) == {"G-ODD-CHANGED", "G-NEXT"}
     assert date.fromisoformat(site.sim.records["G-NEXT"]["enterDate"]) == date(2024, 1, 5)
+
+
+def _store_bytes(site: Site, lsh: str, column: str, raw: bytes) -> None:
+    """Bytes that are not UTF-8 in a TEXT column, as a HIS fed by another program may hold."""
+    db = sqlite3.connect(site.his)
+    try:
+        db.execute(f"UPDATE raw_visit SET {column} = CAST(? AS TEXT) WHERE lsh = ?", (raw, lsh))
+        db.commit()
+    finally:
+        db.close()
+
+
+def test_a_value_the_driver_cannot_decode_parks_its_row_and_the_window_goes_on(site: Site) -> None:
+    # The bad row sits mid-window, inside the first fetch of many rows.
+    site.insert([good(f"G-{n:02d}") for n in range(1, 6)] + [good("B-UTF8")] + [good(f"G-{n:02d}") for n in range(6, 11)])
+    _store_bytes(site, "B-UTF8", "icd_name", "原发性".encode() + b"\xff\xfe")
+
+    stats = site.pipeline.cycle()
+
+    assert stats.error is None, stats.error
+    assert stats.rows_read == 11 and stats.sent == 10 and stats.invalid == 1, stats
+    assert set(site.sim.records) == {f"G-{n:02d}" for n in range(1, 11)}
+    row = site.outbox()["B-UTF8"]
+    assert row["status"] == "invalid"
+    error = str(row["last_error"])
+    assert "icdName (icd_name) cannot be read from the HIS database" in error
+    assert "UTF-8" in error  # the driver's reason
+    assert "convert the column in his.query" in error  # and the fix
+    assert '"code":' in row["payload"]  # what could be read is kept for the DBA
+
+    # The next poll re-reads the lookback: the row is isolated again, nothing changes.
+    again = site.pipeline.cycle()
+    assert again.error is None and (again.enqueued, again.sent, again.invalid) == (0, 0, 0), again
+
+
+def test_an_unreadable_lsh_is_parked_under_the_best_key_available(site: Site) -> None:
+    site.insert([good("G-BEFORE"), good("B-KEY"), good("G-AFTER")])
+    _store_bytes(site, "B-KEY", "lsh", b"ZY\xff01")
+
+    stats = site.pipeline.cycle()
+
+    assert stats.error is None, stats.error
+    assert set(site.sim.records) == {"G-BEFORE", "G-AFTER"}
+    parked = [row for key, row in site.outbox().items() if key.startswith("(missing lsh)")]
+    assert len(parked) == 1 and parked[0]["status"] == "invalid"
+    assert "lsh (lsh) cannot be read from the HIS database" in str(parked[0]["last_error"])

@@ -20,7 +20,7 @@ from sync.outbox.store import EnqueueResult, Incoming, Status, Store
 from sync.pipeline import CycleStats, Pipeline
 from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
-from tests.support import His, make_visit, write_settings
+from tests.support import His, his_now, make_visit, write_settings
 
 
 def reference_json(payload: dict[str, Any]) -> str:
@@ -108,7 +108,7 @@ def test_a_failing_batch_stops_the_poll_with_earlier_batches_and_cursor_recorded
             outbox_url=f"sqlite:///{tmp_path / 'outbox.db'}", base_url=sim.url, overrides={"his": {"batch_size": 10}},
         )
         his = His(settings.his.url.get_secret_value())
-        start = datetime.now().replace(microsecond=0) - timedelta(hours=2)
+        start = his_now() - timedelta(hours=2)
         his.insert(make_visit(n, changed=start + timedelta(seconds=n)) for n in range(1, 51))
         store = FailingStore(settings.outbox.url.get_secret_value())
         store.ensure_schema()

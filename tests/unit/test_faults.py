@@ -20,11 +20,11 @@ import structlog
 from sync import cli
 from sync.outbox.schema import sync_outbox
 from sync.outbox.store import Store
-from sync.pipeline import Pipeline
+from sync.pipeline import CycleStats, Pipeline
 from sync.settings import Settings
 from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
-from tests.support import His, capture_all_logs, expected_payload, make_visit, write_settings
+from tests.support import His, capture_all_logs, expected_payload, his_now, make_visit, write_settings
 
 
 def _utcnow() -> datetime:
@@ -32,7 +32,7 @@ def _utcnow() -> datetime:
 
 
 def _past(minutes: float) -> datetime:
-    return (datetime.now() - timedelta(minutes=minutes)).replace(microsecond=0)
+    return his_now() - timedelta(minutes=minutes)
 
 
 class FakeClock:
@@ -379,5 +379,41 @@ def test_revoked_app_key_mid_run_pauses_at_once_without_burning_attempts_then_re
         assert w.counts()["sent"] == len(visits)
         assert all(sim.records[v["serial_no"]] == expected_payload(v) for v in visits)
         assert sim.counters["logins"] == 1, "the pause must not cost a new login"
+    finally:
+        w.close()
+
+
+# -- 5. a poison payload ----------------------------------------------------------------------------
+
+
+def test_a_payload_that_crashes_the_upload_is_parked_invalid_after_three_crashes(tmp_path: Path, sim: Simulator) -> None:
+    """A DBA edits a pending row's payload into broken JSON: the upload path raises where no
+    platform answer is involved. It used to be released and crash again every cycle, for ever,
+    never gaining an attempt or a status."""
+    clock = FakeClock(_utcnow())
+    w = World(tmp_path, sim, clock=clock)
+    try:
+        w.his.insert([make_visit(1, changed=_past(5)), make_visit(2, changed=_past(4))])
+        w.pipeline.poll(CycleStats())
+        with w.store.engine.begin() as conn:
+            conn.execute(sa.update(sync_outbox).where(sync_outbox.c.lsh == "LSH000001").values(payload='{"lsh": "LSH0'))
+        stats = w.pipeline.cycle()
+        assert stats.sent == 1 and stats.failed == 1, stats  # the good record is not held up
+        assert w.rows()["LSH000001"]["status"] == "failed"
+
+        for _ in range(5):
+            if w.rows()["LSH000001"]["status"] == "invalid":
+                break
+            _advance_to_next_due(w, clock)
+            w.pipeline.cycle()
+        row = w.rows()["LSH000001"]
+        assert row["status"] == "invalid", row
+        assert row["crashes"] == 3 and row["attempts"] == 3
+        assert "JSONDecodeError" in str(row["last_error"]) and "crowd-sync retry --lsh" in str(row["last_error"])
+        assert w.store.next_due_at() is None  # nothing left to crash on
+
+        # Requeued (after a correction), it starts over with a fresh count.
+        assert w.store.requeue(now=clock.now, lshs=["LSH000001"]) == 1
+        assert w.rows()["LSH000001"]["crashes"] == 0
     finally:
         w.close()

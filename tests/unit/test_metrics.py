@@ -27,7 +27,7 @@ from sync.pipeline import CycleStats, Pipeline
 from sync.settings import Settings
 from sync.upstream.client import Client
 from sync.upstream.simulator import TEST_IDS, SimConfig, Simulator
-from tests.support import His, make_visit, write_settings
+from tests.support import His, his_now, make_visit, write_settings
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -55,7 +55,7 @@ def healthz(port: int) -> tuple[int, dict[str, Any]]:
 
 
 def _past(minutes: float) -> datetime:
-    return (datetime.now() - timedelta(minutes=minutes)).replace(microsecond=0)
+    return his_now() - timedelta(minutes=minutes)
 
 
 @pytest.fixture
@@ -106,7 +106,10 @@ def test_scrape_shows_the_outbox_and_what_each_cycle_did(tmp_path: Path, sim: Si
         assert value(before, "crowd_sync_records", status="pending") == 0
         assert value(before, "crowd_sync_uploads_total", outcome="created") == 0
         assert value(before, "crowd_sync_last_upload_timestamp_seconds") == 0
-        assert healthz(port) == (503, {"status": "starting", "reason": "no cycle has finished yet", "last_success_age_s": None})
+        assert healthz(port) == (503, {
+            "status": "starting", "reason": "no cycle has finished yet", "last_success_age_s": None,
+            "his_clock_offset_s": None, "cursor_lag_s": None,  # no poll has read the HIS clock yet
+        })
 
         # Five visits of a labelled person, three of people the platform does not know.
         visits = [make_visit(n, changed=_past(50 - n), id_no=TEST_IDS[0], is_key=None) for n in range(1, 6)]
@@ -131,6 +134,12 @@ def test_scrape_shows_the_outbox_and_what_each_cycle_did(tmp_path: Path, sim: Si
         assert value(m, "crowd_sync_cycle_duration_seconds_count", kind="cycle") == 1
         status, body = healthz(port)
         assert status == 200 and body["status"] == "ok"
+        # The HIS clock (SQLite's here, this host's own) agrees with this host; the cursor stopped
+        # at the poll's end, the HIS clock then (settle_delay_s is 0 here).
+        assert abs(body["his_clock_offset_s"]) < 5 and 0 <= body["cursor_lag_s"] < 60, body
+        assert abs(value(m, "crowd_sync_his_clock_offset_seconds")) < 5
+        assert 0 <= value(m, "crowd_sync_cursor_lag_seconds") < 60
+        assert value(m, "crowd_sync_his_clock_problems") == 0
 
         # A re-settled visit of a known card: decided from the label cache, sent as an update.
         s.his.update("LSH000002", total=visits[1]["total"] + 1, changed=_past(0.1))
@@ -198,9 +207,10 @@ def test_healthz_turns_stalled_when_no_cycle_finishes_or_progresses(site: Site) 
     server = MetricsServer(metrics, "127.0.0.1:0").start()
     try:
         metrics.job_started()
-        assert healthz(server.port) == (
-            503, {"status": "starting", "reason": "the first cycle is still running", "last_success_age_s": None}
-        )
+        assert healthz(server.port) == (503, {
+            "status": "starting", "reason": "the first cycle is still running", "last_success_age_s": None,
+            "his_clock_offset_s": None, "cursor_lag_s": None,
+        })
         metrics.job_finished("cycle", stats=CycleStats(), error=None, duration_s=1.0)
         assert healthz(server.port)[0] == 200
 

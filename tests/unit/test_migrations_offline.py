@@ -35,4 +35,26 @@ def test_sql_server_text_columns_hold_chinese() -> None:
 
 
 def test_head_is_the_newest_revision() -> None:
-    assert head_revision() == "0002"
+    assert head_revision() == "0005"
+
+
+def test_lsh_gets_a_binary_collation_where_the_default_ignores_case() -> None:
+    mysql = render_offline("mysql+pymysql://")
+    assert "ALTER TABLE sync_outbox MODIFY lsh VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL" in mysql
+    assert "ALTER TABLE sync_cursor MODIFY lsh VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NULL" in mysql
+    mssql = render_offline("mssql+pymssql://")
+    drop = mssql.index("ALTER TABLE sync_outbox DROP CONSTRAINT pk_sync_outbox")
+    alter = mssql.index("ALTER TABLE sync_outbox ALTER COLUMN lsh NVARCHAR(255) COLLATE Latin1_General_100_BIN2 NOT NULL")
+    add = mssql.index("ALTER TABLE sync_outbox ADD CONSTRAINT pk_sync_outbox PRIMARY KEY (lsh)")
+    assert drop < alter < add
+    # Oracle's VARCHAR2 and PostgreSQL's default collations compare case-sensitively already.
+    for url in ("oracle+oracledb://", "postgresql+psycopg2://"):
+        upgrade = render_offline(url).split("Running upgrade 0002 -> 0003")[1].split("Running upgrade 0003")[0]
+        assert "lsh" not in upgrade
+
+
+def test_the_label_cache_keeps_no_label_data_object() -> None:
+    for url in ("oracle+oracledb://", "mssql+pymssql://", "mysql+pymysql://", "postgresql+psycopg2://"):
+        upgrade = render_offline(url).split("Running upgrade 0003 -> 0004")[1]
+        assert "DELETE FROM sync_label_cache" in upgrade
+        assert "DROP COLUMN data" in upgrade

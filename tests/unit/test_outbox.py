@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -312,9 +313,12 @@ def test_a_configuration_error_is_recorded_until_cleared(store: Store) -> None:
 
 
 def test_label_cache_keeps_answers_for_the_ttl_without_storing_id_numbers(store: Store) -> None:
-    store.cache_put({"510100198506020036": '{"bq": ["结核病"]}', "510100198506020132": None}, now=T0)
+    store.cache_put({"510100198506020036": '{"rkxBq": [], "jjxBq": [], "jkBq": [{"code": "H01.05"}]}', "510100198506020132": None}, now=T0)
     got = store.cache_get(["510100198506020036", "510100198506020132", "510100198506020028"], now=T0 + timedelta(hours=23), ttl_s=86400)
-    assert got == {"510100198506020036": ('{"bq": ["结核病"]}',), "510100198506020132": (None,)}
+    assert set(got) == {"510100198506020036", "510100198506020132"}
+    assert got["510100198506020132"] == (None,)
+    labels = got["510100198506020036"][0]
+    assert labels is not None and json.loads(labels)["jkBq"] == [{"code": "H01.05"}]
     assert store.cache_get(["510100198506020036"], now=T0 + timedelta(hours=25), ttl_s=86400) == {}
     store.cache_put({"510100198506020036": None}, now=T0 + timedelta(hours=25))
     assert store.cache_get(["510100198506020036"], now=T0 + timedelta(hours=25), ttl_s=86400) == {"510100198506020036": (None,)}
@@ -323,7 +327,58 @@ def test_label_cache_keeps_answers_for_the_ttl_without_storing_id_numbers(store:
     assert "510100198506020036" not in dump
 
 
+def test_label_cache_keeps_label_codes_only(store: Store) -> None:
+    """The decision needs whether the person is known and which labels they carry: not their name,
+    ID number, counties or the label names."""
+    data = {
+        "xm": "张三", "zjhm": "510100198506020036", "hjdQh": "510104", "hjdQhName": "锦江区", "xjdQh": "510104",
+        "xjdQhName": "锦江区", "ylbx": "1", "rkxBq": [], "glztBq": [],
+        "jjxBq": [{"code": "J01.02", "name": "农村低保对象", "remark": "2024年认定", "attr1": "1", "attr2": None}],
+        "jkBq": [{"code": "H01.05", "name": "结核病患者", "remark": None, "attr1": "0", "attr2": None}],
+    }
+    store.cache_put({"510100198506020036": json.dumps(data, ensure_ascii=False), "510100198506020028": "{}"}, now=T0)
+    with store.engine.connect() as conn:
+        dump = " ".join(str(v) for r in conn.exec_driver_sql("SELECT * FROM sync_label_cache") for v in r)
+    for private in ("张三", "510100198506020036", "510104", "锦江区", "农村低保对象", "结核病患者", "2024年认定"):
+        assert private not in dump, private
+    got = store.cache_get(["510100198506020036", "510100198506020028"], now=T0, ttl_s=60)
+    known = json.loads(got["510100198506020036"][0] or "null")
+    assert [i["code"] for i in known["jjxBq"]] == ["J01.02"]
+    assert [i["code"] for i in known["jkBq"]] == ["H01.05"]
+    # Known to the platform without labels stays apart from "no data at all".
+    empty = json.loads(got["510100198506020028"][0] or "null")
+    assert empty is not None and not any(empty.values())
+
+
 # -- token ------------------------------------------------------------------------------------
+
+
+def test_a_slow_login_holds_up_no_write_to_the_outbox(store: Store) -> None:
+    """The login waits on the network outside any outbox transaction: with SQLite's single
+    writer, a login as slow as upstream.timeout_s allows used to hold every enqueue back
+    (and past busy_timeout, 30 s, fail it with "database is locked")."""
+    tokens = store.token_store()
+    in_login, release = threading.Event(), threading.Event()
+    now = datetime.now(UTC)
+
+    def slow_login() -> Token:
+        in_login.set()
+        release.wait(10)
+        return Token(value="slow", obtained_at=now, expires_at=now + timedelta(hours=12))
+
+    renewer = threading.Thread(target=tokens.renew, args=(None, slow_login))
+    renewer.start()
+    try:
+        assert in_login.wait(5)
+        started = time.monotonic()
+        assert store.enqueue([item("MZ0001")], now=T0, cursor=(T0, "MZ0001")).inserted == 1
+        store.set_config_error(message="m", hint="h", now=T0)
+        took = time.monotonic() - started
+    finally:
+        release.set()
+        renewer.join(15)
+    assert took < 2.0, f"an enqueue waited {took:.1f} s for the login"
+    assert tokens.current() is not None and tokens.current().value == "slow"  # type: ignore[union-attr]
 
 
 def test_token_renewal_is_single_flight_across_threads(store: Store) -> None:
@@ -371,3 +426,23 @@ def test_a_second_instance_is_refused_naming_the_first(store: Store) -> None:
         other.dispose()
     with store.instance_lock(command="once"):
         pass
+
+
+def test_a_deleted_lock_file_is_a_lost_lock(store: Store) -> None:
+    """flock holds the file that was opened: once it is deleted, a second process creates a
+    new one and locks that. The first must see it has lost the lock, not send beside it."""
+    database = store.engine.url.database
+    assert database is not None
+    first = store.instance_lock(command="run")
+    first.acquire()
+    try:
+        Path(database + ".lock").unlink()
+        assert not first.still_held()
+        other = Store(str(store.engine.url))
+        with other.instance_lock(command="run"), pytest.raises(AlreadyRunning):
+            first.ensure()
+        first.ensure()  # free again: taken back
+        assert first.still_held()
+        other.dispose()
+    finally:
+        first.release()

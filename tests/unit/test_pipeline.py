@@ -16,7 +16,7 @@ from sync.pipeline import Pipeline
 from sync.settings import Settings
 from sync.upstream.client import Client
 from sync.upstream.simulator import TEST_IDS, SimConfig, Simulator
-from tests.support import His, expected_payload, make_visit, write_settings
+from tests.support import His, expected_payload, his_now, make_visit, write_settings
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def world(tmp_path: Path, sim: Simulator) -> Iterator[World]:
 
 
 def _past(minutes: float) -> datetime:
-    return (datetime.now() - timedelta(minutes=minutes)).replace(microsecond=0)
+    return his_now() - timedelta(minutes=minutes)
 
 
 def test_seeded_his_arrives_exactly(world: World) -> None:

@@ -34,7 +34,7 @@ from sync.report import (
 )
 from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
-from tests.support import His, make_visit, write_settings
+from tests.support import His, his_now, make_visit, write_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 OCTOBER = date(2026, 10, 1)
@@ -259,7 +259,7 @@ def _province_view(platform: Mapping[str, Mapping[str, Any]], month: str) -> dic
 
 def test_report_after_a_real_run_matches_what_the_platform_holds(tmp_path: Path) -> None:
     rng = random.Random(7)
-    past = (datetime.now() - timedelta(hours=2)).replace(microsecond=0)
+    past = his_now() - timedelta(hours=2)
     days = [date(2026, 9, 30), date(2026, 10, 1), date(2026, 10, 17), date(2026, 10, 31), date(2026, 11, 1)]
 
     def visit(n: int, **over: Any) -> dict[str, Any]:
