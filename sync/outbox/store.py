@@ -13,6 +13,7 @@ own clock and stored as given.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import io
@@ -490,6 +491,9 @@ def _engine_for(parsed: sa.URL, *, create: bool) -> sa.Engine:
         if create:
             try:
                 private_dir(path.parent)
+                if not path.parent.is_dir():
+                    # private_dir leaves what exists alone: a file standing where a directory should.
+                    raise NotADirectoryError(errno.ENOTDIR, "a part of the path is a file", str(path.parent))
             except OSError as exc:
                 raise ConfigError(
                     f"the outbox directory {path.parent} cannot be created: {exc.strerror or exc}",

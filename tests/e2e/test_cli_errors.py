@@ -10,7 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
-from datetime import datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -19,14 +19,14 @@ import sqlalchemy as sa
 
 from sync.upstream.simulator import SimConfig, Simulator
 from tests.e2e.test_cli import ROOT, closed_port_fixture, crowd_sync
-from tests.support import His, make_visit, write_settings
+from tests.support import His, his_now, make_visit, write_settings
 
 __all__ = ["closed_port_fixture"]  # the fixture, shared with test_cli
 
 
 def _site(tmp_path: Path, *, outbox_url: str, base_url: str = "http://127.0.0.1:9") -> Path:
     his = His(f"sqlite:///{tmp_path / 'his.db'}")
-    his.insert([make_visit(1, changed=datetime.now() - timedelta(minutes=5))])
+    his.insert([make_visit(1, changed=his_now() - timedelta(minutes=5))])
     his.dispose()
     write_settings(tmp_path / "settings.yaml", his_url=f"sqlite:///{tmp_path / 'his.db'}",
                    outbox_url=outbox_url, base_url=base_url)
@@ -154,7 +154,7 @@ def test_once_with_a_record_refused_by_validation_still_exits_3(tmp_path: Path) 
     with Simulator(SimConfig()) as sim:
         site = _site(tmp_path, outbox_url="sqlite:///outbox.db", base_url=sim.url)
         his = His(f"sqlite:///{tmp_path / 'his.db'}")
-        his.insert([make_visit(2, changed=datetime.now() - timedelta(minutes=4), total=Decimal("-1.00"))])
+        his.insert([make_visit(2, changed=his_now() - timedelta(minutes=4), total=Decimal("-1.00"))])
         his.dispose()
         r = crowd_sync("once", "--config", "settings.yaml", cwd=site)
     assert r.returncode == 3, r.stdout + r.stderr

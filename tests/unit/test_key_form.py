@@ -27,7 +27,7 @@ from sync.upstream.client import Client
 from sync.upstream.keyform import KeySigner, MemoryKeyForm
 from sync.upstream.signing import KEY_FORMS
 from sync.upstream.simulator import TEST_APP_KEY, TEST_APP_KEY_ENCODED, TEST_IDS, SimConfig, Simulator
-from tests.support import His, capture_all_logs, expected_payload, make_visit, write_settings
+from tests.support import His, capture_all_logs, expected_payload, his_now, make_visit, write_settings
 
 LOGIN = "/adapter/http/ehrc/login/integration"
 KINDS = ("as_printed", "decoded")
@@ -36,7 +36,7 @@ APP_KEY_REFUSED = "没找到该appKey对应的权限记录,或是该权限记录
 
 
 def _past(minutes: float) -> datetime:
-    return (datetime.now() - timedelta(minutes=minutes)).replace(microsecond=0)
+    return his_now() - timedelta(minutes=minutes)
 
 
 class Site:
