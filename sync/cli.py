@@ -28,6 +28,7 @@ EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_CONFIG = 2
 EXIT_LEFT_OVER = 3
+EXIT_UNAVAILABLE = 75  # sysexits EX_TEMPFAIL: the platform is unreachable, try again later
 
 log = structlog.get_logger(__name__)
 
@@ -189,11 +190,12 @@ def _store(settings: Settings) -> Any:
 
 
 def _pipeline(settings: Settings, store: Any) -> Any:
+    """The pipeline of a command holding the instance lock: the only process sending."""
     from sync.pipeline import Pipeline
     from sync.upstream.client import Client
 
     client = Client(settings.upstream, store.token_store())
-    return Pipeline(settings, store=store, client=client)
+    return Pipeline(settings, store=store, client=client, sole_sender=True)
 
 
 def _exit_for(store: Any) -> int:
@@ -204,6 +206,8 @@ def _exit_for(store: Any) -> int:
     config_error = summary.config_error
     if config_error:
         return EXIT_CONFIG
+    if summary.platform_down:
+        return EXIT_UNAVAILABLE
     return EXIT_LEFT_OVER if left else EXIT_OK
 
 
@@ -238,6 +242,8 @@ def _one_shot(args: argparse.Namespace, settings: Settings, out: TextIO, kind: s
         )
         if stats.paused:
             print(f"sending paused by a configuration error: {stats.paused}", file=sys.stderr)
+        if stats.unreachable:
+            print(f"平台不可达，发送已暂停 / {stats.unreachable}", file=sys.stderr)
         return _exit_for(store)
     return EXIT_UNEXPECTED  # pragma: no cover - ExitStack does not swallow
 
@@ -292,6 +298,7 @@ def _summary_dict(summary: Any, now: datetime) -> dict[str, Any]:
         "last_run": _jsonable(summary.last_run),
         "last_successful_run": _jsonable(summary.last_successful_run),
         "config_error": _jsonable(summary.config_error),
+        "platform_unreachable": _jsonable(summary.platform_down),
         "leased": summary.leased,
         "times": "UTC",
     }
@@ -346,6 +353,15 @@ def _render_status(d: dict[str, Any]) -> str:
             lines.append(f"     处理 fix: {ce.get('hint')}")
     else:
         lines.append("  配置错误 configuration error: none")
+    down = d.get("platform_unreachable")
+    if down:
+        lines.append(
+            f"  !! 平台不可达 platform unreachable since {down.get('since')}: {down.get('reason')}"
+        )
+        lines.append(
+            f"     发送已暂停，未计入任何记录的失败次数；下次探测 next probe at {down.get('next_probe_at')} "
+            f"(failed probes: {down.get('probes') or 0}) / sending paused, no record is charged"
+        )
     return "\n".join(lines)
 
 

@@ -46,7 +46,7 @@ log = structlog.get_logger(__name__)
 
 # What happened to a record in a cycle (CycleStats field names).
 OUTCOMES = ("created", "updated", "failed", "invalid", "dead", "skipped")
-JOB_KINDS = ("cycle", "reconcile")
+JOB_KINDS = ("cycle", "reconcile", "dispatch")
 # Cycles take seconds; a nightly reconcile over a month of visits can take many minutes.
 DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 # /healthz turns 503 when no job has finished (or progressed) for this many poll intervals.
@@ -56,7 +56,7 @@ STALE_POLLS = 3
 @dataclass(frozen=True, kw_only=True)
 class Health:
     ok: bool
-    status: str  # ok | starting | failing | paused | stalled
+    status: str  # ok | starting | failing | unreachable | paused | stalled
     reason: str | None
     last_success_age_s: float | None
 
@@ -90,6 +90,7 @@ class Metrics:
         self._last_ok_at: float | None = None
         self._last_error: tuple[str, str] | None = None  # (job kind, error)
         self._paused: str | None = None
+        self._unreachable: str | None = None
 
         self.registry = CollectorRegistry()
         self.uploads = Counter(
@@ -152,19 +153,22 @@ class Metrics:
                 self._last_error = None
                 self._last_ok_at = now
                 self._paused = stats.paused if stats is not None else None
+                self._unreachable = stats.unreachable if stats is not None else None
 
     # -- read by /healthz -------------------------------------------------------------
 
     def health(self) -> Health:
         now = self._clock()
         with self._lock:
-            running, last_ok, last_error, paused = (
-                self._running_since, self._last_ok_at, self._last_error, self._paused
+            running, last_ok, last_error, paused, unreachable = (
+                self._running_since, self._last_ok_at, self._last_error, self._paused, self._unreachable
             )
         age = None if last_ok is None else now - last_ok
         if last_error is not None:
             kind, error = last_error
             return Health(ok=False, status="failing", reason=f"the last {kind} failed: {error}", last_success_age_s=age)
+        if unreachable:
+            return Health(ok=False, status="unreachable", reason=unreachable, last_success_age_s=age)
         if paused:
             return Health(
                 ok=False, status="paused", reason=f"sending paused by a configuration error: {paused}",
@@ -225,6 +229,19 @@ class _OutboxCollector(Collector):
         yield up
         config_error.add_metric([], 1 if summary.config_error else 0)
         yield config_error
+        down = summary.platform_down
+        unreachable = GaugeMetricFamily(
+            "crowd_sync_platform_unreachable",
+            "1 while the platform is unreachable and sending waits for it (see `crowd-sync status`)",
+        )
+        unreachable.add_metric([], 1 if down else 0)
+        yield unreachable
+        since = GaugeMetricFamily(
+            "crowd_sync_platform_unreachable_since_timestamp_seconds",
+            "Unix time since when the platform has been unreachable; 0 while it answers",
+        )
+        since.add_metric([], _unix(down.get("since")) if down else 0.0)
+        yield since
         records = GaugeMetricFamily("crowd_sync_records", "Outbox records by status", labels=["status"])
         for status in Status:
             records.add_metric([status.value], summary.counts.get(status.value, 0))
@@ -243,6 +260,13 @@ class _OutboxCollector(Collector):
         )
         sent.add_metric([], last.replace(tzinfo=UTC).timestamp() if last else 0.0)
         yield sent
+
+
+def _unix(iso_utc: Any) -> float:
+    try:
+        return datetime.fromisoformat(str(iso_utc)).replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return 0.0
 
 
 # -- the HTTP server -------------------------------------------------------------------
