@@ -59,8 +59,10 @@ CLOCK_SKEW_WARN_EVERY_S = 600.0
 _READ_CHUNK = 4096
 # After a failed login, no other login for this long (doubling per failure up to the cap):
 # however many records are waiting for a token, one login per step reaches the platform.
+# Short: across cycles the pipeline's probes of an unreachable platform space the logins
+# out (up to a minute); this only keeps the threads of one dispatch from each trying.
 LOGIN_BACKOFF_FIRST_S = 1.0
-LOGIN_BACKOFF_MAX_S = 60.0
+LOGIN_BACKOFF_MAX_S = 10.0
 # This many kick-outs (FAQ 4) within the window mean another program keeps logging in with
 # the same account: stop and say so, instead of pushing each other out for ever.
 KICKS_TO_PAUSE = 3
