@@ -624,7 +624,8 @@ class Pipeline:
                     self._prepare(claims, stats, looked_up, queue, halt)
                 else:
                     drained = True
-                continue
+                if not queue and not pending and not drained:
+                    continue  # nothing to send or wait for yet: claim more first
             while queue and len(pending) < concurrency and not (self._stop.is_set() or halt.errors):
                 c, d, new_hash = queue.popleft()
                 pending[self._pool.submit(self._upload_one, c, d, stats, halt, new_hash)] = c

@@ -133,7 +133,7 @@ def test_a_failed_lookup_never_lets_another_visit_of_that_person_through(
             _wait_probe(w)
 
         rows = w.rows()
-        assert all(rows[f"LSH{n:06d}"]["status"] == "sent" for n in (4, 5)) or fault in ("504", "reset")
+        assert all(rows[f"LSH{n:06d}"]["status"] == "sent" for n in (4, 5)), rows
         assert [u["lsh"] for u in w.uploads() if u["cardNo"] == person] == []
         for n in (1, 2, 3):
             r = rows[f"LSH{n:06d}"]
@@ -441,9 +441,7 @@ def test_leases_of_a_pipeline_that_died_mid_dispatch_are_taken_back_at_once(tmp_
         assert leased, "the crash left no leases behind"
 
         started = time.monotonic()
-        stats = w.pipeline.cycle()
-        assert stats.sent == len(visits) - sum(r["status"] == "sent" for r in w.rows().values() if r["lsh"] not in
-                                               {x["lsh"] for x in leased}) or w.counts()["sent"] == len(visits)
+        w.pipeline.cycle()  # the lock holder's next cycle: the dead process's leases are taken back
         assert w.counts()["sent"] == len(visits), w.counts()
         assert time.monotonic() - started < 10
         assert all(sim.records[v["serial_no"]] == expected_payload(v) for v in visits)
