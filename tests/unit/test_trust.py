@@ -13,6 +13,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -252,12 +253,11 @@ def test_retry_of_an_invalid_row_validates_the_values_the_his_returned(
         items = [w.pipeline.incoming(r, today=today) for r in rows.values()]
         assert {i.status for i in items} == {Status.INVALID}
         w.store.enqueue(items, now=_utcnow())
-        # A row parked by an earlier version, in the old untyped form.
-        legacy = dict(items[0].__dict__)
+        # A row parked by an earlier version, in the old untyped form (bytes already hex text).
         legacy_json = json.dumps({**{k: str(v) for k, v in canonical.items()}, "lsh": "OLD1",
                                   "card_no": "510100198506020036"})
-        w.store.enqueue([type(items[0])(**{**legacy, "lsh": "OLD1", "payload_json": legacy_json,
-                                         "payload_hash": "0" * 64})], now=_utcnow())
+        w.store.enqueue([replace(items[0], lsh="OLD1", payload_json=legacy_json, payload_hash="0" * 64)],
+                        now=_utcnow())
         before = {lsh: r["last_error"] for lsh, r in w.rows().items()}
 
         assert w.cli("retry", "--status", "invalid") == 0
