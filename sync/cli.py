@@ -250,11 +250,12 @@ def _store(settings: Settings, *, create: bool = True) -> Any:
 
 
 def _pipeline(settings: Settings, store: Any) -> Any:
+    """The pipeline of a command holding the instance lock: the only process sending."""
     from sync.pipeline import Pipeline
     from sync.upstream.client import Client
 
     client = Client(settings.upstream, store.token_store(), key_forms=store.key_form_memory())
-    return Pipeline(settings, store=store, client=client)
+    return Pipeline(settings, store=store, client=client, sole_sender=True)
 
 
 def _exit_for(store: Any) -> int:
@@ -265,6 +266,8 @@ def _exit_for(store: Any) -> int:
     config_error = summary.config_error
     if config_error:
         return EXIT_CONFIG
+    if summary.platform_down:
+        return EXIT_TEMPFAIL
     return EXIT_LEFT_OVER if left else EXIT_OK
 
 
@@ -300,19 +303,9 @@ def _one_shot(args: argparse.Namespace, settings: Settings, out: TextIO, kind: s
         )
         if stats.paused:
             print(f"sending paused by a configuration error: {stats.paused}", file=sys.stderr)
-        code = _exit_for(store)
-        if code == EXIT_LEFT_OVER and not stats.sent and pipeline.client.counters["network_errors"]:
-            # Nothing went through and the platform could not be reached: the records wait as
-            # failed and are retried; what helps is trying again later, not fixing records.
-            _print_error(
-                TransientError(
-                    f"the platform {settings.upstream.base_url} could not be reached: nothing was sent",
-                    hint="the records wait as failed and are retried at their next attempt; check the network, "
-                    "the firewall and upstream.base_url, then run the command again later",
-                )
-            )
-            return EXIT_TEMPFAIL
-        return code
+        if stats.unreachable:
+            print(f"平台不可达，发送已暂停 / {stats.unreachable}", file=sys.stderr)
+        return _exit_for(store)
     return EXIT_UNEXPECTED  # pragma: no cover - ExitStack does not swallow
 
 
@@ -377,6 +370,7 @@ def _summary_dict(summary: Any, now: datetime, *, key_form_setting: str = "auto"
             "accepted": accepted.get("form") if key_form_setting == "auto" else None,
             "accepted_at": accepted.get("accepted_at") if key_form_setting == "auto" else None,
         },
+        "platform_unreachable": _jsonable(summary.platform_down),
         "leased": summary.leased,
         "times": "UTC",
     }
@@ -433,6 +427,15 @@ def _render_status(d: dict[str, Any]) -> str:
             lines.append(f"     处理 fix: {ce.get('hint')}")
     else:
         lines.append("  配置错误 configuration error: none")
+    down = d.get("platform_unreachable")
+    if down:
+        lines.append(
+            f"  !! 平台不可达 platform unreachable since {down.get('since')}: {down.get('reason')}"
+        )
+        lines.append(
+            f"     发送已暂停，未计入任何记录的失败次数；下次探测 next probe at {down.get('next_probe_at')} "
+            f"(failed probes: {down.get('probes') or 0}) / sending paused, no record is charged"
+        )
     return "\n".join(lines)
 
 

@@ -2,7 +2,9 @@
 
 APScheduler 3 keeps the jobs in memory (every durable fact lives in the outbox).
 Both jobs share one worker thread, so a reconcile waits for a running cycle
-instead of racing it; each job runs one instance at a time, missed runs are
+instead of racing it; so does a probe of the platform while it is unreachable
+(run as soon as it is due, not at the next poll, so that the backlog drains as
+soon as the platform is back); each job runs one instance at a time, missed runs are
 coalesced into one, and a late run is never dropped (no misfire deadline), so a
 job that overran or a host that slept still does the work when it wakes.
 """
@@ -134,6 +136,24 @@ class Daemon:
     def _cycle(self) -> None:
         self._guarded("cycle", lambda: self.pipeline.cycle("cycle"))
 
+    def _dispatch(self) -> None:
+        self._guarded("dispatch", self.pipeline.dispatch_only)
+
+    def _probe_if_due(self) -> None:
+        """The platform was unreachable and its next probe is due: dispatch now, between polls."""
+        with self._job_lock:
+            busy = self._job_started is not None
+        if busy or self._stop.is_set() or not self.pipeline.probe_due():
+            return
+        if self.scheduler.get_job("probe") is None:
+            self.scheduler.add_job(self._dispatch, id="probe")
+
+    def _until_probe_s(self, tick: float) -> float:
+        due = self.pipeline.next_probe_at
+        if due is None:
+            return tick
+        return max(0.05, min(tick, (due - self.pipeline.clock()).total_seconds()))
+
     def _reconcile(self) -> None:
         since = reconcile_since(self.settings)
         self._guarded("reconcile", lambda: self.pipeline.reconcile(since))
@@ -187,7 +207,8 @@ class Daemon:
         )
         self.notifier.notify(f"READY=1\nSTATUS=polling every {s.poll_every_s}s")
         tick = min(5.0, (self.notifier.watchdog_s or 10.0) / 4)
-        while not self._stop.wait(tick):
+        while not self._stop.wait(self._until_probe_s(tick)):
+            self._probe_if_due()
             if self._healthy_for_watchdog():
                 self.notifier.notify("WATCHDOG=1")
             else:

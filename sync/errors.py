@@ -1,7 +1,9 @@
 """The exception tree, sorted by what the caller should do.
 
 - ConfigError: stop and tell the operator what to fix (exit 2). Retrying is useless.
-- TransientError: try again later (network, timeouts, 502/503/504).
+- TransientError: try again later. Its subclass PlatformUnavailable says the platform
+  (or the way to it) is not working at all: network errors, timeouts, 5xx, HTML pages,
+  unreadable answers, failed logins. That is no record's fault: sending pauses.
 - AuthError: the token was refused; log in again once, then retry.
 - InvalidRecord: this one record is wrong; park it with its reasons, go on with the rest.
 
@@ -65,6 +67,14 @@ class TransientError(SyncError):
         )
         # The platform's catch-all 中间请求异常: retried, but only a bounded number of times.
         self.generic = generic
+
+
+class PlatformUnavailable(TransientError):
+    """The platform or the network to it is not working: nothing is known about any record.
+
+    Dispatch pauses (one probe per backoff step) instead of charging the records it was
+    sending; see ``sync.pipeline``.
+    """
 
 
 class AuthError(SyncError):

@@ -46,7 +46,7 @@ log = structlog.get_logger(__name__)
 
 # What happened to a record in a cycle (CycleStats field names).
 OUTCOMES = ("created", "updated", "failed", "invalid", "dead", "skipped")
-JOB_KINDS = ("cycle", "reconcile")
+JOB_KINDS = ("cycle", "reconcile", "dispatch")
 # Cycles take seconds; a nightly reconcile over a month of visits can take many minutes.
 DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 # /healthz turns 503 when no job has finished (or progressed) for this many poll intervals.
@@ -56,7 +56,7 @@ STALE_POLLS = 3
 @dataclass(frozen=True, kw_only=True)
 class Health:
     ok: bool
-    status: str  # ok | starting | failing | paused | clock | stalled
+    status: str  # ok | starting | failing | unreachable | paused | clock | stalled
     reason: str | None
     last_success_age_s: float | None
     # The HIS clock's offset from this host and the cursor's lag behind the HIS clock (s).
@@ -95,6 +95,7 @@ class Metrics:
         self._last_ok_at: float | None = None
         self._last_error: tuple[str, str] | None = None  # (job kind, error)
         self._paused: str | None = None
+        self._unreachable: str | None = None
 
         self.registry = CollectorRegistry()
         self.uploads = Counter(
@@ -157,6 +158,7 @@ class Metrics:
                 self._last_error = None
                 self._last_ok_at = now
                 self._paused = stats.paused if stats is not None else None
+                self._unreachable = stats.unreachable if stats is not None else None
 
     # -- read by /healthz -------------------------------------------------------------
 
@@ -175,8 +177,8 @@ class Metrics:
     def health(self) -> Health:
         now = self._clock()
         with self._lock:
-            running, last_ok, last_error, paused = (
-                self._running_since, self._last_ok_at, self._last_error, self._paused
+            running, last_ok, last_error, paused, unreachable = (
+                self._running_since, self._last_ok_at, self._last_error, self._paused, self._unreachable
             )
         reading = self.his_clock() or {}
         figures = {"his_clock_offset_s": reading.get("offset_s"), "cursor_lag_s": reading.get("cursor_lag_s")}
@@ -186,6 +188,8 @@ class Metrics:
             return Health(
                 ok=False, status="failing", reason=f"the last {kind} failed: {error}", last_success_age_s=age, **figures
             )
+        if unreachable:
+            return Health(ok=False, status="unreachable", reason=unreachable, last_success_age_s=age, **figures)
         if paused:
             return Health(
                 ok=False, status="paused", reason=f"sending paused by a configuration error: {paused}",
@@ -253,6 +257,19 @@ class _OutboxCollector(Collector):
         yield up
         config_error.add_metric([], 1 if summary.config_error else 0)
         yield config_error
+        down = summary.platform_down
+        unreachable = GaugeMetricFamily(
+            "crowd_sync_platform_unreachable",
+            "1 while the platform is unreachable and sending waits for it (see `crowd-sync status`)",
+        )
+        unreachable.add_metric([], 1 if down else 0)
+        yield unreachable
+        since = GaugeMetricFamily(
+            "crowd_sync_platform_unreachable_since_timestamp_seconds",
+            "Unix time since when the platform has been unreachable; 0 while it answers",
+        )
+        since.add_metric([], _unix(down.get("since")) if down else 0.0)
+        yield since
         records = GaugeMetricFamily("crowd_sync_records", "Outbox records by status", labels=["status"])
         for status in Status:
             records.add_metric([status.value], summary.counts.get(status.value, 0))
@@ -292,6 +309,13 @@ class _OutboxCollector(Collector):
             )
             problems.add_metric([], len(reading.get("problems") or []))
             yield problems
+
+
+def _unix(iso_utc: Any) -> float:
+    try:
+        return datetime.fromisoformat(str(iso_utc)).replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return 0.0
 
 
 # -- the HTTP server -------------------------------------------------------------------

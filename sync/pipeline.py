@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, date, datetime, timedelta
@@ -24,11 +24,12 @@ from typing import Any
 
 import structlog
 
-from sync import records
+from sync import keycrowd, records
 from sync.clock import ClockWatch, HisClock, cursor_ahead, human_offset
 from sync.crashpoints import crash_point
-from sync.errors import AuthError, ConfigError, InvalidRecord, SyncError, TransientError
+from sync.errors import AuthError, ConfigError, InvalidRecord, PlatformUnavailable, SyncError, TransientError
 from sync.his import HisSource, polling_window
+from sync.keycrowd import Decision, LabelResult, LabelState, Verdict
 from sync.outbox.store import Claimed, Incoming, Outcome, Status, Store
 from sync.policy import MAX_UPLOAD_CRASHES, RetryPolicy
 from sync.settings import Settings
@@ -39,6 +40,8 @@ log = structlog.get_logger(__name__)
 # The outbox keys rows by lsh in a column of 255 characters; the platform allows 50.
 _MAX_KEY = 255
 RESIDENT_ID = "10"
+# The keyCrowd a pending payload of a resident ID card holds in lookup mode (see incoming()).
+_PAYLOAD_KEY_CROWD = "1"
 
 
 def utcnow() -> datetime:
@@ -62,17 +65,11 @@ class CycleStats:
     cache_hits: int = 0
     duration_s: float = 0.0
     paused: str | None = None
+    unreachable: str | None = None  # "platform unreachable since …" while sending waits for it
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass(kw_only=True)
-class _Decision:
-    key_crowd: str | None  # "1"/"0"; None: could not be decided now
-    how: str
-    error: SyncError | None = None
 
 
 @dataclass
@@ -213,18 +210,20 @@ class Pipeline:
         client: Client,
         his: HisSource | None = None,
         clock: Callable[[], datetime] = utcnow,
+        sole_sender: bool = False,
     ) -> None:
+        """``sole_sender``: this process holds the instance lock (run, once, reconcile), so any
+        lease held by another owner belongs to a process that died and is released at once."""
         self.settings = settings
         self.store = store
         self.client = client
         self._his = his
         self.clock = clock
-        self.policy = RetryPolicy(
-            first_delay_s=settings.retry.first_delay_s,
-            max_delay_s=settings.retry.max_delay_s,
-            give_up_after_h=settings.retry.give_up_after_h,
-            max_generic_attempts=settings.retry.max_generic_attempts,
-        )
+        self.sole_sender = sole_sender
+        self.policy = RetryPolicy(first_delay_s=settings.retry.first_delay_s, max_delay_s=settings.retry.max_delay_s)
+        self.probe_policy = self.policy.probes()
+        # While the platform is unreachable: when to probe it next (outbox time).
+        self.next_probe_at: datetime | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.progress = _Progress()
         self._stop = threading.Event()
@@ -281,6 +280,10 @@ class Pipeline:
             self.dispatch(stats)
 
         return self._run(kind, work)
+
+    def dispatch_only(self) -> CycleStats:
+        """Dispatch what is due without polling the HIS (a probe of an unreachable platform)."""
+        return self._run("dispatch", self.dispatch)
 
     def reconcile(self, since: date, until: date | None = None) -> CycleStats:
         """Re-read a window of the HIS (catches re-settlements, late commits), re-check
@@ -348,6 +351,7 @@ class Pipeline:
                 lookups=stats.lookups,
                 duration_s=stats.duration_s,
                 paused=stats.paused,
+                unreachable=stats.unreachable,
                 error=error,
             )
         return stats
@@ -458,22 +462,19 @@ class Pipeline:
         # only to decide before a label lookup, or to describe a row build() refused.
         lookup = kc_setting.source != "column"
         card_type = _text(row.get("card_type")) if lookup else None
+        column = _key_crowd_column(row) if lookup and card_type != RESIDENT_ID else None
 
+        # build() needs a keyCrowd to check the rest of the row. What the stored payload holds
+        # is never sent as it is: every upload takes keyCrowd from keycrowd.decide() at
+        # dispatch. (For resident ID cards in lookup mode it stays "1" as in earlier versions,
+        # so that their payload hashes, and the visits already sent, stay as they are.)
         decided: str | None
-        reason: str | None = None
         if not lookup:
             decided = None  # build() reads and checks the column itself
         elif card_type == RESIDENT_ID:
-            decided = "1"  # placeholder until the label lookup at dispatch decides
-        elif (kc_column := _key_crowd_column(row)) is not None:
-            decided = kc_column
-            reason = f"card type {card_type}: no label lookup possible, key_crowd column = {kc_column}"
+            decided = _PAYLOAD_KEY_CROWD
         else:
-            decided = "0"
-            reason = (
-                f"card type {card_type or '(empty)'} is not a resident ID card (10): the label API cannot "
-                "be asked; return a key_crowd column from his.query to decide these visits"
-            )
+            decided = column or "0"
         try:
             payload = records.build(row, key_crowd=decided, today=today)
         except InvalidRecord as exc:
@@ -497,19 +498,25 @@ class Pipeline:
             )
         text = records.payload_json(payload)
         status = Status.PENDING
-        key_crowd: str | None = payload["keyCrowd"]
-        if lookup and card_type == RESIDENT_ID:
-            key_crowd = None
-        elif key_crowd == "0" and kc_setting.upload_only_key_crowd:
-            status = Status.SKIPPED
-            reason = reason or "key_crowd column = 0: the HIS says this patient is not in the key population"
+        reason: str | None = None
+        # What the outbox knows of the key population: the HIS's column (None: nothing yet).
+        key_crowd = payload["keyCrowd"] if not lookup else column
+        if not keycrowd.needs_lookup(source=kc_setting.source, card_type=payload["cardType"]):
+            # Decided by the column alone: park what must not go at once (dispatch decides
+            # again, the same way, before anything is sent).
+            d = keycrowd.decide(
+                source=kc_setting.source, upload_only_key_crowd=kc_setting.upload_only_key_crowd,
+                card_type=payload["cardType"], column=key_crowd, labels=_NOT_ASKED,
+            )
+            if d.verdict is Verdict.SKIP:
+                status, reason = Status.SKIPPED, d.how
         return Incoming(
             lsh=key,
             payload_json=text,
             payload_hash=records.text_hash(text),
             status=status,
             key_crowd=key_crowd,
-            reason=reason if status is not Status.PENDING else None,
+            reason=reason,
             source_changed_at=changed_at,
             # As sent: build() checked and normalised them (an ID number's x upper-cased).
             card_type=payload["cardType"],
@@ -519,71 +526,148 @@ class Pipeline:
         )
 
     # -- outbox -> platform ------------------------------------------------
+    #
+    # Whose fault a failure is decides what it costs (STYLE 12):
+    # - the platform's (PlatformUnavailable: network, timeouts, 5xx, HTML, unreadable
+    #   answers, failed logins; a token refused even after a new login): nothing is charged,
+    #   the record goes back as it was and is tried again in the same dispatch. Several bad
+    #   answers in a row with no good one between them mean the platform is down: sending
+    #   pauses and the platform is probed, one record per back-off step, until it answers
+    #   (``platform_down`` in sync_state: seen by every process, `status`, /healthz, metrics);
+    # - the configuration's (ConfigError): nothing is charged; sending pauses until fixed;
+    # - unexplained (a bare 中间请求异常, a 200 without 新增成功/修改成功, an unknown message):
+    #   the record is retried with its own back-off and never given up on, since nothing says
+    #   it is wrong; they also count as bad answers in a row;
+    # - the record's (参数校验错误): parked invalid.
+    # So `dead` never comes from the platform, by construction: the only answer the document
+    # has that names a record's problem is 参数校验错误, and that one parks it as invalid.
 
     def dispatch(self, stats: CycleStats) -> None:
         """Send everything due, with ``upstream.concurrency`` uploads in flight; every outcome
         is in the outbox when this returns."""
         if self.before_dispatch is not None:
             self.before_dispatch()
-        looked_up: dict[str, _Decision] = {}
+        looked_up: dict[str, LabelResult] = {}
         try:
+            if self.sole_sender:
+                self._recover_leases()
             paused = self.store.get_config_error()
-            if paused:
-                message = self._probe(stats, looked_up, paused)
-                if message is not None:
-                    stats.paused = message
+            down = self.store.get_platform_down()
+            if down is not None:
+                due = _state_time(down.get("next_probe_at"))
+                if due is not None and self.clock() < due:
+                    # Not yet time to probe: no request at all.
+                    self.next_probe_at = due
+                    stats.unreachable = unreachable_text(down)
+                    stats.paused = str(paused.get("message")) if paused else None
                     return
-            message = self._stream(stats, looked_up)
-            if message is not None:
-                stats.paused = message
+            if paused or down:
+                # One record first; the backlog follows only once the platform takes it.
+                claims = self.store.claim_due(now=self.clock(), limit=1, owner=self.owner)
+                if not claims:
+                    stats.paused = str(paused.get("message")) if paused else None
+                    stats.unreachable = unreachable_text(down) if down else None
+                    return
+                self.progress.tick()
+                halt = self._stream(stats, looked_up, only=claims, refusals_to_halt=1 if down else None)
+                if self._settle(halt, stats, paused=paused, down=down):
+                    if self.next_probe_at is not None:
+                        # The next probe takes another record: one the platform cannot take
+                        # must not keep the others waiting.
+                        self.store.postpone([c.lsh for c in claims], until=self.next_probe_at)
+                    return
+            halt = self._stream(stats, looked_up)
+            self._settle(halt, stats, paused=None, down=None)
         finally:
             self._recorder.flush()
 
-    def _probe(self, stats: CycleStats, looked_up: dict[str, _Decision], paused: dict[str, Any]) -> str | None:
-        """Sending is paused: one record until the platform takes one without a configuration
-        error. None when it did (sending resumes), else the message to keep reporting."""
-        while not self._stop.is_set():
-            claims = self.store.claim_due(now=self.clock(), limit=1, owner=self.owner)
-            if not claims:
-                break
-            self.progress.tick()
-            outcome = self._stream(stats, looked_up, only=claims)
-            if outcome is not None:
-                return outcome
-            # The probe went through: the platform accepts again.
+    def probe_due(self, now: datetime | None = None) -> bool:
+        """Whether a probe of the unreachable platform is due (the daemon runs a dispatch then)."""
+        due = self.next_probe_at
+        return due is not None and (now or self.clock()) >= due
+
+    def _recover_leases(self) -> None:
+        """This process holds the instance lock: it is the only one sending, so leases held by
+        anyone else belong to a process that died. Free them now rather than after lease_s."""
+        n = self.store.release_other_leases(self.owner)
+        if n:
+            log.warning("leases_recovered", records=n, reason="held by a process that is no longer running")
+
+    def _settle(
+        self, halt: list[SyncError], stats: CycleStats, *, paused: dict[str, Any] | None, down: dict[str, Any] | None
+    ) -> bool:
+        """Record why sending stopped, or that it works again. True when it stopped."""
+        config = next((e for e in halt if isinstance(e, ConfigError)), None)
+        if config is not None:
+            self._pause(config, [])
+            stats.paused = config.message
+            if down is not None:
+                # A configuration error is an answer: the platform is reachable.
+                self.store.clear_platform_down()
+                self.next_probe_at = None
+            return True
+        if halt:
+            error = halt[0]
+            reason = _describe(error)
+            previous = self.store.get_platform_down()
+            probes = int(previous.get("probes") or 0) + 1 if previous else 0
+            now = self.clock()
+            nxt = now + timedelta(seconds=self.probe_policy.delay_s(probes + 1))
+            state = self.store.set_platform_down(reason=reason, now=now, next_probe_at=nxt)
+            self.next_probe_at = nxt
+            stats.unreachable = unreachable_text(state)
+            stats.paused = str(paused.get("message")) if paused else None
+            if previous is None:
+                log.error(
+                    "platform_unreachable", error=error.message, platform_message=error.platform_message,
+                    next_probe_at=nxt.isoformat(timespec="seconds"),
+                    consequence="sending paused; no record is charged; probing with back-off",
+                )
+            else:
+                log.warning("platform_probe_failed", probes=probes, error=error.message,
+                            next_probe_at=nxt.isoformat(timespec="seconds"))
+            return True
+        if paused:
             self.store.clear_config_error()
             log.warning("sending_resumed", after=paused.get("message"))
-            return None
-        return str(paused.get("message"))
+        if down is not None:
+            self.store.clear_platform_down()
+            log.warning("platform_reachable_again", unreachable_since=down.get("since"), probes=down.get("probes"))
+        self.next_probe_at = None
+        return False
 
     def _stream(
-        self, stats: CycleStats, looked_up: dict[str, _Decision], *, only: list[Claimed] | None = None
-    ) -> str | None:
+        self, stats: CycleStats, looked_up: dict[str, LabelResult], *, only: list[Claimed] | None = None,
+        refusals_to_halt: int | None = None,
+    ) -> list[SyncError]:
         """Keep ``concurrency`` uploads in flight, claiming the next batch while the previous one
-        drains (``only``: send these and claim nothing more). Returns the configuration
-        error's message if sending paused."""
+        drains (``only``: send these and claim nothing more). Returns why sending had to stop
+        (configuration errors, platform faults), empty when it did not."""
         concurrency = self.settings.upstream.concurrency
         batch_size = max(32, concurrency * 8)
-        queue: deque[tuple[Claimed, str, str | None]] = deque()
+        queue: deque[tuple[Claimed, Decision, str | None]] = deque()
         pending: dict[Future[None], Claimed] = {}
-        config_error: list[ConfigError] = []
+        halt = _Halt(refusals_to_halt or max(_BAD_IN_A_ROW, concurrency + 1))
         if only is not None:
-            self._prepare(only, stats, looked_up, queue, config_error)
+            self._prepare(only, stats, looked_up, queue, halt)
         drained = only is not None
         while True:
-            halted = self._stop.is_set() or bool(config_error)
+            halted = self._stop.is_set() or bool(halt.errors)
+            if drained and only is None and halt.take_released():
+                drained = False  # records went back untouched after a platform fault: try them again
             # Claimed before the queue runs dry: no slot waits for a batch's slowest upload.
             if not halted and not drained and len(queue) < concurrency:
                 claims = self.store.claim_due(now=self.clock(), limit=batch_size, owner=self.owner)
                 if claims:
                     self.progress.tick()
-                    self._prepare(claims, stats, looked_up, queue, config_error)
+                    self._prepare(claims, stats, looked_up, queue, halt)
                 else:
                     drained = True
-                continue
-            while queue and len(pending) < concurrency and not (self._stop.is_set() or config_error):
-                c, kc, new_hash = queue.popleft()
-                pending[self._pool.submit(self._upload_one, c, kc, stats, config_error, new_hash)] = c
+                if not queue and not pending and not drained:
+                    continue  # nothing to send or wait for yet: claim more first
+            while queue and len(pending) < concurrency and not (self._stop.is_set() or halt.errors):
+                c, d, new_hash = queue.popleft()
+                pending[self._pool.submit(self._upload_one, c, d, stats, halt, new_hash)] = c
             if not pending:
                 if halted or drained:
                     break
@@ -595,83 +679,138 @@ class Pipeline:
                 if exc is not None:
                     self._crashed(c, exc, stats)
         if queue:
+            # Not sent: back as they were, nothing charged.
             self.store.release([c for c, _, _ in queue], now=self.clock())
-        if config_error:
-            self._pause(config_error[0], [])
-            return config_error[0].message
-        return None
+        return list(halt.errors)
 
     def _prepare(
-        self, claims: list[Claimed], stats: CycleStats, looked_up: dict[str, _Decision],
-        queue: deque[tuple[Claimed, str, str | None]], config_error: list[ConfigError],
+        self, claims: list[Claimed], stats: CycleStats, looked_up: dict[str, LabelResult],
+        queue: deque[tuple[Claimed, Decision, str | None]], halt: _Halt,
     ) -> None:
-        """Decide one claimed batch: park what is not to be sent, queue the rest for upload."""
+        """Decide one claimed batch (``keycrowd.decide``, every row, every time): park what is
+        not to be sent, queue the rest for upload."""
         rebuilt: dict[str, str] = {}
         claims = [r for r in (self._revalidate(c, stats, rebuilt) for c in claims) if r is not None]
-        decisions = self._decide(claims, stats, looked_up)
-        blocking = next((d.error for d in decisions.values() if isinstance(d.error, ConfigError)), None)
-        if isinstance(blocking, ConfigError):
+        kc = self.settings.key_crowd
+        labels = self._labels(claims, stats, looked_up, halt)
+        if halt.errors:
+            # The platform is down or refuses the configuration: the batch goes back untouched.
             self.store.release(claims, now=self.clock())
-            config_error.append(blocking)
             return
+        unasked: list[Claimed] = []
         for c in claims:
-            d = decisions.get(c.lsh)
-            if d is None:
-                queue.append((c, c.key_crowd or "1", rebuilt.get(c.lsh)))
-            elif d.key_crowd is None:
-                self._failed(c, d.error or TransientError("label lookup failed"), stats, prefix="label lookup failed: ")
-            elif d.key_crowd == "0" and self.settings.key_crowd.upload_only_key_crowd:
-                self.store.mark_skipped(c, reason=d.how, now=self.clock())
+            d = keycrowd.decide(
+                source=kc.source, upload_only_key_crowd=kc.upload_only_key_crowd, card_type=c.card_type,
+                column=c.key_crowd, labels=labels.get(c.card_no or "", _NOT_ASKED),
+            )
+            if d.verdict is Verdict.SEND:
+                queue.append((c, d, rebuilt.get(c.lsh)))
+            elif d.verdict is Verdict.SKIP:
+                self.store.mark_skipped(c, reason=d.how, now=self.clock(), key_crowd=d.key_crowd)
                 stats.skipped += 1
+            elif d.needs_lookup:
+                unasked.append(c)  # its lookup hit a platform fault: nothing known, nothing charged
             else:
-                queue.append((c, d.key_crowd, rebuilt.get(c.lsh)))
+                # Undecided: never sent on a guess; tried again with the record's back-off.
+                self._failed(c, TransientError(d.how), stats)
+        if unasked:
+            halt.release(self.store, unasked, now=self.clock())
 
     def _revalidate(self, c: Claimed, stats: CycleStats, rebuilt: dict[str, str]) -> Claimed | None:
-        """A requeued record that local validation had parked still holds its raw HIS row:
-        validate it again by today's rules before anything is sent."""
+        """A requeued record that local validation had parked holds its raw HIS row: validate
+        it again by today's rules, from exactly the values the HIS returned, before anything
+        is sent (and decide its key population again at ``_prepare``)."""
+        if c.payload_json.startswith('{"cardType"'):
+            return c  # a built payload (the usual case): records.payload_json starts so
         try:
-            data = json.loads(c.payload_json, parse_float=Decimal)
+            data = json.loads(c.payload_json)
         except ValueError:
             data = None
         if not isinstance(data, dict) or "cardType" in data:
             return c
-        item = self.incoming(data, today=datetime.now(self.settings.schedule.tz).date())
+        restored = records.parse_raw_json(c.payload_json)
+        reason: str | None = None
+        if restored is None:
+            reason = (
+                "parked by an earlier version of crowd-sync, which did not keep the HIS values exactly "
+                "(bytes as hex, numbers through floats): not rebuilt from that copy. Read it again from the HIS: "
+                "`crowd-sync reconcile --since <its settlement date>`, or change the HIS row"
+            )
+        elif restored[1]:
+            lost = ", ".join(f"{column} ({kind})" for column, kind in sorted(restored[1].items()))
+            reason = (
+                f"the HIS returned values the outbox cannot keep exactly: {lost}; cast these columns in his.query "
+                "(text: CAST(x AS CHAR), amounts: CAST(x AS DECIMAL(10,2)), dates: CAST(x AS DATE)); "
+                "the row is validated again when it is read next (reconcile, or a change in the HIS)"
+            )
+        if reason is not None:
+            self.store.mark_invalid(c, error=reason, http_status=None, now=self.clock())
+            stats.invalid += 1
+            return None
+        assert restored is not None
+        item = self.incoming(restored[0], today=datetime.now(self.settings.schedule.tz).date())
         if item.status is Status.INVALID:
             self.store.mark_invalid(c, error=item.reason or "invalid", http_status=None, now=self.clock())
             stats.invalid += 1
             return None
         if item.status is Status.SKIPPED:
-            self.store.mark_skipped(c, reason=item.reason or "not in the key population", now=self.clock())
+            self.store.mark_skipped(
+                c, reason=item.reason or "not in the key population", now=self.clock(), key_crowd=item.key_crowd
+            )
             stats.skipped += 1
             return None
         rebuilt[c.lsh] = item.payload_hash
-        return replace(c, payload_json=item.payload_json, key_crowd=item.key_crowd)
+        return replace(
+            c, payload_json=item.payload_json, key_crowd=item.key_crowd, card_type=item.card_type, card_no=item.card_no
+        )
 
-    def _upload_one(
-        self, c: Claimed, key_crowd: str, stats: CycleStats, config_error: list[ConfigError], new_hash: str | None
-    ) -> None:
-        body = _with_key_crowd(c.payload_json, key_crowd)
-        try:
-            result = self.client.upload(body, lsh=c.lsh)
-            crash_point("after_upload_accepted")
-        except ConfigError as exc:
-            config_error.append(exc)
+    def _upload_one(self, c: Claimed, d: Decision, stats: CycleStats, halt: _Halt, new_hash: str | None) -> None:
+        kc = self.settings.key_crowd
+        if d.verdict is not Verdict.SEND or not keycrowd.may_upload(
+            upload_only_key_crowd=kc.upload_only_key_crowd, key_crowd=d.key_crowd
+        ):  # pragma: no cover - decide() is the only way here; refuse rather than send
+            log.error("upload_refused", lsh=c.lsh, verdict=str(d.verdict), key_crowd=d.key_crowd)
             self.store.release([c], now=self.clock())
             return
-        except InvalidRecord as exc:
-            self._recorder.put(
-                self.store.invalid_outcome(c, error=_describe(exc), http_status=exc.http_status, now=self.clock())
-            )
-            with self._lock:
-                stats.invalid += 1
-            log.warning("record_rejected", lsh=c.lsh, error=_describe(exc))
+        assert d.key_crowd is not None
+        body = _with_key_crowd(c.payload_json, d.key_crowd)
+        if not halt.begin():
+            # Sending just stopped (platform down, configuration): this one goes back untouched.
+            self.store.release([c], now=self.clock())
             return
-        except (TransientError, AuthError) as exc:
-            self._failed(c, exc, stats)
-            return
+        try:  # the request's slot is given back once its outcome is known
+            try:
+                result = self.client.upload(body, lsh=c.lsh)
+                crash_point("after_upload_accepted")
+            except ConfigError as exc:
+                halt.add(exc)
+                self.store.release([c], now=self.clock())
+                return
+            except (PlatformUnavailable, AuthError) as exc:
+                # The platform's fault, not the record's: nothing charged, tried again.
+                halt.bad(exc)
+                halt.release(self.store, [c], now=self.clock())
+                return
+            except InvalidRecord as exc:
+                halt.answered()
+                self._recorder.put(
+                    self.store.invalid_outcome(c, error=_describe(exc), http_status=exc.http_status, now=self.clock())
+                )
+                with self._lock:
+                    stats.invalid += 1
+                log.warning("record_rejected", lsh=c.lsh, error=_describe(exc))
+                return
+            except TransientError as exc:
+                if exc.generic:
+                    halt.bad(exc)
+                self._failed(c, exc, stats)
+                return
+            halt.answered()
+        finally:
+            halt.end()
         self._recorder.put(
             self.store.sent_outcome(
-                c, sent_json=body, key_crowd=key_crowd, answer=result.message, http_status=result.http_status,
+                c, sent_json=body, key_crowd=d.key_crowd, answer=result.message, http_status=result.http_status,
                 now=self.clock(), payload_hash=new_hash,
             )
         )
@@ -682,7 +821,7 @@ class Pipeline:
                 stats.created += 1
             else:
                 stats.updated += 1
-        log.debug("record_sent", lsh=c.lsh, answer=result.message)
+        log.debug("record_sent", lsh=c.lsh, answer=result.message, key_population=d.how)
 
     def _crashed(self, c: Claimed, exc: BaseException, stats: CycleStats) -> None:
         """The upload path raised where it should not: counted against the record, which is
@@ -704,18 +843,11 @@ class Pipeline:
             elif status is Status.FAILED:
                 stats.failed += 1
 
-    def _failed(self, c: Claimed, exc: SyncError, stats: CycleStats, prefix: str = "") -> None:
+    def _failed(self, c: Claimed, exc: SyncError, stats: CycleStats) -> None:
+        """A failure charged to the record: tried again after its back-off, never given up on."""
         now = self.clock()
         generic = isinstance(exc, TransientError) and exc.generic
-        error = prefix + _describe(exc)
-        if self.policy.gives_up(
-            now=now, first_failed_at=c.first_failed_at, generic_failures=c.generic_failures, generic=generic
-        ):
-            self._recorder.put(self.store.dead_outcome(c, error=error, http_status=exc.http_status, now=now))
-            with self._lock:
-                stats.dead += 1
-            log.error("record_dead", lsh=c.lsh, attempts=c.attempts + 1, error=error)
-            return
+        error = _describe(exc)
         nxt = self.policy.next_attempt_at(now, c.attempts + 1)
         self._recorder.put(
             self.store.failed_outcome(
@@ -724,7 +856,15 @@ class Pipeline:
         )
         with self._lock:
             stats.failed += 1
-        log.info("record_failed", lsh=c.lsh, attempts=c.attempts + 1, retry_at=nxt.isoformat(), error=error)
+        refusals = c.generic_failures + 1
+        if generic and refusals >= self.settings.retry.max_generic_attempts:
+            log.error(
+                "record_refused_repeatedly", lsh=c.lsh, refusals=refusals, retry_at=nxt.isoformat(), error=error,
+                fix="平台多次拒收且未说明原因：把此日志交给平台支持 / the platform keeps refusing this record without "
+                "a reason: give this log to the platform's support; it is retried with back-off meanwhile",
+            )
+        else:
+            log.info("record_failed", lsh=c.lsh, attempts=c.attempts + 1, retry_at=nxt.isoformat(), error=error)
 
     def _pause(self, exc: ConfigError, claims: Iterable[Claimed]) -> None:
         self.store.release(list(claims), now=self.clock())
@@ -735,62 +875,166 @@ class Pipeline:
 
     # -- key population ------------------------------------------------------
 
-    def _decide(
-        self, claims: list[Claimed], stats: CycleStats, looked_up: dict[str, _Decision]
-    ) -> dict[str, _Decision]:
-        """Label lookups for rows still undecided: each card at most once per cycle, cache first."""
-        need = [c for c in claims if c.key_crowd is None and c.card_no]
-        if not need:
-            return {}
-        cards = sorted({c.card_no for c in need if c.card_no and c.card_no not in looked_up})
+    def _labels(
+        self, claims: list[Claimed], stats: CycleStats, looked_up: dict[str, LabelResult], halt: _Halt
+    ) -> dict[str, LabelResult]:
+        """What the label API says about each card the batch needs it for: cache first, each
+        card at most once per dispatch. A failure is remembered for the whole dispatch, so
+        every visit of that person waits (never one decided without the answer)."""
+        source = self.settings.key_crowd.source
+        need = sorted({
+            c.card_no for c in claims if c.card_no and keycrowd.needs_lookup(source=source, card_type=c.card_type)
+        })
+        cards = [card for card in need if card not in looked_up]
         if cards:
             ttl_s = self.settings.key_crowd.cache_ttl_h * 3600
             cached = self.store.cache_get(cards, now=self.clock(), ttl_s=ttl_s) if ttl_s > 0 else {}
             for card, (data_json,) in cached.items():
-                looked_up[card] = _decision_from_data(
-                    json.loads(data_json) if data_json else None, how_prefix="label cache"
-                )
+                looked_up[card] = _label_result(json.loads(data_json) if data_json else None, via="label cache")
                 stats.cache_hits += 1
-            missing = [c for c in cards if c not in looked_up]
+            missing = [card for card in cards if card not in looked_up]
             fresh: dict[str, str | None] = {}
-            futures = {self._pool.submit(self._lookup_one, card): card for card in missing}
+            futures = {self._pool.submit(self._lookup_one, card, halt): card for card in missing}
             for fut, card in futures.items():
                 try:
                     res = fut.result()
                 except ConfigError as exc:
-                    looked_up[card] = _Decision(key_crowd=None, how="", error=exc)
+                    halt.add(exc)
+                    continue
+                except (PlatformUnavailable, AuthError) as exc:
+                    halt.bad(exc)  # not the person's fault: not remembered as their failure
                     continue
                 except SyncError as exc:
-                    looked_up[card] = _Decision(key_crowd=None, how="", error=exc)
+                    if isinstance(exc, TransientError) and exc.generic:
+                        halt.bad(exc)
+                    looked_up[card] = LabelResult(state=LabelState.FAILED, error=_describe(exc))
                     continue
+                if res is None:
+                    continue  # not asked: sending stopped meanwhile
+                halt.answered()
                 stats.lookups += 1
-                looked_up[card] = _decision_from_data(res.data, how_prefix="label API")
+                looked_up[card] = _label_result(res.data, via="label API")
                 fresh[card] = json.dumps(res.data, ensure_ascii=False) if res.data is not None else None
             if fresh:
                 self.store.cache_put(fresh, now=self.clock())
-        out: dict[str, _Decision] = {}
-        for c in need:
-            d = looked_up.get(c.card_no or "")
-            if d is not None:
-                out[c.lsh] = d
-                if d.error is not None and not isinstance(d.error, ConfigError):
-                    # A failed lookup is retried with the record's backoff, not again this cycle.
-                    looked_up.pop(c.card_no or "", None)
-        return out
+        return {card: looked_up[card] for card in need if card in looked_up}
 
-    def _lookup_one(self, card: str) -> LookupResult:
-        return self.client.lookup(card)
+    def _lookup_one(self, card: str, halt: _Halt) -> LookupResult | None:
+        if not halt.begin():
+            return None  # sending stopped (platform down, configuration): do not ask
+        try:
+            return self.client.lookup(card)
+        finally:
+            halt.end()
 
 
-def _decision_from_data(data: Any, *, how_prefix: str) -> _Decision:
+# Bad answers in a row (platform faults, unexplained refusals), with no good one between
+# them, that mean the platform is down: at least this many, or one more than the uploads
+# in flight (an outage fails all of those at once).
+_BAD_IN_A_ROW = 4
+_NOT_ASKED = LabelResult.not_asked()
+
+
+class _Halt:
+    """Why one dispatch must stop sending, and the platform's recent answers; shared by the
+    upload and lookup threads.
+
+    Every request is made between ``begin`` and ``end``. After a bad answer, requests go
+    one at a time until a good answer comes back: an outage costs the requests already in
+    flight and one more, not a request per record waiting.
+    """
+
+    def __init__(self, bad_to_halt: int) -> None:
+        self._lock = threading.Condition()
+        self._limit = bad_to_halt
+        self._bad = 0
+        self._inflight = 0
+        self._released = False
+        self.errors: list[SyncError] = []
+
+    def begin(self) -> bool:
+        """Wait for a slot to send; False when sending stopped meanwhile."""
+        with self._lock:
+            while not self.errors and self._bad > 0 and self._inflight > 0:
+                self._lock.wait()
+            if self.errors:
+                return False
+            self._inflight += 1
+            return True
+
+    def end(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            self._lock.notify_all()
+
+    def add(self, exc: SyncError) -> None:
+        """Stop sending now (a configuration error)."""
+        with self._lock:
+            self.errors.append(exc)
+            self._lock.notify_all()
+
+    def answered(self) -> None:
+        """The platform took (or judged) a request: what came before was no outage."""
+        with self._lock:
+            self._bad = 0
+            self._lock.notify_all()
+
+    def bad(self, exc: SyncError) -> None:
+        """A platform fault or an unexplained refusal; too many in a row: the platform is down."""
+        with self._lock:
+            self._bad += 1
+            self._lock.notify_all()
+            if self._bad < self._limit or self.errors:
+                return
+            if isinstance(exc, PlatformUnavailable | AuthError):
+                self.errors.append(exc)
+                return
+            self.errors.append(
+                PlatformUnavailable(
+                    f"the platform refused {self._bad} requests in a row without a reason (last: {exc.message})",
+                    hint="平台拒收所有请求且未说明原因，暂停发送并定时探测 / the platform refuses everything without a "
+                    "reason: sending pauses and the platform is probed with back-off",
+                    http_status=exc.http_status, platform_message=exc.platform_message,
+                )
+            )
+
+    def release(self, store: Store, claims: list[Claimed], *, now: datetime) -> None:
+        """Give records back untouched after a platform fault; the dispatch tries them again."""
+        store.release(claims, now=now)
+        with self._lock:
+            self._released = True
+
+    def take_released(self) -> bool:
+        with self._lock:
+            released, self._released = self._released, False
+            return released and not self.errors
+
+
+def unreachable_text(state: Mapping[str, Any]) -> str:
+    """``platform unreachable since …`` for status, /healthz and the logs."""
+    text = f"platform unreachable since {state.get('since')}Z: {state.get('reason')}"
+    if state.get("next_probe_at"):
+        text += f" (probes failed: {state.get('probes') or 0}; next probe at {state.get('next_probe_at')}Z)"
+    return text
+
+
+def _state_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def _label_result(data: Any, *, via: str) -> LabelResult:
     person = parse_person(data)
-    checked = utcnow().strftime("%Y-%m-%d %H:%M UTC")
-    if person is not None and person.is_key_population:
-        codes = ",".join(lbl.code for lbl in person.labels)
-        return _Decision(key_crowd="1", how=f"{how_prefix} {checked}: key population ({codes})")
-    if person is not None:
-        return _Decision(key_crowd="0", how=f"{how_prefix} {checked}: known to the platform but without labels")
-    return _Decision(key_crowd="0", how=f"{how_prefix} {checked}: not in the key population (no labels returned)")
+    checked = f"{via} {utcnow():%Y-%m-%d %H:%M} UTC"
+    if person is None:
+        return LabelResult(state=LabelState.NOBODY, via=checked)
+    if person.is_key_population:
+        return LabelResult(state=LabelState.KEY, codes=tuple(lbl.code for lbl in person.labels), via=checked)
+    return LabelResult(state=LabelState.NO_LABELS, via=checked)
 
 
 def _describe(exc: SyncError) -> str:

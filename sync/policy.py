@@ -1,4 +1,4 @@
-"""Pure retry policy: when to try a failed record again, and when to give up."""
+"""Pure retry policy: when to try a failed record again, and when to probe a platform that is down."""
 
 from __future__ import annotations
 
@@ -12,13 +12,17 @@ _RNG = random.Random()
 # exception where none should be) is parked invalid with the exception's text.
 MAX_UPLOAD_CRASHES = 3
 
+# A platform that stopped answering is probed soon (an outage is often a blip), then less
+# often, but at least once a minute: a probe is a single request, and the backlog should
+# start draining within a minute of the platform coming back.
+PROBE_FIRST_S = 5.0
+PROBE_MAX_S = 60.0
+
 
 @dataclass(frozen=True, kw_only=True)
 class RetryPolicy:
     first_delay_s: float
     max_delay_s: float
-    give_up_after_h: float
-    max_generic_attempts: int
 
     def delay_s(self, attempts: int, rng: random.Random | None = None) -> float:
         """Exponential backoff with "equal jitter": half fixed, half random, never above max_delay_s.
@@ -35,15 +39,7 @@ class RetryPolicy:
     def next_attempt_at(self, now: datetime, attempts: int, rng: random.Random | None = None) -> datetime:
         return now + timedelta(seconds=self.delay_s(attempts, rng))
 
-    def gives_up(
-        self, *, now: datetime, first_failed_at: datetime | None, generic_failures: int, generic: bool
-    ) -> bool:
-        """True when a record should go `dead` after this failure.
-
-        Transient failures give up only after ``give_up_after_h`` of failing; the platform's
-        bare 中间请求异常 (an error it does not explain) after ``max_generic_attempts``.
-        """
-        if generic and generic_failures + 1 >= self.max_generic_attempts:
-            return True
-        started = first_failed_at or now
-        return now - started >= timedelta(hours=self.give_up_after_h)
+    def probes(self) -> RetryPolicy:
+        """The back-off between probes of an unreachable platform (``attempts`` = failed probes + 1)."""
+        first = min(self.first_delay_s, PROBE_FIRST_S)
+        return RetryPolicy(first_delay_s=first, max_delay_s=max(first, min(self.max_delay_s, PROBE_MAX_S)))

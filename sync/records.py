@@ -722,27 +722,83 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _plain(value: Any) -> Any:
+# The key of the type map in a raw row's JSON; no HIS column can be called that.
+RAW_TYPES_KEY = "$types"
+
+
+def _typed(value: Any) -> tuple[Any, str | None]:
+    """A value as JSON can hold it, and its type when JSON alone would not give it back."""
     if value is None or isinstance(value, bool | int | str):
-        return value
+        return value, None
     if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, datetime | date | time):
-        return value.isoformat()
+        # repr() gives back the very same float; JSON has no NaN or infinity, text does.
+        return (value if math.isfinite(value) else repr(value)), "float"
     if isinstance(value, Decimal):
-        return str(value)
+        return str(value), "decimal"
+    if isinstance(value, datetime):
+        return value.isoformat(), "datetime"
+    if isinstance(value, date):
+        return value.isoformat(), "date"
+    if isinstance(value, time):
+        return value.isoformat(), "time"
     if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).hex()
+        return bytes(value).hex(), "bytes"
     if isinstance(value, Unreadable):
-        return repr(value)
-    return str(value)
+        # Nothing to give back: the driver could not read the value, so the row stays invalid.
+        return repr(value), "unreadable"
+    return str(value), f"unsupported {type(value).__name__}"
 
 
 def raw_json(row: Mapping[str, Any]) -> str:
-    """The raw row as JSON, for parking a record that could not be built (DBA-readable)."""
-    return json.dumps(
-        {str(key): _plain(value) for key, value in row.items()},
-        ensure_ascii=False,
-        separators=(",", ":"),
-        allow_nan=False,
-    )
+    """The raw row as JSON, for parking a record that could not be built (DBA-readable).
+
+    Exact: values JSON cannot hold as they were (Decimal, dates, times, bytes, floats) are
+    written as text and named in the ``$types`` map, so ``parse_raw_json`` gives back the
+    very values the HIS returned and a requeued row is validated on what the HIS holds.
+    """
+    values: dict[str, Any] = {}
+    types: dict[str, str] = {}
+    for key, value in row.items():
+        values[str(key)], kind = _typed(value)
+        if kind is not None:
+            types[str(key)] = kind
+    values[RAW_TYPES_KEY] = types
+    return json.dumps(values, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+_DECODE: dict[str, Callable[[Any], Any]] = {
+    "float": float,
+    "decimal": Decimal,
+    "datetime": datetime.fromisoformat,
+    "date": date.fromisoformat,
+    "time": time.fromisoformat,
+    "bytes": bytes.fromhex,
+}
+
+
+def parse_raw_json(text: str) -> tuple[dict[str, Any], dict[str, str]] | None:
+    """``raw_json``'s row back: (row, {column: type} of values it could not keep exactly).
+
+    None when ``text`` is not a raw row in this form (a built payload, or a raw row parked
+    by an earlier version, which kept neither types nor bytes exactly).
+    """
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get(RAW_TYPES_KEY), dict):
+        return None
+    types: dict[str, Any] = data.pop(RAW_TYPES_KEY)
+    lost: dict[str, str] = {}
+    for key, kind in types.items():
+        decode = _DECODE.get(str(kind))
+        if key not in data:
+            continue
+        if decode is None:
+            lost[key] = str(kind)
+            continue
+        try:
+            data[key] = decode(data[key])
+        except (TypeError, ValueError, ArithmeticError):
+            lost[key] = str(kind)
+    return data, lost

@@ -347,8 +347,11 @@ class Schedule(_Model):
 class Retry(_Model):
     first_delay_s: float = Field(default=30.0, gt=0)
     max_delay_s: float = Field(default=3600.0, gt=0)
+    # No longer used: no record is given up because of the platform (see sync.pipeline);
+    # kept so that settings files written for earlier versions still load.
     give_up_after_h: float = Field(default=72.0, gt=0)
-    # The platform's generic 中间请求异常 is retried at most this many times.
+    # After this many unexplained refusals of one record (中间请求异常, a code 200 without
+    # 新增成功/修改成功), each further one is logged as an error; the record is still retried.
     max_generic_attempts: int = Field(default=5, ge=1, le=1000)
 
     @model_validator(mode="after")

@@ -99,6 +99,8 @@ class Status(StrEnum):
 
 
 _DUE = (Status.PENDING.value, Status.FAILED.value)
+# sync_state row kept while the platform is unreachable (dispatch probes it with back-off).
+PLATFORM_DOWN = "platform_down"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,6 +172,8 @@ class Summary:
     leased: int
     # {form, accepted_at}: the reading of the app key the platform last accepted (upstream.app_key_form: auto).
     key_form: dict[str, Any] | None = None
+    # While the platform is unreachable: {since, reason, probes, next_probe_at} (ISO text, UTC).
+    platform_down: dict[str, Any] | None = None
 
 
 # -- helpers -------------------------------------------------------------------
@@ -940,10 +944,13 @@ class Store:
         """Rejected by validation: tried again when the source row changes or on ``retry``."""
         self.record([self.invalid_outcome(c, error=error, http_status=http_status, now=now)])
 
-    def mark_skipped(self, c: Claimed, *, reason: str, now: datetime) -> None:
-        """Not in the key population: not uploaded, re-checked by the nightly reconcile."""
+    def mark_skipped(self, c: Claimed, *, reason: str, now: datetime, key_crowd: str | None = "0") -> None:
+        """Not in the key population: not uploaded, re-checked by the nightly reconcile.
+
+        ``key_crowd``: what is known ("0"), or None to keep the column as it is (nothing known).
+        """
         self.record([
-            self._parked(c, Status.SKIPPED, error=reason, http_status=None, now=now, attempt=False, key_crowd="0")
+            self._parked(c, Status.SKIPPED, error=reason, http_status=None, now=now, attempt=False, key_crowd=key_crowd)
         ])
 
     def _parked(
@@ -1007,6 +1014,40 @@ class Store:
                         .values(lease_owner=None, lease_until=None)
                     )
 
+    def postpone(self, lshs: Sequence[str], *, until: datetime) -> None:
+        """Due rows among ``lshs`` that are free become due only at ``until`` (nothing else
+        changes: no attempt is counted). A failed probe of the platform rotates this way."""
+        until = _utc(until)
+        o = sync_outbox
+        with self.engine.begin() as conn:
+            for chunk in _chunks(list(lshs)):
+                conn.execute(
+                    sa.update(o)
+                    .where(
+                        o.c.lsh.in_(chunk), o.c.status.in_(_DUE), o.c.lease_owner.is_(None),
+                        o.c.next_attempt_at < until,
+                    )
+                    .values(next_attempt_at=until)
+                )
+
+    def release_other_leases(self, owner: str) -> int:
+        """Drop every lease held by anyone but ``owner``.
+
+        Only for the holder of the instance lock: it is the only process sending, so any
+        other lease belongs to a process that died (a crash, SIGKILL, a power cut) and its
+        rows would otherwise wait for ``lease_s``. Their uploads may have reached the
+        platform; sending them again is harmless (upsert by lsh).
+        """
+        o = sync_outbox
+        with self.engine.begin() as conn:
+            return int(
+                conn.execute(
+                    sa.update(o)
+                    .where(o.c.lease_owner.is_not(None), o.c.lease_owner != owner)
+                    .values(lease_owner=None, lease_until=None)
+                ).rowcount
+            )
+
     def release_owner(self, owner: str) -> int:
         """Drop every lease ``owner`` holds (a restarted worker reusing its name)."""
         o = sync_outbox
@@ -1019,7 +1060,12 @@ class Store:
     def requeue(
         self, *, now: datetime, lshs: Sequence[str] | None = None, statuses: Sequence[Status] | None = None
     ) -> int:
-        """Make rows due now with a fresh retry budget; by lsh, by status, or both (AND)."""
+        """Make rows due now with a fresh retry budget; by lsh, by status, or both (AND).
+
+        Nothing about the key population carries over as a decision: every requeued row is
+        decided again at dispatch (``sync.keycrowd``), and for the skipped ones the label
+        cache forgets their cards, so the label API is asked afresh (labels imported late).
+        """
         if lshs is None and statuses is None:
             raise ValueError("requeue needs lshs or statuses")
         now = _utc(now)
@@ -1032,24 +1078,35 @@ class Store:
         if statuses is not None:
             conds.append(o.c.status.in_([Status(s).value for s in statuses]))
         total = 0
+        skipped = o.c.status == Status.SKIPPED.value
         with self.engine.begin() as conn:
             if lshs is None:
+                cards = conn.scalars(sa.select(o.c.card_no).where(skipped, *conds).distinct()).all()
                 total = conn.execute(sa.update(o).where(*conds).values(values)).rowcount
             else:
+                cards = []
                 for chunk in _chunks(list(lshs)):
+                    cards += conn.scalars(sa.select(o.c.card_no).where(o.c.lsh.in_(chunk), skipped, *conds)).all()
                     total += conn.execute(sa.update(o).where(o.c.lsh.in_(chunk), *conds).values(values)).rowcount
+            hashes = sorted({card_hash(c) for c in cards if c})
+            for chunk in _chunks(hashes):
+                conn.execute(sa.delete(sync_label_cache).where(sync_label_cache.c.card_hash.in_(chunk)))
         log.info("outbox_requeued", count=total)
         return int(total)
 
     def recheck_skipped(self, *, now: datetime, changed_since: datetime) -> int:
-        """Skipped visits changed since ``changed_since`` (HIS clock) go back to pending with
-        the key-population decision forgotten, so the label API is asked again."""
+        """Skipped visits of resident ID cards changed since ``changed_since`` (HIS clock) go back
+        to pending with the key-population decision forgotten, so the label API is asked again.
+        (Other cards are decided by the HIS's key_crowd column: a label lookup cannot change them.)"""
         now = _utc(now)
         o = sync_outbox
         with self.engine.begin() as conn:
             n = conn.execute(
                 sa.update(o)
-                .where(o.c.status == Status.SKIPPED.value, o.c.source_changed_at >= _wall(changed_since))
+                .where(
+                    o.c.status == Status.SKIPPED.value, o.c.source_changed_at >= _wall(changed_since),
+                    o.c.card_type == "10",
+                )
                 .values(
                     status=Status.PENDING.value, key_crowd=None, attempts=0, generic_failures=0,
                     first_failed_at=None, next_attempt_at=now, updated_at=now,
@@ -1111,10 +1168,11 @@ class Store:
             ).first()
             config_error = self._get_state(conn, "config_error")
             key_form = self._get_state(conn, KEY_FORM_STATE)
+            platform_down = self._get_state(conn, PLATFORM_DOWN)
         return Summary(
             counts=counts, oldest_pending_at=oldest, last_sent_at=last_sent, last_run=_row_dict(last_run),
             last_successful_run=_row_dict(last_ok), config_error=config_error, leased=int(leased or 0),
-            key_form=key_form,
+            key_form=key_form, platform_down=platform_down,
         )
 
     # -- sync_state ----------------------------------------------------------------------------
@@ -1162,6 +1220,29 @@ class Store:
             {"message": message, "hint": hint, "since": since or _utc(now).isoformat(timespec="seconds")},
             now=now,
         )
+
+    def get_platform_down(self) -> dict[str, Any] | None:
+        """``{since, reason, probes, next_probe_at}`` (ISO text, UTC) while the platform is unreachable."""
+        with self.engine.connect() as conn:
+            return self._get_state(conn, PLATFORM_DOWN)
+
+    def set_platform_down(self, *, reason: str, now: datetime, next_probe_at: datetime) -> dict[str, Any]:
+        """Record that the platform did not answer (first time or a failed probe): ``since`` keeps the
+        first occurrence, ``probes`` counts the failed probes since."""
+        previous = self.get_platform_down()
+        state = {
+            "since": (previous or {}).get("since") or _utc(now).isoformat(timespec="seconds"),
+            "reason": reason,
+            "probes": int((previous or {}).get("probes") or 0) + (1 if previous else 0),
+            "last_failure_at": _utc(now).isoformat(timespec="seconds"),
+            "next_probe_at": _utc(next_probe_at).isoformat(timespec="milliseconds"),
+        }
+        self._put_state(PLATFORM_DOWN, state, now=now)
+        return state
+
+    def clear_platform_down(self) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(sync_state).where(sync_state.c.name == PLATFORM_DOWN))
 
     def clear_config_error(self) -> None:
         with self.engine.begin() as conn:

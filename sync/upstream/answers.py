@@ -5,6 +5,22 @@ whose outcome says what the caller does next, with the FAQ's fix in plain
 words. The platform reports most business errors as HTTP 200 with a JSON
 ``message``, while its gateways answer with real HTTP statuses and sometimes
 plain text or HTML, so the message text is read first, whatever the status.
+
+Success is narrow: for an upload only ``data`` 新增成功 / 修改成功 (document 3.2),
+for a login ``code`` 200 with a token, for a label lookup ``code`` 200 with
+``data`` null or an object. Anything else is a failure, whatever its ``code``.
+Failures are sorted by whose fault they are:
+
+- the platform's (TRANSIENT): the network, timeouts, 5xx, HTML pages, cut-off or
+  unreadable bodies, a bare ``{"code":500}`` that says nothing. Sending pauses;
+  no record is charged.
+- unexplained (GENERIC): the platform's application answered without accepting
+  and without a reason the document lists (a bare 中间请求异常, a ``code`` 200
+  without a success answer such as 保存失败, an unknown message). Retried with
+  the record's own back-off, never given up on: nothing says the record is wrong.
+- the record's (INVALID): 参数校验错误, the only answer that names the record's
+  problem.
+- the configuration's (CONFIG) and the token's (AUTH), as the FAQ says.
 """
 
 from __future__ import annotations
@@ -15,7 +31,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sync.errors import AuthError, ConfigError, InvalidRecord, SyncError, TransientError
+from sync.errors import AuthError, ConfigError, InvalidRecord, PlatformUnavailable, SyncError, TransientError
 from sync.logs import redact
 
 # Raw bodies kept in an answer are cut here: an HTML error page says nothing more after that.
@@ -25,8 +41,8 @@ MAX_MESSAGE_CHARS = 500
 class Outcome(StrEnum):
     OK = "ok"
     AUTH = "auth"  # the token was refused: log in again once, then retry
-    TRANSIENT = "transient"  # network or gateway trouble: retry later
-    GENERIC = "generic"  # the platform's bare 中间请求异常: retry a bounded number of times
+    TRANSIENT = "transient"  # the platform or the network is not working: pause sending, charge no record
+    GENERIC = "generic"  # not accepted, no reason given (bare 中间请求异常, 200 without 新增成功): retry later
     CONFIG = "config"  # the same for every record: stop and tell the operator
     INVALID = "invalid"  # this record is wrong: park it with the platform's reasons
 
@@ -51,6 +67,7 @@ _KEY_FIX = (
     "请检查 app_key：测试环境使用测试 app_key，正式环境使用医院下发的 app_key / "
     "check upstream.app_key: use the test app key in test and the hospital's own key in prod"
 )
+_WEB_LOGIN_URL = "https://ehr.scwjxx.cn/login.html"
 _RELOGIN_FIX = (
     "accesstoken 未携带或已过期（正式环境有效期 12 小时），将自动重新登录一次 / "
     "the access token is missing or expired (12 hours in prod): crowd-sync logs in again once"
@@ -88,6 +105,18 @@ FAQ: tuple[FaqEntry, ...] = (
         "请检查 upstream.username 和 upstream.password；网站能登录而接口不能时，请把密码改为不含 * 等特殊字符的密码 / "
         "check upstream.username and upstream.password; if the web site accepts them, change the password "
         "to one without special characters such as *",
+    ),
+    # FAQ 11: the first production login must change the password on the web site. The
+    # document gives no exact answer text, so these are the phrases such an answer would
+    # use (assumed): 首次/第一次/初次登录, 修改(初始)密码, 初始/默认密码, 密码(已)过期.
+    _entry(
+        11, r"首次登录|第一次登录|初次登录|修改密码|修改初始密码|初始密码|默认密码|密码已?过期",
+        "首次登录需要修改密码", Outcome.CONFIG,
+        "the account must change its password on the web site before the interface accepts it (FAQ 11)",
+        f"正式环境首次登录需要修改密码：请登录 {_WEB_LOGIN_URL} 修改密码（不要含 * 等特殊字符），"
+        "再把新密码写入 upstream.password；如需重置请联系医院管理员 / "
+        f"the first production login must change the password: log in at {_WEB_LOGIN_URL}, change it "
+        "there (no special characters such as *), then put the new password in upstream.password",
     ),
     _entry(
         6, r"签名认证未通过", "集成平台适配器提示：签名认证未通过", Outcome.CONFIG,
@@ -142,16 +171,22 @@ FAQ: tuple[FaqEntry, ...] = (
     # Last: the bare catch-all, also the prefix of FAQ 2's message.
     _entry(
         17, r"中间请求异常", "中间请求异常", Outcome.GENERIC, "the platform's generic error",
-        "集成平台统一返回的错误：已记录完整应答，有限次数重试；持续出现请把日志交给平台支持 / "
-        "the platform's generic error: retried a few times; the whole answer is logged for the platform's support",
+        "集成平台统一返回的错误：已记录完整应答，按退避稍后重试；持续出现请把日志交给平台支持 / "
+        "the platform's generic error: retried later with back-off; the whole answer is logged for the "
+        "platform's support",
     ),
 )
 
 _GENERIC = FAQ[-1]
 
 
+def faq(number: int) -> FaqEntry:
+    """The FAQ row of the document's question ``number``."""
+    return next(e for e in FAQ if e.faq == number)
+
+
 def _faq_fix(number: int) -> str:
-    return next(e.fix for e in FAQ if e.faq == number)
+    return faq(number).fix
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,6 +237,32 @@ _STATUS_TRANSIENT = _Status(
     fix="平台或网关暂时不可用，稍后自动重试 / the platform or its gateway is unavailable for now: retried later",
 )
 _STATUS_GENERIC = _Status(outcome=Outcome.GENERIC, cause="an answer the document does not describe", fix=_GENERIC.fix)
+_UNREADABLE = _Status(
+    outcome=Outcome.TRANSIENT,
+    cause="an answer that is not the platform's JSON (an HTML page, a cut-off or empty body): "
+    "the platform or a proxy in front of it is failing",
+    fix=_STATUS_TRANSIENT.fix,
+)
+_SILENT = _Status(
+    outcome=Outcome.TRANSIENT, cause="the platform failed without saying anything (no message, no data)",
+    fix=_STATUS_TRANSIENT.fix,
+)
+_NOT_ACCEPTED = _Status(
+    outcome=Outcome.GENERIC,
+    cause="code 200 without the document's success answer (新增成功 / 修改成功): not accepted",
+    fix="平台未确认保存，稍后重试；完整应答已记录 / the platform did not confirm it stored the record: "
+    "retried later; the whole answer is logged",
+)
+_BAD_LOGIN_ANSWER = _Status(
+    outcome=Outcome.GENERIC, cause="code 200 without a token: the login did not succeed",
+    fix=_STATUS_TRANSIENT.fix,
+)
+_BAD_LABELS_ANSWER = _Status(
+    outcome=Outcome.GENERIC, cause="code 200 whose data is neither null nor a person: not a label answer",
+    fix=_GENERIC.fix,
+)
+# The document's success answers to an upload (3.2).
+UPLOAD_SUCCESS = ("新增成功", "修改成功")
 
 
 def _by_status(status: int) -> _Status | None:
@@ -277,8 +338,26 @@ def _code(value: Any) -> int | None:
     return None
 
 
-def classify(http_status: int, body: bytes | str | None, content_type: str | None = None) -> Answer:
-    """Classify one platform answer: message text first, then HTTP status, then the JSON code."""
+def _success(endpoint: str | None, data: Any) -> _Status | None:
+    """None when ``data`` is the endpoint's success answer, else why it is not."""
+    if endpoint == "upload":
+        return None if isinstance(data, str) and data.strip() in UPLOAD_SUCCESS else _NOT_ACCEPTED
+    if endpoint == "login":
+        token = data.get("token") if isinstance(data, dict) else None
+        return None if isinstance(token, str) and token.strip() else _BAD_LOGIN_ANSWER
+    if endpoint == "labels":
+        return None if data is None or isinstance(data, dict) else _BAD_LABELS_ANSWER
+    return None
+
+
+def classify(
+    http_status: int, body: bytes | str | None, content_type: str | None = None, *, endpoint: str | None = None
+) -> Answer:
+    """Classify one platform answer: message text first, then HTTP status, then the JSON code.
+
+    ``endpoint`` ("login", "labels", "upload") makes OK mean that endpoint's success answer;
+    without it any ``code`` 200 is OK.
+    """
     text = _text(body)
     obj = _parse_json(text, content_type)
     code: int | None = None
@@ -310,16 +389,28 @@ def classify(http_status: int, body: bytes | str | None, content_type: str | Non
     if by_status is not None and (entry is None or http_status in (401, 403, 404, 405)):
         return answer(by_status.outcome, by_status.cause, by_status.fix)
 
-    if obj is not None and code == 200 and 200 <= http_status < 300:
-        return answer(Outcome.OK, "accepted", "", message=_short(platform_text) if platform_text else "")
-
     # FAQ 17: the catch-all hides the real reason, so the whole answer is kept for the logs.
     whole = _short(text) or f"HTTP {http_status} with an empty body"
+    if obj is None:
+        if entry is _GENERIC:
+            return answer(Outcome.GENERIC, _GENERIC.cause, _GENERIC.fix, message=whole, faq=_GENERIC.faq)
+        # An HTML page, a cut-off JSON, an empty body: no application answered this.
+        return answer(_UNREADABLE.outcome, _UNREADABLE.cause, _UNREADABLE.fix, message=whole)
+
+    if code == 200 and 200 <= http_status < 300:
+        refused = _success(endpoint, data)
+        if refused is None:
+            return answer(Outcome.OK, "accepted", "", message=_short(platform_text) if platform_text else "")
+        return answer(refused.outcome, refused.cause, refused.fix, message=whole)
+
     if entry is _GENERIC:
         return answer(Outcome.GENERIC, _GENERIC.cause, _GENERIC.fix, message=whole, faq=_GENERIC.faq)
     if code == 401:
         # The platform's own "not logged in" code, with a wording the document does not list.
         return answer(Outcome.AUTH, "access token refused", _RELOGIN_FIX)
+    if not platform_text and data is None:
+        # A bare {"code":500}: the platform failed and said nothing about anything.
+        return answer(_SILENT.outcome, _SILENT.cause, _SILENT.fix, message=whole)
     return answer(Outcome.GENERIC, _STATUS_GENERIC.cause, _STATUS_GENERIC.fix, message=whole)
 
 
@@ -356,7 +447,7 @@ def to_error(answer: Answer, *, lsh: str | None = None) -> SyncError:
     if answer.outcome is Outcome.INVALID:
         return InvalidRecord(message, violations=list(answer.fields), lsh=lsh, **common)
     if answer.outcome is Outcome.TRANSIENT:
-        return TransientError(message, lsh=lsh, **common)
+        return PlatformUnavailable(message, lsh=lsh, **common)
     if answer.outcome is Outcome.GENERIC:
         return TransientError(message, generic=True, lsh=lsh, **common)
     raise ValueError("an OK answer is not an error")

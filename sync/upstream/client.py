@@ -5,7 +5,10 @@ What the platform demands and this module keeps:
   header in the test environment, and ``accesstoken`` on every call but login;
 - logging in again pushes the previous token out (FAQ 4), so the token lives in
   a shared ``TokenStore`` and is renewed by exactly one login however many
-  threads saw it refused;
+  threads saw it refused; a failed login is not tried again before a back-off
+  (the threads waiting meanwhile get the same error at once), and a token pushed
+  out again and again (another program logging in with this account) stops
+  sending with FAQ 4's fix instead of fighting it for ever;
 - nothing is retried inside the HTTP layer: an upload that reached the platform
   but lost its answer is retried by the outbox, and the upsert by ``lsh`` makes
   that harmless;
@@ -16,6 +19,7 @@ What the platform demands and this module keeps:
 from __future__ import annotations
 
 import collections
+import copy
 import heapq
 import itertools
 import json
@@ -40,10 +44,10 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.poolmanager import PoolManager
 
 from sync.crashpoints import crash_point
-from sync.errors import ConfigError, TransientError
+from sync.errors import ConfigError, PlatformUnavailable, SyncError, TransientError
 from sync.logs import mask_id, register_secret
 from sync.settings import Upstream
-from sync.upstream.answers import Answer, Outcome, classify, passed_app_key, refuses_app_key, to_error
+from sync.upstream.answers import Answer, Outcome, classify, faq, passed_app_key, refuses_app_key, to_error
 from sync.upstream.keyform import FORM_NAMES, KeyFormMemory, KeyFormState, KeySigner
 from sync.upstream.signing import EHRKEY_HEADER, ENDPOINTS, EndpointName, KeyForm, app_key_texts, event_code
 from sync.upstream.tokens import Token, TokenStore
@@ -54,6 +58,16 @@ log = structlog.get_logger(__name__)
 CLOCK_SKEW_WARN_S = 300.0
 CLOCK_SKEW_WARN_EVERY_S = 600.0
 _READ_CHUNK = 4096
+# After a failed login, no other login for this long (doubling per failure up to the cap):
+# however many records are waiting for a token, one login per step reaches the platform.
+# Short: across cycles the pipeline's probes of an unreachable platform space the logins
+# out (up to a minute); this only keeps the threads of one dispatch from each trying.
+LOGIN_BACKOFF_FIRST_S = 1.0
+LOGIN_BACKOFF_MAX_S = 10.0
+# This many kick-outs (FAQ 4) within the window mean another program keeps logging in with
+# the same account: stop and say so, instead of pushing each other out for ever.
+KICKS_TO_PAUSE = 3
+KICK_WINDOW_S = 600.0
 _NETWORK_FIX = (
     "请检查网络、防火墙与 upstream.base_url；稍后自动重试 / "
     "check the network, firewall and upstream.base_url: retried later"
@@ -403,6 +417,12 @@ class Client:
         # other processes) is read only when this one is missing, expired or refused: another
         # process renewing pushes ours out upstream, and the refusal sends us to the store.
         self._seen: Token | None = None
+        # Login back-off: (monotonic time before which no login is tried, the error it failed with).
+        self._login_block: tuple[float, SyncError] | None = None
+        self._login_failures = 0
+        # Kick-outs seen (monotonic time), one per refused token value.
+        self._kicks: collections.deque[float] = collections.deque()
+        self._kicked_tokens: set[str] = set()
         self.counters: collections.Counter[str] = collections.Counter()
 
     # -- public calls
@@ -416,16 +436,19 @@ class Client:
         answer = self._send("login", body=body, token=None)
         token_value = answer.data.get("token") if answer.ok and isinstance(answer.data, Mapping) else None
         if not isinstance(token_value, str) or not token_value:
-            if answer.ok:
-                answer = replace(
-                    answer, outcome=Outcome.GENERIC, cause="login answered without a token",
-                    message=answer.message or "data.token missing",
-                )
             log.warning(
                 "login_failed", username=self._up.username, outcome=str(answer.outcome),
                 http_status=answer.http_status, platform_message=answer.message,
             )
-            raise to_error(answer)
+            error = to_error(answer)
+            if isinstance(error, ConfigError):
+                raise error
+            # Whatever else a login answers (an outage, 中间请求异常, no token), it says nothing
+            # about any record: sending waits for the platform.
+            raise PlatformUnavailable(
+                f"login failed: {error.message}", hint=error.hint or _NETWORK_FIX, http_status=answer.http_status,
+                platform_message=error.platform_message,
+            )
         register_secret(token_value)
         crash_point("during_login")
         now = self._now()
@@ -455,7 +478,8 @@ class Client:
         """Upsert one visit record; the body is sent exactly as given."""
         self._count("uploads")
         answer = self._authorized("upload", suffix="", body=payload_json.encode("utf-8"), lsh=lsh, id_number=None)
-        message = answer.data if isinstance(answer.data, str) else answer.message
+        # classify() let only the document's success answers through: 新增成功 or 修改成功.
+        message = str(answer.data).strip()
         created = message == "新增成功"
         self._count("creates" if created else "updates")
         log.info("record_uploaded", lsh=lsh, created=created, message=message)
@@ -495,9 +519,56 @@ class Client:
         token = self._store.current()
         if token is None or not token.valid_at(now):
             # Passing the value we saw lets a renewal another thread just made be reused.
-            token = self._store.renew(token.value if token is not None else None, self.login)
+            token = self._store.renew(token.value if token is not None else None, self._login_with_backoff)
         self._seen = token
         return token
+
+    def _login_with_backoff(self) -> Token:
+        """``login``, unless one failed less than a back-off step ago: then its error again at once.
+
+        Called inside the token store's single flight, so the threads that queued behind a
+        failing login do not each send their own.
+        """
+        with self._lock:
+            block = self._login_block
+        if block is not None and time.monotonic() < block[0]:
+            raise _again(block[1])
+        try:
+            token = self.login()
+        except SyncError as exc:
+            with self._lock:
+                self._login_failures += 1
+                step = min(LOGIN_BACKOFF_MAX_S, LOGIN_BACKOFF_FIRST_S * 2 ** (self._login_failures - 1))
+                self._login_block = (time.monotonic() + step, exc)
+            log.info("login_backoff", seconds=step, failures=self._login_failures)
+            raise
+        with self._lock:
+            self._login_block = None
+            self._login_failures = 0
+        return token
+
+    def _note_kick(self, answer: Answer, token: str) -> None:
+        """Count a kick-out (FAQ 4) once per pushed-out token; too many: ConfigError with FAQ 4's fix."""
+        if answer.faq != 4:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if token in self._kicked_tokens:
+                return
+            self._kicked_tokens.add(token)
+            self._kicks.append(now)
+            while self._kicks and now - self._kicks[0] > KICK_WINDOW_S:
+                self._kicks.popleft()
+            kicks = len(self._kicks)
+        if kicks >= KICKS_TO_PAUSE:
+            raise ConfigError(
+                f"the platform pushed this account's token out {kicks} times within "
+                f"{KICK_WINDOW_S / 60:g} minutes: another program is logging in with upstream.username "
+                f"{self._up.username!r} (FAQ 4)",
+                hint=faq(4).fix + "；停止另一个程序或为其申请单独账号后，发送自动恢复 / stop the other program or "
+                "give it an account of its own; sending resumes by itself once the token stays valid",
+                platform_message=answer.message or None,
+            )
 
     def _authorized(
         self, endpoint: EndpointName, *, suffix: str, body: bytes | None, lsh: str | None, id_number: str | None
@@ -508,9 +579,12 @@ class Client:
             # Refused (expired early, or pushed out by a login elsewhere): renew once, retry once.
             self._count("auth_retries")
             log.info("token_refused", endpoint=endpoint, platform_message=answer.message)
-            token = self._store.renew(token.value, self.login)
+            self._note_kick(answer, token.value)
+            token = self._store.renew(token.value, self._login_with_backoff)
             self._seen = token
             answer = self._send(endpoint, suffix=suffix, body=body, token=token.value)
+            if answer.outcome is Outcome.AUTH:
+                self._note_kick(answer, token.value)
         if not answer.ok:
             self._count(f"errors_{answer.outcome}")
             log.warning(
@@ -605,7 +679,7 @@ class Client:
         self._count("requests")
         raw = self._exchange(spec.method, url, body, headers, deadline, endpoint)
         self._note_clock(raw.date)
-        return classify(raw.status, raw.body, raw.content_type)
+        return classify(raw.status, raw.body, raw.content_type, endpoint=endpoint)
 
     def _exchange(
         self, method: str, url: str, body: bytes | None, headers: dict[str, str], deadline: float, endpoint: str
@@ -653,7 +727,7 @@ class Client:
                 self._count("network_errors")
                 log.warning("upstream_error", endpoint=endpoint, outcome="transient", http_status=None,
                             error=message)
-                raise TransientError(message, hint=_NETWORK_FIX) from None
+                raise PlatformUnavailable(message, hint=_NETWORK_FIX) from None
 
     def _note_clock(self, date_header: str | None) -> None:
         if not date_header:
@@ -691,6 +765,13 @@ def _both_refused(first_form: KeyForm, first: Answer, second_form: KeyForm, seco
         message=said,
         fix="授权码原样（%2B）与解码两种读法均被拒绝 / the key was refused both as printed and decoded: " + fixes,
     )
+
+
+def _again(exc: SyncError) -> SyncError:
+    """A fresh copy of ``exc`` to raise in another thread (an exception object carries its traceback)."""
+    again = copy.copy(exc)
+    again.__traceback__ = None
+    return again
 
 
 __all__ = [

@@ -5,7 +5,10 @@ the platform does (gateway checks, signature, login and tokens, labels, upload
 validation with the platform's own Chinese messages), in either reading of the
 app key the document leaves open (``SimConfig.key_form``), and can inject the faults
 seen in the field (504 from nginx, dropped connections, a commit whose answer is
-lost, a slow trickle, the platform down, a revoked app key).
+lost, a slow trickle, the platform down, a revoked app key), per endpoint if
+wanted, and answers that only look like success (``{"code":200,"data":"保存失败"}``,
+a cut-off JSON, a bare ``{"code":500}``), refusals of chosen lsh values or ID
+numbers, and an account that must change its password first (FAQ 11).
 
 It deliberately imports only the standard library and re-derives the signature
 and every rule from the document itself: sharing code with the client would let
@@ -85,9 +88,16 @@ MSG_PATH_MISMATCH: Final = "中间请求异常：路径【{path}】跟eventCode�
 MSG_MISSING_API_KEY: Final = "Missing API key found in request"
 MSG_UNAUTHORISED: Final = "(401) 未经授权"
 MSG_VALIDATION_PREFIX: Final = "参数校验错误："
+# FAQ 11: the document gives no text for it; this one is assumed (the client matches its key phrases).
+MSG_FIRST_LOGIN: Final = "首次登录请修改密码：请登录网站修改初始密码后再调用接口"
+MSG_SAVE_FAILED: Final = "保存失败"
 
 HTML_504: Final = (
     "<html><head><title>504 Gateway Time-out</title></head><body><center><h1>504 Gateway Time-out</h1></center>"
+    "<hr><center>nginx</center></body></html>\r\n"
+)
+HTML_502: Final = (
+    "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center>"
     "<hr><center>nginx</center></body></html>\r\n"
 )
 HTML_503: Final = (
@@ -193,6 +203,8 @@ class SimConfig:
     max_clock_skew_s: float = 300
     people: dict[str, dict[str, Any] | None] = field(default_factory=default_people)
     clock: Callable[[], float] = time.time
+    # Accounts whose first login must change the password on the web site (FAQ 11).
+    password_change: set[str] = field(default_factory=set)
 
 
 @dataclass(kw_only=True)
@@ -202,18 +214,34 @@ class Faults:
     The ``next_*`` counters are deterministic: the next N requests (for
     ``next_commit_then_reset``: the next N accepted uploads) get that fault.
     The ``p_*`` probabilities draw from a generator seeded with ``seed``.
+    ``endpoints`` limits the ``p_*``/``next_*`` faults to some endpoints ("login",
+    "labels", "upload"); ``down`` hits every request, login included.
+
+    ``fake``: what a fake answer is, drawn for each ``p_fake``/``next_fake`` hit:
+    "save_failed" ``{"code":200,"data":"保存失败"}``, "bare500" ``{"code":500}``,
+    "middle" a bare 中间请求异常, "html200" an HTML page with status 200 (nothing
+    stored for these), "truncated" the real answer cut in half (an upload is stored).
     """
 
     latency_s: float = 0.0
     p_504: float = 0.0
     p_reset: float = 0.0
     p_commit_then_reset: float = 0.0
+    p_fake: float = 0.0
     trickle_s: float = 0.0
     down: bool = False
+    down_with: str = "503"  # what `down` answers: "503" or "502" (nginx's HTML pages), "reset"
     app_key_revoked: bool = False
     next_504: int = 0
     next_reset: int = 0
     next_commit_then_reset: int = 0
+    next_fake: int = 0
+    fake: tuple[str, ...] = ("save_failed",)
+    endpoints: frozenset[str] = frozenset({"login", "labels", "upload"})
+    # lsh -> "invalid" (参数校验错误) or "middle" (中间请求异常): that record is never stored.
+    reject_lsh: dict[str, str] = field(default_factory=dict)
+    # ID number -> "504", "reset", "middle" or "save_failed": its label lookup fails so.
+    labels_fail: dict[str, str] = field(default_factory=dict)
     seed: int | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     _rng: random.Random = field(default_factory=random.Random, repr=False, compare=False)
@@ -231,12 +259,24 @@ class Faults:
     def clear(self) -> None:
         """Remove every fault (the seed is kept)."""
         with self._lock:
-            self.latency_s = self.p_504 = self.p_reset = self.p_commit_then_reset = self.trickle_s = 0.0
+            self.latency_s = self.p_504 = self.p_reset = self.p_commit_then_reset = self.p_fake = 0.0
+            self.trickle_s = 0.0
             self.down = self.app_key_revoked = False
-            self.next_504 = self.next_reset = self.next_commit_then_reset = 0
+            self.next_504 = self.next_reset = self.next_commit_then_reset = self.next_fake = 0
+            self.endpoints = frozenset({"login", "labels", "upload"})
+            self.reject_lsh = {}
+            self.labels_fail = {}
+
+    def hits(self, endpoint: str | None) -> bool:
+        """Whether the p_*/next_* faults apply to ``endpoint`` (an unknown path: always)."""
+        return endpoint is None or {"rybq": "labels"}.get(endpoint, endpoint) in self.endpoints
+
+    def fake_kind(self) -> str:
+        with self._lock:
+            return self._rng.choice(self.fake) if self.fake else "save_failed"
 
     def take(self, kind: str) -> bool:
-        """Whether this request gets fault ``kind`` ("504", "reset", "commit_then_reset"); consumes a next_* count."""
+        """Whether this request gets fault ``kind`` ("504", "reset", "commit_then_reset", "fake"); consumes a next_* count."""
         with self._lock:
             name = f"next_{kind}"
             pending: int = getattr(self, name)
@@ -672,22 +712,40 @@ class Simulator:
             self.requests_log.append(req)
             self.counters["requests"] += 1
 
+        endpoint, method = self._route(req.path)
+        if endpoint is not None:
+            self._count(f"requests_{endpoint}")
+
         # 1. faults
         faults = self.faults
         if faults.latency_s > 0:
             self._stopping.wait(faults.latency_s)
         if faults.down:
             self._count("faults")
+            if faults.down_with == "reset":
+                raise _Drop
+            if faults.down_with == "502":
+                return _text_answer(HTML_502, 502, "text/html")
             return _text_answer(HTML_503, 503, "text/html")
-        if faults.take("504"):
-            self._count("faults")
-            return _text_answer(HTML_504, 504, "text/html")
-        if faults.take("reset"):
-            self._count("faults")
-            raise _Drop
+        if faults.hits(endpoint):
+            if faults.take("504"):
+                self._count("faults")
+                return _text_answer(HTML_504, 504, "text/html")
+            if faults.take("reset"):
+                self._count("faults")
+                raise _Drop
+            if faults.take("fake"):
+                self._count("faults")
+                kind = faults.fake_kind()
+                if kind != "truncated":
+                    return self._fake(kind)
+                # The real answer (an upload is stored), cut off half-way.
+                real = self._checked(req, endpoint, method)
+                return _Answer(status=real.status, body=real.body[: len(real.body) // 2], content_type=real.content_type)
+        return self._checked(req, endpoint, method)
 
+    def _checked(self, req: RequestSeen, endpoint: str | None, method: str) -> _Answer:
         # 2. routing
-        endpoint, method = self._route(req.path)
         if endpoint is None:
             self._count("gateway_rejections")
             return _json_answer({"code": 404, "message": MSG_MIDDLE}, 404)
@@ -700,6 +758,9 @@ class Simulator:
             self._count("gateway_rejections")
             return gateway
 
+        return self._serve_endpoint(req, endpoint)
+
+    def _serve_endpoint(self, req: RequestSeen, endpoint: str) -> _Answer:
         if endpoint == "login":
             return self._login(req)
         token_error = self._check_token(req.headers.get("accesstoken"))
@@ -709,6 +770,17 @@ class Simulator:
         if endpoint == "rybq":
             return self._rybq(req.path[len(RYBQ_PREFIX) :])
         return self._upload(req.body)
+
+    @staticmethod
+    def _fake(kind: str) -> _Answer:
+        """An answer that looks like success, or says nothing; nothing was done."""
+        if kind == "bare500":
+            return _json_answer({"code": 500})
+        if kind == "middle":
+            return _business_error(500, MSG_MIDDLE)
+        if kind == "html200":
+            return _text_answer("<html><body><h1>系统维护中</h1></body></html>", 200, "text/html")
+        return _json_answer({"code": 200, "data": MSG_SAVE_FAILED, "message": None})
 
     @staticmethod
     def _route(path: str) -> tuple[str | None, str]:
@@ -765,6 +837,9 @@ class Simulator:
         ):
             self._count("auth_failures")
             return _business_error(500, MSG_BAD_LOGIN)
+        if username in self.config.password_change:
+            self._count("auth_failures")
+            return _business_error(500, MSG_FIRST_LOGIN)
 
         token = secrets.token_hex(16)
         now = self.config.clock()
@@ -823,6 +898,16 @@ class Simulator:
 
     def _rybq(self, raw_id: str) -> _Answer:
         id_number = urllib.parse.unquote(raw_id)
+        failing = self.faults.labels_fail.get(id_number)
+        if failing is not None:
+            self._count("faults")
+            if failing == "reset":
+                raise _Drop
+            if failing == "504":
+                return _text_answer(HTML_504, 504, "text/html")
+            if failing == "middle":
+                return _business_error(500, MSG_MIDDLE)
+            return _json_answer({"code": 200, "data": MSG_SAVE_FAILED, "message": None})
         with self._lock:
             person = copy.deepcopy(self.config.people.get(id_number))
             self.counters["lookups"] += 1
@@ -851,6 +936,12 @@ class Simulator:
             self._count("rejections")
             return _business_error(500, MSG_MIDDLE)
         errors = validate_upload(body)
+        refused = self.faults.reject_lsh.get(str(body.get("lsh")))
+        if refused == "middle":
+            self._count("rejections")
+            return _business_error(500, MSG_MIDDLE)
+        if refused is not None:
+            errors = [*errors, "业务流水号不正确！"]
         if errors:
             self._count("rejections")
             return _business_error(500, MSG_VALIDATION_PREFIX + "".join(e + "," for e in errors))

@@ -255,6 +255,37 @@ def test_one_instance_per_outbox_and_the_lock_dies_with_its_process(store: Store
         lock.release()
 
 
+def test_crash_recovery_requeue_of_skipped_and_the_unreachable_platform_on_every_database(store: Store) -> None:
+    store.enqueue([item(f"L{i}") for i in range(6)], now=T0)
+    dead = store.claim_due(now=T0, limit=2, owner="host:1:dead")
+    mine = store.claim_due(now=T0, limit=2, owner="host:2:me")
+    # The instance-lock holder takes back every lease but its own.
+    assert store.release_other_leases("host:2:me") == len(dead)
+    with store.engine.connect() as conn:
+        owners = dict(conn.execute(sa.select(sync_outbox.c.lsh, sync_outbox.c.lease_owner)).all())
+    assert {owners[c.lsh] for c in dead} == {None} and {owners[c.lsh] for c in mine} == {"host:2:me"}
+
+    # A skipped visit requeued: its card is forgotten by the label cache, so the API is asked afresh.
+    store.cache_put({"510100198506020036": None}, now=T0)
+    store.mark_skipped(mine[0], reason="label API: not in the key population", now=T0)
+    assert store.cache_get(["510100198506020036"], now=T0, ttl_s=3600)
+    assert store.requeue(now=T0, statuses=[Status.SKIPPED]) == 1
+    assert store.cache_get(["510100198506020036"], now=T0, ttl_s=3600) == {}
+
+    # A probe that failed goes to the back: due only at the next probe.
+    later = T0 + timedelta(seconds=30)
+    store.postpone([mine[0].lsh], until=later)
+    assert mine[0].lsh not in [c.lsh for c in store.claim_due(now=T0, limit=10, owner="host:2:me")]
+
+    assert store.get_platform_down() is None
+    first = store.set_platform_down(reason="upload: network error", now=T0, next_probe_at=later)
+    again = store.set_platform_down(reason="login failed", now=later, next_probe_at=later + timedelta(seconds=10))
+    assert (first["probes"], again["probes"], again["since"]) == (0, 1, first["since"])
+    assert store.summary(now=later).platform_down == again
+    store.clear_platform_down()
+    assert store.get_platform_down() is None and store.summary(now=later).platform_down is None
+
+
 # -- lsh is case-sensitive on every dialect ---------------------------------------------------
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sync.errors import AuthError, ConfigError, InvalidRecord, TransientError
+from sync.errors import AuthError, ConfigError, InvalidRecord, PlatformUnavailable, TransientError
 from sync.logs import register_secret
 from sync.upstream.answers import FAQ, MAX_MESSAGE_CHARS, Answer, Outcome, classify, split_violations, to_error
 
@@ -33,7 +33,7 @@ DOCUMENT_MESSAGES = [
     ("Method Not Allowed", Outcome.CONFIG, "GET/POST"),
     ("AppKey与机构id不匹配，请核实。", Outcome.CONFIG, "本医院"),
     ("授权错误或授权到期", Outcome.CONFIG, "renew"),
-    ("中间请求异常", Outcome.GENERIC, "retried a few times"),
+    ("中间请求异常", Outcome.GENERIC, "retried later with back-off"),
     ("参数校验错误：诊疗类型不能为空！,证件类型不能为空！,", Outcome.INVALID, "correct it in the HIS"),
 ]
 
@@ -96,7 +96,7 @@ def test_split_violations_keeps_commas_inside_a_message_and_accepts_ascii_colon(
         (404, b'{"code":404,"message":"\xe4\xb8\xad\xe9\x97\xb4\xe8\xaf\xb7\xe6\xb1\x82\xe5\xbc\x82\xe5\xb8\xb8"}', Outcome.CONFIG, "base_url"),
         (405, b"", Outcome.CONFIG, "GET/POST"),
         (302, b"", Outcome.CONFIG, "final address"),
-        (418, b"I'm a teapot", Outcome.GENERIC, "retried a few times"),
+        (418, b"I'm a teapot", Outcome.GENERIC, "retried later with back-off"),
         (429, b"Too Many Requests", Outcome.TRANSIENT, "retried later"),
         (502, b"<html><head><title>502 Bad Gateway</title></head></html>", Outcome.TRANSIENT, "retried later"),
         (503, b"503 Service Temporarily Unavailable", Outcome.TRANSIENT, "retried later"),
@@ -115,11 +115,12 @@ def test_json_401_code_with_unlisted_wording_means_log_in_again() -> None:
     assert classify(200, platform("token无效", code=401)).outcome is Outcome.AUTH
 
 
-def test_unknown_answers_are_generic_and_keep_the_whole_body_redacted_and_cut() -> None:
+def test_unknown_answers_keep_the_whole_body_redacted_and_cut() -> None:
     register_secret("s3cr3t-token-value")
     body = "<html>proxy says 510100198506020036 s3cr3t-token-value " + "x" * 2000 + "</html>"
     answer = classify(200, body, "text/html")
-    assert answer.outcome is Outcome.GENERIC
+    # An HTML page answered with 200 (a proxy, a maintenance page): the platform is not there.
+    assert answer.outcome is Outcome.TRANSIENT
     assert len(answer.message) <= MAX_MESSAGE_CHARS + 1
     assert "s3cr3t-token-value" not in answer.message
     assert "510100198506020036" not in answer.message
@@ -128,9 +129,71 @@ def test_unknown_answers_are_generic_and_keep_the_whole_body_redacted_and_cut() 
     generic = classify(200, json.dumps({"code": 500, "message": "中间请求异常", "requestId": "r-42"}))
     assert generic.outcome is Outcome.GENERIC
     assert "r-42" in generic.message
-    assert classify(200, b"").outcome is Outcome.GENERIC
-    assert classify(200, None).outcome is Outcome.GENERIC
     assert classify(200, platform("未知错误")).outcome is Outcome.GENERIC
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"", "empty"),
+        (None, "empty"),
+        (b'{"code":200,"data":"\xe6\x96\xb0\xe5\xa2', "cut off"),
+        (b"<html><body><h1>502 Bad Gateway</h1></body></html>", "html"),
+        (b'{"code":500}', "says nothing"),
+        (b'{"code":500,"data":null,"message":null}', "says nothing"),
+        (b"{}", "says nothing"),
+    ],
+)
+def test_answers_no_application_gave_are_the_platforms_fault(body: bytes | None, why: str) -> None:
+    for endpoint in (None, "login", "labels", "upload"):
+        answer = classify(200, body, "application/json", endpoint=endpoint)
+        assert answer.outcome is Outcome.TRANSIENT, (why, endpoint, answer)
+        assert isinstance(to_error(answer), PlatformUnavailable)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "ok"),
+    [
+        ("upload", {"code": 200, "data": "新增成功", "message": None}, True),
+        ("upload", {"code": 200, "data": "修改成功", "message": None}, True),
+        ("upload", {"code": "200", "data": "修改成功"}, True),
+        ("upload", {"code": 200, "data": "保存失败", "message": None}, False),
+        ("upload", {"code": 200, "data": None, "message": None}, False),
+        ("upload", {"code": 200, "data": {"id": 1}}, False),
+        ("upload", {"code": 200}, False),
+        ("upload", {"code": 201, "data": "新增成功"}, False),
+        ("login", {"code": 200, "data": {"token": "abc"}}, True),
+        ("login", {"code": 200, "data": {"token": ""}}, False),
+        ("login", {"code": 200, "data": "保存失败"}, False),
+        ("login", {"code": 200, "data": None}, False),
+        ("labels", {"code": 200, "data": None}, True),
+        ("labels", {"code": 200, "data": {"xm": "李四"}}, True),
+        ("labels", {"code": 200, "data": "保存失败"}, False),
+        ("labels", {"code": 200, "data": []}, False),
+    ],
+)
+def test_success_is_only_the_documents_success_answer_of_each_endpoint(
+    endpoint: str, body: dict[str, object], ok: bool
+) -> None:
+    answer = classify(200, json.dumps(body, ensure_ascii=False), "application/json", endpoint=endpoint)
+    assert answer.ok is ok, answer
+    if not ok:
+        # Not accepted, and not a reason to blame the record or the configuration.
+        assert answer.outcome is Outcome.GENERIC
+        error = to_error(answer)
+        assert isinstance(error, TransientError) and error.generic
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["首次登录请修改密码", "您的密码为初始密码，请修改密码后登录", "默认密码不允许登录", "密码已过期，请修改", "第一次登录需要修改密码"],
+)
+def test_first_login_password_change_is_a_configuration_error_with_the_web_site(message: str) -> None:
+    answer = classify(200, platform(message), "application/json", endpoint="login")
+    assert answer.outcome is Outcome.CONFIG and answer.faq == 11
+    assert "https://ehr.scwjxx.cn/login.html" in answer.fix and "upstream.password" in answer.fix
+    # FAQ 5's wrong password stays FAQ 5.
+    assert classify(200, platform("用户不存在或密码错误"), endpoint="login").faq == 5
 
 
 def test_to_error_gives_each_class_with_message_fix_and_status() -> None:

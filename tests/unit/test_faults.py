@@ -148,7 +148,8 @@ def test_flaky_platform_with_token_storms_delivers_everything_with_few_logins(tm
         cycles = 0
         try:
             with capture_all_logs() as logged:
-                while cycles < 60:
+                # As the daemon would: a cycle, then another soon (a probe while sending pauses).
+                while time.monotonic() - started < 90:
                     cycles += 1
                     w.pipeline.cycle()
                     if w.waiting() == 0:
@@ -202,111 +203,102 @@ def test_trickled_answer_is_cut_at_the_deadline_then_sent_when_the_server_recove
         w.his.insert([visit])
         w.login_now()
         sim.faults.trickle_s = 1.0  # one byte a second: a read timeout alone would never fire
+        uploads = sim.counters["requests_upload"]
 
         started = time.monotonic()
         stats = w.pipeline.cycle()
         took = time.monotonic() - started
 
         row = w.rows()["LSH000001"]
-        assert took <= 2 + 1.5, f"the upload held the cycle {took:.1f} s with timeout_s=2"
-        assert stats.failed == 1 and row["status"] == "failed" and row["attempts"] == 1, (stats, row["status"])
-        assert "timeout_s" in str(row["last_error"]), row["last_error"]
+        tries = sim.counters["requests_upload"] - uploads
+        # Every try was cut at timeout_s; a few in a row mean the platform is down, not the record.
+        assert 2 <= tries <= 4 and took <= tries * (2 + 0.5), f"{tries} tries held the cycle {took:.1f} s"
+        assert stats.unreachable and "timeout_s" in stats.unreachable, stats
+        assert (row["status"], row["attempts"], row["lease_owner"]) == ("pending", 0, None), row
+        assert w.store.get_platform_down() is not None
 
         sim.faults.trickle_s = 0.0
-        time.sleep(0.2)  # first_delay_s: the record is due again
+        next_probe = w.pipeline.next_probe_at
+        assert next_probe is not None
+        time.sleep(max(0.0, (next_probe - _utcnow()).total_seconds()) + 0.05)
         stats = w.pipeline.cycle()
 
         assert stats.sent == 1 and w.rows()["LSH000001"]["status"] == "sent"
         assert sim.records["LSH000001"] == expected_payload(visit)
+        assert w.store.get_platform_down() is None
     finally:
         w.close()
 
 
-# -- 3. the platform down for a day (simulated time) -------------------------------------------
+# -- 3. the platform down for hours (simulated time) -------------------------------------------
 
 
-def _advance_to_next_due(w: World, clock: FakeClock) -> None:
-    nxt = w.store.next_due_at()
-    assert nxt is not None
-    clock.now = max(clock.now, nxt)
-
-
-def test_a_day_of_downtime_backs_off_within_bounds_and_drains_when_back(tmp_path: Path, sim: Simulator) -> None:
-    clock = FakeClock(_utcnow())
-    start = clock.now
-    first, cap = 30.0, 3600.0
-    w = World(
-        tmp_path, sim, clock=clock,
-        retry={"first_delay_s": first, "max_delay_s": cap, "give_up_after_h": 72},
-    )
-    try:
-        visits = [make_visit(n, changed=_past(30 - n)) for n in range(1, 5)]
-        w.his.insert(visits)
-        sim.faults.down = True
-
-        delays: dict[str, dict[int, float]] = {}
-        cycles = 0
-        while clock.now - start < timedelta(hours=24):
-            cycles += 1
-            w.pipeline.cycle()
-            for lsh, r in w.rows().items():
-                assert r["status"] == "failed", f"{lsh} is {r['status']} after {clock.now - start} of downtime"
-                delays.setdefault(lsh, {})[r["attempts"]] = (r["next_attempt_at"] - r["updated_at"]).total_seconds()
-            _advance_to_next_due(w, clock)
-
-        for lsh, by_attempt in delays.items():
-            attempts = sorted(by_attempt)
-            assert attempts == list(range(1, len(attempts) + 1)), f"{lsh}: attempts {attempts}"
-            for n, delay in by_attempt.items():
-                base = min(cap, first * 2 ** (n - 1))
-                assert base / 2 <= delay <= base, f"{lsh} attempt {n}: waited {delay:.0f} s, expected {base / 2:.0f}-{base:.0f} s"
-            assert max(by_attempt.values()) <= cap
-            # In a day it reaches the cap, and stays polite there (not hundreds of attempts).
-            assert 20 <= len(attempts) <= 60, f"{lsh}: {len(attempts)} attempts in 24 h"
-
-        sim.faults.down = False
-        recovered = clock.now
-        while w.waiting() and clock.now - recovered <= timedelta(seconds=cap + 120):
-            clock.now += timedelta(seconds=120)  # schedule.poll_every_s
-            w.pipeline.cycle()
-
-        counts = w.counts()
-        assert counts["sent"] == len(visits) and w.waiting() == 0, (
-            f"{counts} {(clock.now - recovered).total_seconds():.0f} s after the platform came back"
-        )
-        assert all(sim.records[v["serial_no"]]["lsh"] == v["serial_no"] for v in visits)
-        print(f"24 h down: {cycles} cycles, {sum(len(d) for d in delays.values())} attempts for {len(visits)} records")
-    finally:
-        w.close()
-
-
-def test_records_go_dead_only_after_give_up_after_h_and_retry_brings_them_back(
-    tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str], restore_logging: None
+def test_hours_of_downtime_charge_no_record_probe_politely_and_drain_when_back(
+    tmp_path: Path, sim: Simulator
 ) -> None:
     clock = FakeClock(_utcnow())
     start = clock.now
-    w = World(tmp_path, sim, clock=clock, retry={"first_delay_s": 30, "max_delay_s": 3600, "give_up_after_h": 2})
+    w = World(tmp_path, sim, clock=clock, retry={"first_delay_s": 30, "max_delay_s": 3600})
+    try:
+        visits = [make_visit(n, changed=_past(60 - n)) for n in range(1, 41)]
+        w.his.insert(visits)
+        w.login_now()
+        sim.faults.down = True
+        sim.faults.down_with = "502"
+        requests = sim.counters["requests"]
+
+        stats = w.pipeline.cycle()
+        assert stats.unreachable and "since" in stats.unreachable, stats
+        tripped = sim.counters["requests"] - requests
+        assert tripped <= w.settings.upstream.concurrency + 1, f"{tripped} requests before sending paused"
+        gaps: list[float] = []
+        while clock.now - start < timedelta(hours=6):
+            nxt = w.pipeline.next_probe_at
+            assert nxt is not None and nxt > clock.now
+            gaps.append((nxt - clock.now).total_seconds())
+            clock.now = nxt
+            w.pipeline.dispatch_only()
+            # Nobody's fault but the platform's: no record is charged, none is given up.
+            rows = w.rows().values()
+            assert {(r["status"], r["attempts"]) for r in rows} == {("pending", 0)}, clock.now - start
+        made = sim.counters["requests"] - requests
+        assert made <= 1 + len(gaps) + tripped, f"{made} requests for {len(gaps)} probes"
+        # Soon at first (an outage is often short), then once a minute at most, never hammering.
+        assert gaps[0] <= 5 and max(gaps) <= 60 and min(gaps) >= 2.5, gaps[:8]
+        assert 6 * 3600 / 60 <= len(gaps) <= 6 * 3600 / 30 + 10, len(gaps)
+
+        sim.faults.down = False
+        recovered = clock.now
+        clock.now = w.pipeline.next_probe_at or clock.now
+        stats = w.pipeline.dispatch_only()
+
+        assert stats.sent == len(visits) and w.waiting() == 0, stats
+        assert (clock.now - recovered).total_seconds() <= 60
+        assert all(sim.records[v["serial_no"]] == expected_payload(v) for v in visits)
+        assert w.store.get_platform_down() is None
+        print(f"6 h down: {len(gaps)} probes, {made} requests, {len(visits)} records drained at the first probe after")
+    finally:
+        w.close()
+
+
+def test_dead_rows_of_earlier_versions_come_back_on_retry(
+    tmp_path: Path, sim: Simulator, capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    w = World(tmp_path, sim)
     try:
         visits = [make_visit(n, changed=_past(30 - n)) for n in range(1, 4)]
         w.his.insert(visits)
+        w.login_now()
         sim.faults.down = True
-
         w.pipeline.cycle()
-        while w.waiting() and clock.now - start < timedelta(hours=4):
-            _advance_to_next_due(w, clock)
-            w.pipeline.cycle()
-            for lsh, r in w.rows().items():
-                if r["status"] == "dead":
-                    failing = r["updated_at"] - r["first_failed_at"]
-                    assert timedelta(hours=2) <= failing <= timedelta(hours=3), f"{lsh} went dead after {failing}"
-                else:
-                    assert clock.now - start < timedelta(hours=2) + timedelta(seconds=3600), (lsh, r["status"])
-
-        assert w.counts()["dead"] == len(visits), w.counts()
+        # An earlier version gave up on transient failures after retry.give_up_after_h.
+        with w.store.engine.begin() as conn:
+            conn.execute(sa.update(sync_outbox).values(status="dead", attempts=40, generic_failures=0))
         sim.faults.down = False
 
         assert cli.main(["retry", "--status", "dead", "--config", str(w.settings_path)]) == 0
         assert f"requeued {len(visits)} record(s)" in capsys.readouterr().out
+        w.store.clear_platform_down()
         stats = w.pipeline.cycle()
 
         assert stats.sent == len(visits) and w.counts()["sent"] == len(visits)
@@ -384,6 +376,12 @@ def test_revoked_app_key_mid_run_pauses_at_once_without_burning_attempts_then_re
 
 
 # -- 5. a poison payload ----------------------------------------------------------------------------
+
+
+def _advance_to_next_due(w: World, clock: FakeClock) -> None:
+    nxt = w.store.next_due_at()
+    assert nxt is not None
+    clock.now = max(clock.now, nxt)
 
 
 def test_a_payload_that_crashes_the_upload_is_parked_invalid_after_three_crashes(tmp_path: Path, sim: Simulator) -> None:

@@ -236,6 +236,9 @@ def test_a_platform_refusing_both_readings_pauses_sending_and_burns_no_attempt(
         assert "app key reading: none accepted yet" in out
 
         sim.config.app_key = TEST_APP_KEY  # fixed: the platform knows the key again
+        # The next run (`crowd-sync once`, or the service's next cycle well after the login back-off).
+        site.close()
+        site = Site(tmp_path, sim)
         stats = site.pipeline.cycle()
         assert stats.sent == 4 and stats.paused is None, stats
         assert site.store.get_key_form() == sim.config.key_form

@@ -42,6 +42,10 @@ class World:
             rows = conn.execute(sa.text("SELECT * FROM sync_outbox")).mappings().all()
         return {r["lsh"]: dict(r) for r in rows}
 
+    def login_now(self) -> None:
+        """Put a token in the shared store, so the next request is the one under test."""
+        self.store.token_store().renew(None, self.client.login)
+
     def close(self) -> None:
         self.pipeline.close()
         self.store.dispose()
@@ -214,18 +218,19 @@ def test_failed_lookup_leaves_the_visit_to_retry_not_skipped(tmp_path: Path, sim
     )
     try:
         w.his.insert([make_visit(1, changed=_past(10), id_no=TEST_IDS[1], is_key=None)])
-        w.client.login()  # so the next request is the lookup itself
-        sim.faults.next_504 = 1
+        sim.faults.labels_fail = {TEST_IDS[1]: "middle"}  # 中间请求异常 for this person's labels
         stats = w.pipeline.cycle()
         row = w.outbox()["LSH000001"]
-        assert row["status"] == "failed" and stats.skipped == 0
+        assert row["status"] == "failed" and stats.skipped == 0 and row["attempts"] == 1
         assert "label lookup failed" in str(row["last_error"])
+        assert "LSH000001" not in sim.records
     finally:
         w.close()
 
 
 def test_configuration_error_pauses_without_burning_attempts_then_resumes(world: World) -> None:
     world.his.insert(make_visit(n, changed=_past(30 - n)) for n in range(1, 6))
+    world.login_now()
     world.sim.faults.app_key_revoked = True
 
     stats = world.pipeline.cycle()
@@ -240,13 +245,24 @@ def test_configuration_error_pauses_without_burning_attempts_then_resumes(world:
     assert world.store.get_config_error() is None
 
 
-def test_transient_failure_is_retried_with_backoff(world: World) -> None:
+def test_a_gateway_timeout_costs_the_record_nothing(world: World) -> None:
     world.his.insert([make_visit(1, changed=_past(10))])
-    world.client.login()
+    world.login_now()
     world.sim.faults.next_504 = 1
+    stats = world.pipeline.cycle()
+    row = world.outbox()["LSH000001"]
+    # Tried again at once: the 504 was the network's, not the record's.
+    assert (row["status"], row["attempts"], stats.sent) == ("sent", 0, 1)
+
+
+def test_an_unconfirmed_upload_is_retried_with_backoff(world: World) -> None:
+    world.his.insert([make_visit(1, changed=_past(10))])
+    world.login_now()
+    world.sim.faults.next_fake = 1  # {"code":200,"data":"保存失败"}: code 200, but not stored
     world.pipeline.cycle()
     row = world.outbox()["LSH000001"]
     assert row["status"] == "failed" and row["attempts"] == 1
+    assert "保存失败" in str(row["last_error"])
     # The outbox keeps naive UTC; SQLite hands it back as text.
     assert datetime.fromisoformat(str(row["next_attempt_at"])) > datetime.now(UTC).replace(tzinfo=None)
 

@@ -4,7 +4,7 @@ or a parked record whose message says every rule it breaks."""
 from __future__ import annotations
 
 import json
-from datetime import date, datetime
+from datetime import UTC, date, datetime, time
 from decimal import Decimal
 from typing import Any
 
@@ -20,6 +20,7 @@ from sync.records import (
     check_columns,
     decode_key_crowd,
     normalize_row,
+    parse_raw_json,
     payload_hash,
     payload_json,
     raw_json,
@@ -479,6 +480,30 @@ def test_raw_json_keeps_an_unbuildable_row_readable() -> None:
     assert data["changed_at"] == "2024-01-09T16:30:00"
     assert data["enter_date"] == "2024-01-05"
     assert data["icd_name"] == "社区获得性肺炎"
+
+
+def test_raw_json_gives_back_exactly_what_the_his_returned() -> None:
+    class Odd:
+        def __str__(self) -> str:
+            return "odd"
+
+    original = row(
+        card_no=b"\x51\x01\x00\x19\x85\x06\x02\x00\x36",  # its hex is a valid ID number: it must stay bytes
+        code=510100198506020036.0,  # a DOUBLE column: the float as it came, digits already lost
+        total_fee=Decimal("12.30"), ins_fee=1.005, deficient_fee=float("inf"), key_crowd=True,
+        enter_date=datetime(2024, 1, 5, 8, 30, 15, 123456, tzinfo=UTC), leave_date=date(2024, 1, 9),
+        visit_type=1, icd_name=None, icd_code=time(8, 30), lsh="ZY1",
+    )
+    back, lost = parse_raw_json(raw_json(original))  # type: ignore[misc]
+    assert lost == {}
+    assert back == original
+    assert [type(back[k]) for k in original] == [type(v) for v in original.values()]
+    # A value of a type it cannot keep is named, and the rest still comes back.
+    back, lost = parse_raw_json(raw_json(row(icd_name=Odd())))  # type: ignore[misc]
+    assert lost == {"icd_name": "unsupported Odd"} and back["total_fee"] == Decimal("3324.00")
+    # Rows parked by earlier versions (no type map) and payloads are not raw rows of this form.
+    assert parse_raw_json('{"lsh":"ZY1","total_fee":"12.30","card_no":"5101"}') is None
+    assert parse_raw_json(payload_json(build(row(), today=TODAY))) is None
 
 
 # --------------------------------------------------------------------------- columns

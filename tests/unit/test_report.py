@@ -291,10 +291,10 @@ def test_report_after_a_real_run_matches_what_the_platform_holds(tmp_path: Path)
             his.update("LSH000002", total=D("123.45"), insurance=D("100.00"), owed=D("0.00"), deposit=D("50.00"),
                        changed=just_now)
             pipeline.cycle()
-            # Three more October visits meet a platform answering 504.
+            # Three more October visits meet a platform that does not confirm storing them.
             his.insert(visit(n, changed=just_now) for n in (46, 51, 56))
-            pipeline.client.login()
-            sim.faults.next_504 = 3
+            store.token_store().renew(None, pipeline.client.login)  # the next requests are the uploads
+            sim.faults.next_fake = 3  # {"code":200,"data":"保存失败"}
             pipeline.cycle()
 
             r = month_report(store, OCTOBER)

@@ -734,3 +734,70 @@ def test_command_line_serves_until_interrupted(tmp_path: Path, key_form: str) ->
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- the faults the trust tests need -----------------------------------------------------------
+
+
+def test_down_answers_a_502_page_or_a_reset_to_every_request_login_included(sim: Simulator) -> None:
+    sim.faults.down = True
+    sim.faults.down_with = "502"
+    reply = call(sim, "POST", LOGIN, body={"username": TEST_USERNAME, "password": TEST_PASSWORD})
+    assert reply.status == 502 and "502 Bad Gateway" in reply.text
+    sim.faults.down_with = "reset"
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        call(sim, "GET", RYBQ + TEST_IDS[0])
+    sim.faults.down = False
+    assert login(sim)
+    assert sim.counters["requests_login"] == 2 and sim.counters["requests_rybq"] == 1
+
+
+def test_faults_can_be_limited_to_one_endpoint(sim: Simulator) -> None:
+    token = login(sim)
+    sim.faults.endpoints = frozenset({"upload"})
+    sim.faults.p_504 = 1.0
+    assert call(sim, "GET", RYBQ + TEST_IDS[0], token=token).json()["code"] == 200
+    assert call(sim, "POST", UPLOAD, raw_body=_dumps(visit()), token=token).status == 504
+    assert sim.records == {}
+
+
+@pytest.mark.parametrize(
+    ("kind", "stored", "body"),
+    [
+        ("save_failed", False, '{"code": 200, "data": "保存失败", "message": null}'),
+        ("bare500", False, '{"code": 500}'),
+        ("middle", False, "中间请求异常"),
+        ("html200", False, "<html>"),
+        ("truncated", True, '{"code": 200, "data": "'),
+    ],
+)
+def test_fake_success_answers(sim: Simulator, kind: str, stored: bool, body: str) -> None:
+    token = login(sim)
+    sim.faults.fake = (kind,)
+    sim.faults.next_fake = 1
+    reply = call(sim, "POST", UPLOAD, raw_body=_dumps(visit()), token=token)
+    assert reply.status == 200 and body.encode() in reply.body
+    assert ("ZY2024000123" in sim.records) is stored
+    # The next one is answered for real.
+    assert upload(sim, token, visit())["data"] == ("修改成功" if stored else "新增成功")
+
+
+def test_chosen_lsh_values_and_id_numbers_are_refused(sim: Simulator) -> None:
+    token = login(sim)
+    sim.faults.reject_lsh = {"A1": "invalid", "A2": "middle"}
+    sim.faults.labels_fail = {TEST_IDS[0]: "middle", TEST_IDS[1]: "save_failed"}
+    assert "参数校验错误" in upload(sim, token, visit(lsh="A1"))["message"]
+    assert upload(sim, token, visit(lsh="A2"))["message"] == "中间请求异常"
+    assert upload(sim, token, visit(lsh="A3"))["data"] == "新增成功"
+    assert set(sim.records) == {"A3"}
+    assert call(sim, "GET", RYBQ + TEST_IDS[0], token=token).json()["message"] == "中间请求异常"
+    assert call(sim, "GET", RYBQ + TEST_IDS[1], token=token).json()["data"] == "保存失败"
+    assert call(sim, "GET", RYBQ + TEST_IDS[2], token=token).json()["data"]["zjhm"] == TEST_IDS[2]
+
+
+def test_an_account_that_must_change_its_password_first(sim: Simulator) -> None:
+    sim.config.password_change = {TEST_USERNAME}
+    answer = call(sim, "POST", LOGIN, body={"username": TEST_USERNAME, "password": TEST_PASSWORD}).json()
+    assert answer["code"] == 500 and "修改密码" in answer["message"] and "首次登录" in answer["message"]
+    sim.config.password_change = set()
+    assert login(sim)
