@@ -302,9 +302,17 @@ def _one_shot(args: argparse.Namespace, settings: Settings, out: TextIO, kind: s
             file=out,
         )
         if stats.paused:
-            print(f"sending paused by a configuration error: {stats.paused}", file=sys.stderr)
+            _print_error(ConfigError(f"发送已暂停 / sending paused by a configuration error: {stats.paused}"))
         if stats.unreachable:
-            print(f"平台不可达，发送已暂停 / {stats.unreachable}", file=sys.stderr)
+            what = "nothing was sent" if not stats.sent else f"{stats.sent} sent before it stopped answering"
+            _print_error(
+                TransientError(
+                    f"平台不可达，发送已暂停 / the platform {settings.upstream.base_url} could not be reached, "
+                    f"{what}: {stats.unreachable}",
+                    hint="the records wait, nothing is charged to them, and they go out when the platform answers "
+                    "again; check the network, the firewall and upstream.base_url, then run the command again later",
+                )
+            )
         return _exit_for(store)
     return EXIT_UNEXPECTED  # pragma: no cover - ExitStack does not swallow
 
