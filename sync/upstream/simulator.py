@@ -359,7 +359,8 @@ class Faults:
     next_fake: int = 0
     fake: tuple[str, ...] = ("save_failed",)
     endpoints: frozenset[str] = frozenset({"login", "labels", "upload"})
-    # lsh -> "invalid" (参数校验错误) or "middle" (中间请求异常): that record is never stored.
+    # lsh -> "invalid" (参数校验错误) or "middle" (中间请求异常): that record is never stored,
+    # whichever institution uploads it.
     reject_lsh: dict[str, str] = field(default_factory=dict)
     # ID number -> "504", "reset", "middle" or "save_failed": its label lookup fails so.
     labels_fail: dict[str, str] = field(default_factory=dict)
