@@ -10,6 +10,12 @@ wanted, and answers that only look like success (``{"code":200,"data":"保存失
 a cut-off JSON, a bare ``{"code":500}``), refusals of chosen lsh values or ID
 numbers, and an account that must change its password first (FAQ 11).
 
+It plays one institution by default (the document's test key and account), and as
+many more as wanted, each with its own app key and accounts, as a county medical
+alliance sharing one HIS needs: uploads are stored per institution (``lsh`` is
+unique only inside one), a key and an account of different institutions are
+refused as FAQ 14 says, and a key may be revoked for one institution only.
+
 It deliberately imports only the standard library and re-derives the signature
 and every rule from the document itself: sharing code with the client would let
 a bug in the client hide behind the same bug here.
@@ -21,6 +27,7 @@ Used by tests on an ephemeral loopback port, by the demo, and by
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import copy
 import datetime as dt
@@ -37,7 +44,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -61,6 +68,11 @@ TEST_PASSWORD: Final = "Ehr123456@"  # noqa: S105 - published in the document fo
 TEST_IDS: Final = ("510100198506020036", "510100198506020132", "510100198506020028")
 # The document's production test ID number; labelled here too so a prod-mode simulator answers it.
 PROD_TEST_ID: Final = "110104198506020037"
+# The institution of the document's login example (orgId, orgName, areaId, areaName): the test account's here.
+TEST_ORG_ID: Final = "510115"
+TEST_ORG_NAME: Final = "温江区卫健局"
+TEST_COUNTY_CODE: Final = "510115"
+TEST_COUNTY_NAME: Final = "温江区"
 EHRKEY: Final = "ehr#health@check"
 SIGN_SALT: Final = "HIE_ADAPTER_382d8d3b4e6bc62de8b984ac84acf492"
 
@@ -87,6 +99,7 @@ MSG_MIDDLE: Final = "中间请求异常"
 MSG_PATH_MISMATCH: Final = "中间请求异常：路径【{path}】跟eventCode【{code}】不匹配"
 MSG_MISSING_API_KEY: Final = "Missing API key found in request"
 MSG_UNAUTHORISED: Final = "(401) 未经授权"
+MSG_KEY_ORG_MISMATCH: Final = "AppKey与机构id不匹配，请核实。"  # FAQ 14
 MSG_VALIDATION_PREFIX: Final = "参数校验错误："
 # FAQ 11: the document gives no text for it; this one is assumed (the client matches its key phrases).
 MSG_FIRST_LOGIN: Final = "首次登录请修改密码：请登录网站修改初始密码后再调用接口"
@@ -128,6 +141,24 @@ def printed(app_key: str) -> str:
 def sign(event_code: str, app_key: str, time_stamp: str) -> str:
     """hie_secret as the document defines it: md5 of the plain concatenation, 32 lower-case hex digits."""
     return hashlib.md5((event_code + app_key + time_stamp + SIGN_SALT).encode("utf-8")).hexdigest()
+
+
+def base64_key(app_key: str) -> str:
+    """The base64 text of a key given either way (base64 never holds ``%``, so decoding is harmless)."""
+    return urllib.parse.unquote(app_key)
+
+
+def generated_app_key(seed: str) -> str:
+    """A key shaped like the document's (a 512-bit RSA public key, base64 text), derived from ``seed``.
+
+    Same seed, same key: a demo's settings and a simulator started apart agree. The
+    shape matters because the two readings of a key differ only in its ``+ / =``.
+    """
+    der = bytearray(base64.b64decode(TEST_APP_KEY))
+    modulus = bytearray(hashlib.sha512(f"crowd-sync simulator app key {seed}".encode()).digest())
+    modulus[0] |= 0x80  # a 512-bit modulus, after the DER 0x00 sign byte as in the document's key
+    der[25:89] = modulus  # SubjectPublicKeyInfo: 25 header bytes, 64 modulus bytes, the exponent
+    return base64.b64encode(bytes(der)).decode("ascii")
 
 
 # --- default people --------------------------------------------------------------------------
@@ -192,19 +223,107 @@ def default_people() -> dict[str, dict[str, Any] | None]:
 
 
 @dataclass(kw_only=True)
+class Institution:
+    """One institution the platform knows: its organisation id, its own app key, its own accounts.
+
+    The document ties both to the institution: "每个对接机构都有自己的hie_app_key", and an
+    account belongs to one institution (FAQ 14). ``code`` is the platform's organisation id
+    (``orgId`` in the login answer). Mutable: tests may change a key or an account while the
+    server runs.
+    """
+
+    code: str
+    name: str
+    county_code: str  # the platform's county code (document section 5): areaId in the login answer
+    county_name: str = ""
+    app_key: str  # base64 text (the printed, percent-encoded text is accepted too)
+    accounts: dict[str, str]  # username -> password
+
+
+@dataclass(kw_only=True)
 class SimConfig:
-    """How the simulated platform behaves. Mutable: tests may change it while the server runs."""
+    """How the simulated platform behaves. Mutable: tests may change it while the server runs.
+
+    ``app_key``, ``accounts`` and the ``institution_*``/``county_*`` fields describe the
+    home institution, always played (the document's test institution by default);
+    ``other_institutions`` adds more, each with its own key and accounts.
+    """
 
     env: str = "test"
     app_key: str = TEST_APP_KEY  # the base64 text
-    key_form: str = "as_printed"  # which text of app_key the platform knows (KEY_FORMS)
+    key_form: str = "as_printed"  # which text of every app key the platform knows (KEY_FORMS)
     accounts: dict[str, str] = field(default_factory=lambda: {TEST_USERNAME: TEST_PASSWORD})
+    institution_code: str = TEST_ORG_ID
+    institution_name: str = TEST_ORG_NAME
+    county_code: str = TEST_COUNTY_CODE
+    county_name: str = TEST_COUNTY_NAME
+    other_institutions: list[Institution] = field(default_factory=list)
     token_ttl_s: float = 12 * 3600
     max_clock_skew_s: float = 300
     people: dict[str, dict[str, Any] | None] = field(default_factory=default_people)
     clock: Callable[[], float] = time.time
     # Accounts whose first login must change the password on the web site (FAQ 11).
     password_change: set[str] = field(default_factory=set)
+
+    def home(self) -> Institution:
+        """The home institution as an Institution (a snapshot, but ``accounts`` is the live dict)."""
+        return Institution(
+            code=self.institution_code,
+            name=self.institution_name,
+            county_code=self.county_code,
+            county_name=self.county_name,
+            app_key=self.app_key,
+            accounts=self.accounts,
+        )
+
+    def institutions(self) -> list[Institution]:
+        """Every institution played, the home one first."""
+        return [self.home(), *self.other_institutions]
+
+
+# The generated members of `--institutions N`: the alliance of the document's test institution's county.
+_DEMO_MEMBER_NAMES: Final = ("温江区人民医院", "温江区万春镇卫生院", "温江区寿安镇卫生院", "温江区和盛镇卫生院")
+
+
+def demo_member(n: int) -> Institution:
+    """The n-th institution of a demo alliance (n >= 2; the first is the document's test institution).
+
+    Deterministic: the same n always has the same code, key, account and password, so
+    a demo's settings.yaml and a simulator started apart with ``--institutions`` agree.
+    """
+    if n < 2:
+        raise ValueError(f"demo members are numbered from 2 (1 is the document's test institution), not {n}")
+    code = f"{TEST_COUNTY_CODE}{n:03d}"
+    name = _DEMO_MEMBER_NAMES[n - 2] if n - 2 < len(_DEMO_MEMBER_NAMES) else f"{TEST_COUNTY_NAME}第{n}卫生院"
+    # No `*` in the password: the interface login refuses some special characters (FAQ 5).
+    password = f"Demo{n}@" + hashlib.sha256(f"crowd-sync demo password {code}".encode()).hexdigest()[:8]
+    return Institution(
+        code=code,
+        name=name,
+        county_code=TEST_COUNTY_CODE,
+        county_name=TEST_COUNTY_NAME,
+        app_key=generated_app_key(code),
+        accounts={f"demo-{code}": password},
+    )
+
+
+def check_institutions(institutions: list[Institution]) -> None:
+    """Each institution its own code, its own key and its own usernames, as the document wants; else ValueError."""
+    codes: set[str] = set()
+    keys: set[str] = set()
+    usernames: set[str] = set()
+    for inst in institutions:
+        key = base64_key(inst.app_key)
+        if inst.code in codes:
+            raise ValueError(f"two institutions have the code {inst.code!r}")
+        if key in keys:
+            raise ValueError(f"institution {inst.code!r} shares its app key with another: each has its own")
+        shared = usernames & set(inst.accounts)
+        if shared:
+            raise ValueError(f"institution {inst.code!r} shares accounts {sorted(shared)} with another")
+        codes.add(inst.code)
+        keys.add(key)
+        usernames |= set(inst.accounts)
 
 
 @dataclass(kw_only=True)
@@ -231,14 +350,17 @@ class Faults:
     trickle_s: float = 0.0
     down: bool = False
     down_with: str = "503"  # what `down` answers: "503" or "502" (nginx's HTML pages), "reset"
-    app_key_revoked: bool = False
+    app_key_revoked: bool = False  # every app key answers FAQ 1
+    # Institution codes whose app key is revoked: only their requests answer FAQ 1.
+    app_key_revoked_for: set[str] = field(default_factory=set)
     next_504: int = 0
     next_reset: int = 0
     next_commit_then_reset: int = 0
     next_fake: int = 0
     fake: tuple[str, ...] = ("save_failed",)
     endpoints: frozenset[str] = frozenset({"login", "labels", "upload"})
-    # lsh -> "invalid" (参数校验错误) or "middle" (中间请求异常): that record is never stored.
+    # lsh -> "invalid" (参数校验错误) or "middle" (中间请求异常): that record is never stored,
+    # whichever institution uploads it.
     reject_lsh: dict[str, str] = field(default_factory=dict)
     # ID number -> "504", "reset", "middle" or "save_failed": its label lookup fails so.
     labels_fail: dict[str, str] = field(default_factory=dict)
@@ -262,6 +384,7 @@ class Faults:
             self.latency_s = self.p_504 = self.p_reset = self.p_commit_then_reset = self.p_fake = 0.0
             self.trickle_s = 0.0
             self.down = self.app_key_revoked = False
+            self.app_key_revoked_for = set()
             self.next_504 = self.next_reset = self.next_commit_then_reset = self.next_fake = 0
             self.endpoints = frozenset({"login", "labels", "upload"})
             self.reject_lsh = {}
@@ -301,6 +424,7 @@ class RequestSeen:
 @dataclass(kw_only=True)
 class _Session:
     username: str
+    institution: str  # code of the account's institution
     issued_at: float
     kicked_at: str | None = None  # Beijing time of the login that replaced this token
 
@@ -579,14 +703,20 @@ class Simulator:
 
     def __init__(self, config: SimConfig | None = None, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self.config = config or SimConfig()
+        check_institutions(self.config.institutions())
         self.faults = Faults()
+        # The home institution's records, by lsh; records_of() gives any institution's.
         self.records: dict[str, dict[str, Any]] = {}
+        self._other_records: dict[str, dict[str, dict[str, Any]]] = {}  # code -> lsh -> record
         # requests: every request seen; logins: successful logins; lookups: rybq answered;
         # uploads: uploads past the gateway and token checks; creates/updates: uploads stored;
         # rejections: uploads refused by validation; auth_failures: bad logins and refused tokens;
+        # key_mismatches: FAQ 14 answers (app key and account of different institutions);
         # gateway_rejections: refused by steps 2-7 (path, ehrkey, app key, time stamp, event code, secret);
         # faults: injected faults.
         self.counters: Counter[str] = Counter()
+        # The same per institution (counters_of), for requests whose app key the gateway read as its own.
+        self._org_counters: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.requests_log: list[RequestSeen] = []
         self._host = host
         self._port = port
@@ -652,19 +782,99 @@ class Simulator:
             else:
                 self._conns.discard(conn)
 
-    def known_app_key(self) -> str:
-        """The app key as this platform reads it in hie_app_key and signs it (``key_form``)."""
+    def known_app_key(self, code: str | None = None) -> str:
+        """An institution's app key (the home one's by default) as this platform reads it in
+        hie_app_key and signs it (``key_form``)."""
+        return self._reading(self.config.app_key if code is None else self.institution(code).app_key)
+
+    def _reading(self, app_key: str) -> str:
         if self.config.key_form not in KEY_FORMS:
             raise ValueError(f"key_form must be one of {KEY_FORMS}, not {self.config.key_form!r}")
-        return printed(self.config.app_key) if self.config.key_form == "as_printed" else self.config.app_key
+        key = base64_key(app_key)
+        return printed(key) if self.config.key_form == "as_printed" else key
+
+    # --- institutions ---
+
+    def institutions(self) -> list[Institution]:
+        """Every institution played, the home one first (SimConfig.institutions())."""
+        return self.config.institutions()
+
+    def institution(self, code: str) -> Institution:
+        """The institution with organisation id ``code``; KeyError if the platform has none."""
+        for inst in self.config.institutions():
+            if inst.code == code:
+                return inst
+        raise KeyError(f"the simulator plays no institution {code!r}")
+
+    def add_institution(
+        self,
+        code: str,
+        *,
+        name: str | None = None,
+        county_code: str = TEST_COUNTY_CODE,
+        county_name: str = TEST_COUNTY_NAME,
+        app_key: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> Institution:
+        """Play one more institution with one account; what is not given is generated from ``code``.
+
+        The generated key is shaped like the document's and the same for the same code;
+        the account is ``org-{code}`` with a password without special characters.
+        ValueError if the code, the key or the username is another institution's already.
+        """
+        if username is None:
+            username = f"org-{code}"
+        if password is None:
+            # No `*`: the interface login refuses some special characters (FAQ 5).
+            password = "Org@" + hashlib.sha256(f"crowd-sync simulator password {code}".encode()).hexdigest()[:10]
+        inst = Institution(
+            code=code,
+            name=name if name is not None else f"测试机构{code}",
+            county_code=county_code,
+            county_name=county_name,
+            app_key=base64_key(app_key) if app_key is not None else generated_app_key(code),
+            accounts={username: password},
+        )
+        with self._lock:
+            check_institutions([*self.config.institutions(), inst])
+            self.config.other_institutions.append(inst)
+        return inst
+
+    def records_of(self, code: str) -> dict[str, dict[str, Any]]:
+        """One institution's stored records, by lsh (the live dict; ``records`` for the home one)."""
+        if code == self.config.institution_code:
+            return self.records
+        self.institution(code)  # KeyError for a code the platform does not know
+        with self._lock:
+            return self._other_records.setdefault(code, {})
+
+    def all_records(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """Every stored record of every institution, by (institution code, lsh)."""
+        return {
+            (inst.code, lsh): record
+            for inst in self.config.institutions()
+            for lsh, record in list(self.records_of(inst.code).items())
+        }
+
+    def counters_of(self, code: str) -> Counter[str]:
+        """One institution's counters (the live Counter), for the requests whose app key the gateway
+        read as this institution's: requests, gateway_rejections (from the revoked-key check on),
+        logins, auth_failures, key_mismatches, lookups, uploads, creates, updates, rejections."""
+        self.institution(code)
+        with self._lock:
+            return self._org_counters[code]
 
     # --- control from tests and the demo ---
 
-    def revoke_tokens(self) -> None:
-        """Every issued token becomes invalid (answers 登录过期或未登录)."""
+    def revoke_tokens(self, code: str | None = None) -> None:
+        """Every issued token (of institution ``code`` only, if given) becomes invalid (answers 登录过期或未登录)."""
         with self._lock:
-            self._sessions.clear()
-            self._current.clear()
+            for token, session in list(self._sessions.items()):
+                if code is None or session.institution == code:
+                    del self._sessions[token]
+                    if self._current.get(session.username) == token:
+                        del self._current[session.username]
 
     def kick(self, username: str = TEST_USERNAME) -> None:
         """As if ``username`` logged in elsewhere: its current token answers the kick-out message."""
@@ -690,18 +900,27 @@ class Simulator:
         """Zero every counter (records, tokens and the request log are kept)."""
         with self._lock:
             self.counters.clear()
+            for counters in self._org_counters.values():
+                counters.clear()
 
-    def issued_tokens(self) -> int:
-        """How many tokens are currently valid (not kicked); shared-token clients keep this at one."""
+    def issued_tokens(self, code: str | None = None) -> int:
+        """How many tokens are currently valid (not kicked), of institution ``code`` only if given;
+        shared-token clients keep this at one per account."""
         with self._lock:
-            return sum(1 for s in self._sessions.values() if s.kicked_at is None)
+            return sum(
+                1
+                for s in self._sessions.values()
+                if s.kicked_at is None and (code is None or s.institution == code)
+            )
 
     # --- the platform ---
 
-    def _count(self, *keys: str) -> None:
+    def _count(self, *keys: str, org: str | None = None) -> None:
         with self._lock:
             for key in keys:
                 self.counters[key] += 1
+                if org is not None:
+                    self._org_counters[org][key] += 1
 
     def _beijing_now(self) -> str:
         return dt.datetime.fromtimestamp(self.config.clock(), BEIJING).strftime("%Y-%m-%d %H:%M:%S")
@@ -753,23 +972,29 @@ class Simulator:
             self._count("gateway_rejections")
             return _text_answer("Method Not Allowed", 405)
 
-        gateway = self._gateway(req, endpoint)
-        if gateway is not None:
-            self._count("gateway_rejections")
-            return gateway
+        refused, inst = self._gateway(req, endpoint)
+        if refused is not None or inst is None:
+            self._count("gateway_rejections", org=inst.code if inst is not None else None)
+            return refused or _business_error(500, MSG_APP_KEY)
 
-        return self._serve_endpoint(req, endpoint)
+        return self._serve_endpoint(req, endpoint, inst)
 
-    def _serve_endpoint(self, req: RequestSeen, endpoint: str) -> _Answer:
+    def _serve_endpoint(self, req: RequestSeen, endpoint: str, inst: Institution) -> _Answer:
+        """``inst``: the institution whose app key the gateway read."""
         if endpoint == "login":
-            return self._login(req)
-        token_error = self._check_token(req.headers.get("accesstoken"))
-        if token_error is not None:
-            self._count("auth_failures")
-            return _business_error(401, token_error)
+            return self._login(req, inst)
+        token_error, session = self._check_token(req.headers.get("accesstoken"))
+        if token_error is not None or session is None:
+            self._count("auth_failures", org=inst.code)
+            return _business_error(401, token_error or MSG_LOGIN_EXPIRED)
+        # FAQ 14 on a business call: only a valid token says which account (so which
+        # institution) is calling, hence after the token checks.
+        if session.institution != inst.code:
+            self._count("key_mismatches", org=inst.code)
+            return _business_error(500, MSG_KEY_ORG_MISMATCH)
         if endpoint == "rybq":
-            return self._rybq(req.path[len(RYBQ_PREFIX) :])
-        return self._upload(req.body)
+            return self._rybq(req.path[len(RYBQ_PREFIX) :], inst)
+        return self._upload(req.body, inst)
 
     @staticmethod
     def _fake(kind: str) -> _Answer:
@@ -792,77 +1017,108 @@ class Simulator:
             return "rybq", "GET"
         return None, ""
 
-    def _gateway(self, req: RequestSeen, endpoint: str) -> _Answer | None:
-        """Steps 3-7: ehrkey header, app key, time stamp, event code, signature."""
+    def _gateway(self, req: RequestSeen, endpoint: str) -> tuple[_Answer | None, Institution | None]:
+        """Steps 3-7: ehrkey header, app key, time stamp, event code, signature.
+
+        Returns the refusal (None if the request passes) and the institution whose key
+        the request carries (None if no institution has it).
+        """
         cfg = self.config
         if cfg.env == "test" and req.headers.get("ehrkey") != EHRKEY:
-            return _json_answer({"message": MSG_MISSING_API_KEY}, 401)
+            return _json_answer({"message": MSG_MISSING_API_KEY}, 401), None
 
         # parse_qsl decodes exactly once: the platform must then read the key in the text it knows.
         # Decoded, a key sent as printed (%252B on the wire) is unknown; as printed, a key sent
         # encoded only once (%2B on the wire, read as +) is unknown.
         params = dict(urllib.parse.parse_qsl(req.raw_query, keep_blank_values=True))
         names = ("hie_event_code", "hie_app_key", "hie_time_stamp", "hie_secret")
-        known = self.known_app_key()
-        if any(not params.get(n) for n in names) or self.faults.app_key_revoked or params["hie_app_key"] != known:
-            return _business_error(500, MSG_APP_KEY)
+        if any(not params.get(n) for n in names):
+            return _business_error(500, MSG_APP_KEY), None
+        # The gateway's permission record is looked up by the key alone: a key no institution
+        # has is FAQ 1 whatever the account, long before anyone asks who is logging in.
+        inst = self._institution_by_key(params["hie_app_key"])
+        if inst is None:
+            return _business_error(500, MSG_APP_KEY), None
+        with self._lock:
+            self._org_counters[inst.code]["requests"] += 1
+        faults = self.faults
+        if faults.app_key_revoked or inst.code in faults.app_key_revoked_for:
+            # The record is there but stopped (该权限记录已被停用): the same answer, this institution only.
+            return _business_error(500, MSG_APP_KEY), inst
 
         stamp = params["hie_time_stamp"]
         if not (stamp.isascii() and stamp.isdigit()) or abs(int(stamp) / 1000 - cfg.clock()) > cfg.max_clock_skew_s:
-            return _text_answer(MSG_UNAUTHORISED, 401)
+            return _text_answer(MSG_UNAUTHORISED, 401), inst
 
         event_code = params["hie_event_code"]
         codes = EVENT_CODES[endpoint]
         expected = codes.get(cfg.env, codes["test"])
         if event_code != expected:
             if event_code in codes.values():
-                return _business_error(500, MSG_NO_PERMISSION)
-            return _business_error(500, MSG_PATH_MISMATCH.format(path=req.path, code=event_code))
+                return _business_error(500, MSG_NO_PERMISSION), inst
+            return _business_error(500, MSG_PATH_MISMATCH.format(path=req.path, code=event_code)), inst
 
         if params["hie_secret"] != sign(event_code, params["hie_app_key"], stamp):
-            return _business_error(500, MSG_BAD_SIGNATURE)
+            return _business_error(500, MSG_BAD_SIGNATURE), inst
+        return None, inst
+
+    def _institution_by_key(self, read: str) -> Institution | None:
+        """The institution whose app key, in the platform's reading, is the text the gateway read."""
+        for inst in self.config.institutions():
+            if read == self._reading(inst.app_key):
+                return inst
         return None
 
-    def _login(self, req: RequestSeen) -> _Answer:
+    def _login(self, req: RequestSeen, inst: Institution) -> _Answer:
+        """``inst``: the institution whose app key the gateway read."""
         try:
             body = json.loads(req.body)
         except ValueError:
             body = None
         username = body.get("username") if isinstance(body, dict) else None
         password = body.get("password") if isinstance(body, dict) else None
-        if (
-            not isinstance(username, str)
-            or not isinstance(password, str)
-            or self.config.accounts.get(username) != password
-        ):
-            self._count("auth_failures")
+        owner = self._account_owner(username) if isinstance(username, str) else None
+        if owner is None or not isinstance(password, str) or owner.accounts.get(str(username)) != password:
+            self._count("auth_failures", org=inst.code)
             return _business_error(500, MSG_BAD_LOGIN)
+        username = str(username)
+        # FAQ 14 (请确认授权码app_key是本医院的，并且登录账号属于该医院). The document gives no order;
+        # this reading: the gateway has already accepted the key (a key no institution has is
+        # FAQ 1), the application then verifies the credentials (only a real account has an
+        # institution, and a wrong password must not tell whose account it is), then compares
+        # the key's institution with the account's, before any first-login demand (FAQ 11).
+        if owner.code != inst.code:
+            self._count("key_mismatches", org=inst.code)
+            return _business_error(500, MSG_KEY_ORG_MISMATCH)
         if username in self.config.password_change:
-            self._count("auth_failures")
+            self._count("auth_failures", org=inst.code)
             return _business_error(500, MSG_FIRST_LOGIN)
 
         token = secrets.token_hex(16)
         now = self.config.clock()
         with self._lock:
+            # FAQ 4 is per account: this login pushes out this account's previous token only.
             previous = self._current.get(username)
             if previous is not None and previous in self._sessions:
                 self._sessions[previous].kicked_at = self._beijing_now()
-            self._sessions[token] = _Session(username=username, issued_at=now)
+            self._sessions[token] = _Session(username=username, institution=owner.code, issued_at=now)
             self._current[username] = token
             self.counters["logins"] += 1
+            self._org_counters[owner.code]["logins"] += 1
+        # As the document's example answer; the home institution's values are the example's own.
         data = {
             "userId": hashlib.md5(username.encode("utf-8")).hexdigest(),
             "loginId": username,
             "username": username,
-            "orgId": "510115",
-            "orgName": "温江区卫健局",
-            "areaId": "510115",
-            "areaName": "温江区",
+            "orgId": owner.code,
+            "orgName": owner.name,
+            "areaId": owner.county_code,
+            "areaName": owner.county_name,
             "orgType": "29",
             "orgCode": None,
-            "orgArea": "510115",
+            "orgArea": owner.county_code,
             "field10": None,
-            "ownAreaIds": ["510115"],
+            "ownAreaIds": [owner.county_code],
             "token": token,
         }
         return _json_answer(
@@ -878,25 +1134,32 @@ class Simulator:
             }
         )
 
-    def _check_token(self, token: str | None) -> str | None:
-        """None if the token is good, else the platform's message."""
+    def _account_owner(self, username: str) -> Institution | None:
+        """The institution ``username`` belongs to (an account belongs to one), None if none has it."""
+        for inst in self.config.institutions():
+            if username in inst.accounts:
+                return inst
+        return None
+
+    def _check_token(self, token: str | None) -> tuple[str | None, _Session | None]:
+        """(None, its session) if the token is good, else (the platform's message, None)."""
         if not token:
-            return MSG_LOGIN_FIRST
+            return MSG_LOGIN_FIRST, None
         now = self.config.clock()
         with self._lock:
             session = self._sessions.get(token)
             if session is None:
-                return MSG_LOGIN_EXPIRED
+                return MSG_LOGIN_EXPIRED, None
             if session.kicked_at is not None:
-                return MSG_KICKED.format(when=session.kicked_at)
+                return MSG_KICKED.format(when=session.kicked_at), None
             if now - session.issued_at > self.config.token_ttl_s:
                 del self._sessions[token]
                 if self._current.get(session.username) == token:
                     del self._current[session.username]
-                return MSG_LOGIN_EXPIRED
-        return None
+                return MSG_LOGIN_EXPIRED, None
+        return None, session
 
-    def _rybq(self, raw_id: str) -> _Answer:
+    def _rybq(self, raw_id: str, inst: Institution) -> _Answer:
         id_number = urllib.parse.unquote(raw_id)
         failing = self.faults.labels_fail.get(id_number)
         if failing is not None:
@@ -909,8 +1172,10 @@ class Simulator:
                 return _business_error(500, MSG_MIDDLE)
             return _json_answer({"code": 200, "data": MSG_SAVE_FAILED, "message": None})
         with self._lock:
+            # The labels are the province's: every institution sees the same person.
             person = copy.deepcopy(self.config.people.get(id_number))
             self.counters["lookups"] += 1
+            self._org_counters[inst.code]["lookups"] += 1
         return _json_answer(
             {
                 "code": 200,
@@ -925,32 +1190,36 @@ class Simulator:
             }
         )
 
-    def _upload(self, raw: bytes) -> _Answer:
-        self._count("uploads")
+    def _upload(self, raw: bytes, inst: Institution) -> _Answer:
+        """Validate and store one record in ``inst``'s own records (lsh is unique only inside one)."""
+        self._count("uploads", org=inst.code)
         try:
             body = json.loads(raw, parse_float=Decimal)
         except ValueError:
             body = None
         if not isinstance(body, dict):
             # An unreadable body never reaches the validator; the platform answers its generic error.
-            self._count("rejections")
+            self._count("rejections", org=inst.code)
             return _business_error(500, MSG_MIDDLE)
         errors = validate_upload(body)
         refused = self.faults.reject_lsh.get(str(body.get("lsh")))
         if refused == "middle":
-            self._count("rejections")
+            self._count("rejections", org=inst.code)
             return _business_error(500, MSG_MIDDLE)
         if refused is not None:
             errors = [*errors, "业务流水号不正确！"]
         if errors:
-            self._count("rejections")
+            self._count("rejections", org=inst.code)
             return _business_error(500, MSG_VALIDATION_PREFIX + "".join(e + "," for e in errors))
 
         lsh = body["lsh"]
+        records = self.records_of(inst.code)
         with self._lock:
-            created = lsh not in self.records
-            self.records[lsh] = body
-            self.counters["creates" if created else "updates"] += 1
+            created = lsh not in records
+            records[lsh] = body
+            outcome = "creates" if created else "updates"
+            self.counters[outcome] += 1
+            self._org_counters[inst.code][outcome] += 1
         if self.faults.take("commit_then_reset"):
             # Stored, but the answer is lost: the client must upload again and get 修改成功.
             self._count("faults")
@@ -975,25 +1244,56 @@ def _load_people(path: str) -> dict[str, dict[str, Any] | None]:
 _FORM_TEXT: Final = {"as_printed": "as printed, %2B", "decoded": "decoded, +"}
 
 
+def _yaml(text: str) -> str:
+    # A JSON string is a YAML double-quoted scalar: codes stay strings, any name stays one value.
+    return json.dumps(text, ensure_ascii=False)
+
+
 def _banner(sim: Simulator) -> Iterator[str]:
     cfg = sim.config
+    institutions = cfg.institutions()
     yield f"省平台模拟器已启动 / Platform simulator listening on {sim.url}  (env: {cfg.env})"
-    yield "在 settings.yaml 中填写 / Put this in settings.yaml:"
+    if len(institutions) == 1:
+        yield "在 settings.yaml 中填写 / Put this in settings.yaml:"
+    else:
+        yield (
+            f"在 settings.yaml 中填写 / Put this in settings.yaml ({len(institutions)} institutions; "
+            "the HIS query returns each visit's code in an `institution` column):"
+        )
     yield "  upstream:"
     yield f"    env: {cfg.env}"
     yield f"    base_url: {sim.url}"
-    # Printed as a hospital receives it; the settings accept it decoded as well.
-    yield f'    app_key: "{printed(cfg.app_key)}"'
-    for username, password in cfg.accounts.items():
-        yield f"    username: {username}"
-        yield f'    password: "{password}"'
-        break
+    if len(institutions) == 1:
+        # Printed as a hospital receives it; the settings accept it decoded as well.
+        yield f'    app_key: "{printed(base64_key(cfg.app_key))}"'
+        for username, password in cfg.accounts.items():
+            yield f"    username: {username}"
+            yield f'    password: "{password}"'
+            break
+    else:
+        yield "  institutions:"
+        for inst in institutions:
+            yield f"    - code: {_yaml(inst.code)}"
+            yield f"      name: {_yaml(inst.name)}"
+            yield f"      county_code: {_yaml(inst.county_code)}"
+            yield f"      app_key: {_yaml(printed(base64_key(inst.app_key)))}"
+            for username, password in inst.accounts.items():
+                yield f"      username: {_yaml(username)}"
+                yield f"      password: {_yaml(password)}"
+                break
     labelled = [k for k, v in cfg.people.items() if v is not None]
     yield f"授权码读法 / app key form: {cfg.key_form} (hie_secret over the key {_FORM_TEXT[cfg.key_form]})"
     yield f"有标签的身份证号 / ID numbers with labels: {', '.join(labelled) or '-'}"
     if cfg.env == "test":
         yield f"测试环境需要请求头 / test env requires header  ehrkey: {EHRKEY}"
     yield "按 Ctrl-C 停止 / Press Ctrl-C to stop"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1010,9 +1310,17 @@ def main(argv: list[str] | None = None) -> int:
         "--key-form", choices=KEY_FORMS, default="as_printed",
         help="which text of the app key the platform signs: as printed (%%2B) or decoded (+)",
     )
+    parser.add_argument(
+        "--institutions", type=_positive, default=1, metavar="N",
+        help="play N institutions of one alliance: the document's test institution and N-1 generated members, "
+        "each with its own app key and account (default 1)",
+    )
     args = parser.parse_args(argv)
 
-    config = SimConfig(env=args.env, key_form=args.key_form)
+    config = SimConfig(
+        env=args.env, key_form=args.key_form,
+        other_institutions=[demo_member(n) for n in range(2, args.institutions + 1)],
+    )
     if args.people:
         config.people = _load_people(args.people)
     sim = Simulator(config, host=args.host, port=args.port)
