@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from datetime import UTC, date, datetime
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import structlog
 
@@ -37,14 +37,14 @@ log = structlog.get_logger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--config",
         metavar="PATH",
         default=argparse.SUPPRESS,
-        help="settings file (default: $CROWD_SYNC_CONFIG, then ./settings.yaml)",
+        help="配置文件 / settings file (default: $CROWD_SYNC_CONFIG, then ./settings.yaml)",
     )
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="crowd-sync",
         parents=[common],
         description="重点人群“先诊疗后付费”诊疗记录上传 / key-population visit records to the Sichuan platform",
@@ -52,56 +52,109 @@ def _parser() -> argparse.ArgumentParser:
         "2 配置错误 configuration error (settings, credentials, another instance running); "
         "75 暂时不可用，稍后再试 temporarily unavailable, try again later (HIS, outbox or platform unreachable); "
         "1 意外错误 unexpected error",
+        add_help=False,
     )
-    p.add_argument("--version", action="version", version=f"crowd-sync {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _help(p)
+    p.add_argument("--version", action="version", version=f"crowd-sync {__version__}", help="版本 / show the version")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="命令 commands")
 
     def add(name: str, text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], help=text, description=text)
+        cmd = sub.add_parser(name, parents=[common], help=text, description=text, add_help=False)
+        _help(cmd)
+        return cmd
 
-    add("run", "the daemon: scheduled poll, dispatch and nightly reconcile until SIGTERM/SIGINT")
-    add("once", "one poll of new settlements, then dispatch everything due, then exit")
-    rec = add("reconcile", "re-read a window of the HIS, enqueue what changed, dispatch")
-    rec.add_argument("--since", required=True, type=_date, metavar="YYYY-MM-DD")
-    rec.add_argument("--until", type=_date, metavar="YYYY-MM-DD", help="inclusive (default: now)")
-    st = add("status", "counts per status, oldest pending, last upload, last run, configuration error")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
-    rt = add("retry", "requeue records now")
+    add("run", "服务：定时轮询、发送、夜间对账 / the daemon: scheduled poll, dispatch and nightly reconcile until SIGTERM/SIGINT")
+    add("once", "轮询一次新结算，发送到期记录后退出 / one poll of new settlements, then dispatch everything due, then exit")
+    rec = add("reconcile", "重读一段时间的 HIS，入队有变化的记录并发送 / re-read a window of the HIS, enqueue what changed, dispatch")
+    rec.add_argument("--since", required=True, type=_date, metavar="YYYY-MM-DD",
+                     help="从这天起（含）按 HIS 时钟 / first day to read, inclusive (the HIS's clock)")
+    rec.add_argument("--until", type=_date, metavar="YYYY-MM-DD",
+                     help="到这天止（含），默认到现在 / last day to read, inclusive (default: now)")
+    st = add("status", "状态：各状态计数、服务是否运行、下次轮询与对账 / counts per status, whether the daemon runs, "
+             "next poll and reconcile, pauses")
+    st.add_argument("--json", action="store_true", help="机器可读输出 / machine-readable output")
+    fl = add("failures", "未发送的记录及原因与处理办法 / what is not sent, with the reason and the fix")
+    fl.add_argument("--status", action="append", choices=["invalid", "failed", "dead", "skipped"], metavar="STATUS",
+                    help="只看这些状态（可重复）：invalid|failed|dead|skipped；默认 invalid、failed、dead / "
+                    "only these statuses (repeatable); default invalid, failed and dead")
+    fl.add_argument("--since", type=_date, metavar="YYYY-MM-DD",
+                    help="只看这天（本地时间）以来有变化的 / only records changed since this day (schedule.timezone)")
+    fl.add_argument("--json", action="store_true", help="机器可读输出 / machine-readable output")
+    sh = add("show", "一次就诊的全过程：HIS 值、报文、每次尝试、平台应答 / one visit's whole story: HIS values, "
+             "payload, each attempt, the platform's answers")
+    sh.add_argument("lsh", metavar="LSH", help="就诊流水号 / the visit's serial number")
+    sh.add_argument("--unmask", action="store_true", help="显示完整证件号 / show ID numbers in full (masked by default)")
+    sh.add_argument("--json", action="store_true", help="机器可读输出 / machine-readable output")
+    rt = add("retry", "立即重新排队 / requeue records now")
     grp = rt.add_mutually_exclusive_group(required=True)
-    grp.add_argument("--lsh", nargs="+", metavar="LSH")
-    grp.add_argument("--status", choices=["failed", "invalid", "dead", "skipped"])
-    add("check", "doctor: settings, HIS query, outbox schema, clock, login, one label lookup")
-    lk = add("lookup", "ask the label API about one ID number and print the labels")
-    lk.add_argument("id_number", metavar="ID_NUMBER")
-    lk.add_argument("--json", action="store_true")
-    add("migrate", "bring the outbox database to the current schema")
-    rp = add("report", "the month's uploaded key-population visits as the province counts them")
-    rp.add_argument("--month", required=True, type=_month, metavar="YYYY-MM", help="settlement month")
-    rp.add_argument("--csv", metavar="FILE", help="also write the figures as CSV (UTF-8 with BOM, opens in Excel)")
-    demo = add("demo", "a complete local run: demo HIS, built-in simulator, a few cycles, status")
-    demo.add_argument("--dir", default="var/demo", help="where the demo writes its databases (default var/demo)")
+    grp.add_argument("--lsh", nargs="+", metavar="LSH", help="这些流水号 / these visits")
+    grp.add_argument("--status", choices=["failed", "invalid", "dead", "skipped"],
+                     help="这个状态的全部记录 / every record in this status")
+    ck = add("check", "体检：配置、HIS、outbox、时钟、平台（用共享令牌查询一次标签）/ doctor: settings, HIS, outbox, "
+             "clocks, the platform (one label lookup with the shared token)")
+    ck.add_argument("--offline", action="store_true", help="不检查平台 / skip the platform checks")
+    lk = add("lookup", "查询一个身份证号的重点人群标签 / ask the label API about one resident ID number")
+    lk.add_argument("id_number", metavar="ID_NUMBER", help="18 位居民身份证号 / an 18-character resident ID number")
+    lk.add_argument("--json", action="store_true", help="机器可读输出 / machine-readable output")
+    add("migrate", "把 outbox 数据库升级到当前结构 / bring the outbox database to the current schema")
+    rp = add("report", "按省平台口径统计某月已上传的重点人群就诊 / the month's uploaded key-population visits as the "
+             "province counts them")
+    rp.add_argument("--month", required=True, type=_month, metavar="YYYY-MM", help="结算月份 / settlement month")
+    rp.add_argument("--csv", metavar="FILE",
+                    help="另存为 CSV（UTF-8 带 BOM，Excel 可直接打开）/ also write the figures as CSV (opens in Excel)")
+    demo = add("demo", "本机完整演示：演示 HIS、内置模拟器、几个周期、状态 / a complete local run: demo HIS, built-in "
+               "simulator, a few cycles, status, failures")
+    demo.add_argument("--dir", default="var/demo",
+                      help="演示数据库目录 / where the demo writes its databases (default var/demo)")
     demo.add_argument(
         "--key-form", choices=["as_printed", "decoded"], default="as_printed",
-        help="which reading of the app key the simulated platform signs (the demo's settings keep auto)",
+        help="模拟平台签名所用的授权码读法 / which reading of the app key the simulated platform signs "
+        "(the demo's settings keep auto)",
     )
-    sim = add("simulator", "run the built-in platform simulator alone (loopback by default)")
-    sim.add_argument("--port", type=int, default=18080)
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--env", choices=["test", "prod"], default="test")
-    sim.add_argument("--latency-ms", type=int, default=0)
-    sim.add_argument("--people", metavar="FILE.json")
+    sim = add("simulator", "单独运行内置平台模拟器（默认仅本机）/ run the built-in platform simulator alone (loopback by default)")
+    sim.add_argument("--port", type=int, default=18080, help="端口 / port to listen on (default 18080)")
+    sim.add_argument("--host", default="127.0.0.1", help="监听地址 / address to listen on (default 127.0.0.1)")
+    sim.add_argument("--env", choices=["test", "prod"], default="test",
+                     help="模拟的环境：事件码与 ehrkey 头 / the environment it plays: event codes and the ehrkey header")
+    sim.add_argument("--latency-ms", type=int, default=0, help="每个应答的延迟毫秒 / delay before each answer, ms")
+    sim.add_argument("--people", metavar="FILE.json",
+                     help="重点人群名单：证件号 -> 标签数据 / key population to serve: ID number -> label data (JSON)")
     sim.add_argument(
         "--key-form", choices=["as_printed", "decoded"], default="as_printed",
-        help="which reading of the app key the platform signs: as printed (%%2B) or decoded (+)",
+        help="平台签名所用的授权码读法 / which reading of the app key the platform signs: as printed (%%2B) or decoded (+)",
     )
     return p
+
+
+def _help(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-h", "--help", action="help", default=argparse.SUPPRESS, help="显示帮助 / show this help")
+    parser._optionals.title = "选项 options"
+    parser._positionals.title = "参数 arguments"
+
+
+class _Formatter(argparse.HelpFormatter):
+    def add_usage(self, usage: Any, actions: Any, groups: Any, prefix: str | None = None) -> None:
+        super().add_usage(usage, actions, groups, prefix if prefix is not None else "用法 usage: ")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse in both languages: its headings, and its errors (exit 2, as any configuration error)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_CONFIG, f"{self.prog}: 参数错误 / usage error: {message}\n"
+                  f"  帮助 help: {self.prog} --help\n")
 
 
 def _date(text: str) -> date:
     try:
         return date.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
+        raise argparse.ArgumentTypeError(f"{text!r} 不是日期 / is not a date YYYY-MM-DD") from None
 
 
 def _month(text: str) -> date:

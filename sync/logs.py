@@ -29,6 +29,8 @@ from urllib.parse import quote, quote_plus, unquote
 
 import structlog
 
+from sync import localtime
+
 REDACTED = "[secret]"
 
 # 18 characters (17 digits and a digit or X) or 15 digits, not inside a longer run
@@ -215,6 +217,12 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
         return with_priority(text, record.levelno) if self.prefix else text
 
 
+def _timestamp(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The time of the line in schedule.timezone with its offset (one clock for people)."""
+    event_dict["timestamp"] = localtime.now().isoformat(timespec="milliseconds")
+    return event_dict
+
+
 def configure(
     level: str = "info",
     fmt: str = "json",
@@ -238,7 +246,7 @@ def configure(
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=False),
+        _timestamp,
     ]
     renderer: Any
     if fmt == "console":

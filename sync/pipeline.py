@@ -17,14 +17,14 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import structlog
 
-from sync import keycrowd, records
+from sync import keycrowd, localtime, records
 from sync.clock import ClockWatch, HisClock, cursor_ahead, human_offset
 from sync.crashpoints import crash_point
 from sync.errors import AuthError, ConfigError, InvalidRecord, PlatformUnavailable, SyncError, TransientError
@@ -32,6 +32,7 @@ from sync.his import HisSource, polling_window
 from sync.keycrowd import Decision, LabelResult, LabelState, Verdict
 from sync.outbox.store import Claimed, Incoming, Outcome, Status, Store
 from sync.policy import MAX_UPLOAD_CRASHES, RetryPolicy
+from sync.progress import Progress
 from sync.settings import Settings
 from sync.upstream.client import Client, LookupResult, parse_person
 
@@ -63,6 +64,12 @@ class CycleStats:
     dead: int = 0
     lookups: int = 0
     cache_hits: int = 0
+    # Upload requests that did not end in 新增成功/修改成功 (metrics): the record's fault
+    # (参数校验错误), unexplained refusals, the platform's faults, configuration refusals.
+    uploads_rejected: int = 0
+    uploads_failed: int = 0
+    uploads_unanswered: int = 0
+    uploads_refused: int = 0
     duration_s: float = 0.0
     paused: str | None = None
     unreachable: str | None = None  # "platform unreachable since …" while sending waits for it
@@ -70,16 +77,6 @@ class CycleStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass
-class _Progress:
-    """Last time the pipeline made progress; the systemd watchdog is fed from it."""
-
-    at: float = field(default_factory=time.monotonic)
-
-    def tick(self) -> None:
-        self.at = time.monotonic()
 
 
 class _BatchWriter:
@@ -225,7 +222,8 @@ class Pipeline:
         # While the platform is unreachable: when to probe it next (outbox time).
         self.next_probe_at: datetime | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.progress = _Progress()
+        # Where the run stands (the live display, progress log lines, the systemd watchdog).
+        self.progress = Progress()
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(
             max_workers=settings.upstream.concurrency, thread_name_prefix="upload"
@@ -310,6 +308,7 @@ class Pipeline:
         stats = CycleStats()
         started = time.monotonic()
         run_id = self.store.start_run(kind, now=self.clock())
+        self.progress.start(kind, stats)
         error: str | None = None
         try:
             work(stats)
@@ -322,6 +321,7 @@ class Pipeline:
             stats.error = error
             raise
         finally:
+            self.progress.finish()
             stats.duration_s = round(time.monotonic() - started, 3)
             try:
                 self.store.finish_run(
@@ -415,6 +415,7 @@ class Pipeline:
         size = self.settings.his.batch_size
         today = datetime.now(self.settings.schedule.tz).date()
         writer = _BatchWriter(lambda b, c: self._enqueue(b, stats, c))
+        self.progress.reading(since, until)
         try:
             for row in self.his.rows(since, until):
                 stats.rows_read += 1
@@ -424,6 +425,7 @@ class Pipeline:
                 if isinstance(changed_at, datetime):
                     last = (changed_at, item.lsh)
                 if len(batch) >= size:
+                    self.progress.read_up_to(last[0] if last else None)
                     writer.submit(batch, last if move_cursor else None)
                     batch = []
                     if self._stop.is_set():
@@ -547,6 +549,7 @@ class Pipeline:
         is in the outbox when this returns."""
         if self.before_dispatch is not None:
             self.before_dispatch()
+        self.progress.sending(self.store.count_due(now=self.clock()))
         looked_up: dict[str, LabelResult] = {}
         try:
             if self.sole_sender:
@@ -785,14 +788,20 @@ class Pipeline:
             except ConfigError as exc:
                 halt.add(exc)
                 self.store.release([c], now=self.clock())
+                with self._lock:
+                    stats.uploads_refused += 1
                 return
             except (PlatformUnavailable, AuthError) as exc:
                 # The platform's fault, not the record's: nothing charged, tried again.
                 halt.bad(exc)
                 halt.release(self.store, [c], now=self.clock())
+                with self._lock:
+                    stats.uploads_unanswered += 1
                 return
             except InvalidRecord as exc:
                 halt.answered()
+                with self._lock:
+                    stats.uploads_rejected += 1
                 self._recorder.put(
                     self.store.invalid_outcome(c, error=_describe(exc), http_status=exc.http_status, now=self.clock())
                 )
@@ -803,6 +812,8 @@ class Pipeline:
             except TransientError as exc:
                 if exc.generic:
                     halt.bad(exc)
+                with self._lock:
+                    stats.uploads_failed += 1
                 self._failed(c, exc, stats)
                 return
             halt.answered()
@@ -1012,9 +1023,11 @@ class _Halt:
 
 def unreachable_text(state: Mapping[str, Any]) -> str:
     """``platform unreachable since …`` for status, /healthz and the logs."""
-    text = f"platform unreachable since {state.get('since')}Z: {state.get('reason')}"
+    text = f"platform unreachable since {localtime.text(state.get('since'))}: {state.get('reason')}"
     if state.get("next_probe_at"):
-        text += f" (probes failed: {state.get('probes') or 0}; next probe at {state.get('next_probe_at')}Z)"
+        text += (
+            f" (probes failed: {state.get('probes') or 0}; next probe at {localtime.text(state.get('next_probe_at'))})"
+        )
     return text
 
 

@@ -219,7 +219,7 @@ def _url_dialect(url: str) -> str:
 
 class His(_Model):
     url: SecretStr
-    query: str
+    query: str  # or query_file: the query in a file of its own (read by ``parse``)
     start_from: date | None = None
     settle_delay_s: int = Field(default=60, ge=0, le=86400)
     lookback_s: int = Field(default=600, ge=0, le=30 * 86400)
@@ -271,6 +271,10 @@ class Outbox(_Model):
     url: SecretStr = SecretStr("sqlite:///var/crowd-sync.db")
     # How long a claimed row stays reserved for one worker before others may take it.
     lease_s: int = Field(default=300, ge=10, le=86400)
+    # How long the service keeps sync_run rows (one per cycle) and sync_attempt rows (each
+    # attempt at a visit, `crowd-sync show`) before it deletes them.
+    keep_runs_days: int = Field(default=90, ge=1, le=3650)
+    keep_attempts_days: int = Field(default=180, ge=1, le=3650)
 
 
 def check_zone(v: str) -> str:
@@ -368,6 +372,9 @@ class Log(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     # "<N>" (the syslog priority) before each line, for journald; auto: when stderr is the journal.
     priority_prefix: bool | Literal["auto"] = "auto"
+    # Long work (a back-fill, a reconcile, a large dispatch) logs one progress line this often
+    # when no terminal shows the live display; 0: never.
+    progress_every_s: float = Field(default=10.0, ge=0, le=3600)
 
 
 class Metrics(_Model):
@@ -421,8 +428,9 @@ def load(path: str | Path | None = None, *, env: dict[str, str] | None = None, p
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(
-            f"settings file {p} not found",
-            hint="pass --config PATH, set CROWD_SYNC_CONFIG, or copy settings.yaml from the project",
+            f"找不到配置文件 / settings file {p} not found",
+            hint="用 --config 指定，或设置 CROWD_SYNC_CONFIG / pass --config PATH, set CROWD_SYNC_CONFIG, or copy "
+            "settings.yaml from the project",
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(
@@ -440,8 +448,9 @@ def load(path: str | Path | None = None, *, env: dict[str, str] | None = None, p
         problem = getattr(exc, "problem", None)
         what = f": {problem}" if problem else ""
         raise ConfigError(
-            f"settings file {p} is not valid YAML{where}{what}",
-            hint="check indentation (spaces, not tabs) and quote values containing ':' or '#'",
+            f"配置文件不是有效的 YAML / settings file {p} is not valid YAML{where}{what}",
+            hint="检查缩进（用空格，不用 Tab），含 ':' 或 '#' 的值加引号 / check indentation (spaces, not tabs) and "
+            "quote values containing ':' or '#'",
         ) from None
     environ = os.environ.copy() if env is None else env
     if not platform:
@@ -502,6 +511,9 @@ def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "setti
             del data[section]
     data.pop("source_path", None)
     _read_secret_files(data, problems, reported)
+    _read_query_file(data, base_dir, problems, reported)
+    problems.extend(_placeholders(data, ""))
+    _warn_deprecated(data)
     if isinstance(data.get("outbox", {}), dict):
         # The embedded default is relative too, and must not depend on the working directory.
         data.setdefault("outbox", {}).setdefault("url", Outbox.model_fields["url"].get_default().get_secret_value())
@@ -517,9 +529,10 @@ def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "setti
         settings = None
     if problems or settings is None:
         raise ConfigError(
-            f"{source} has {len(problems)} problem{'s' if len(problems) != 1 else ''}",
+            f"配置文件 {source} 有 {len(problems)} 处问题 / {source} has {len(problems)} "
+            f"problem{'s' if len(problems) != 1 else ''}",
             problems=problems,
-            hint="fix each key listed, then run `crowd-sync check`",
+            hint="逐项修改后运行 `crowd-sync check` / fix each key listed, then run `crowd-sync check`",
         )
     return settings
 
@@ -541,7 +554,7 @@ def _interpolate(value: Any, env: dict[str, str], where: str, problems: list[str
                 reported.add(where)
                 problems.append(
                     f"{where}: environment variable {name} is not set "
-                    f"(export {name}=..., or put it in the service's environment file)"
+                    f"(export {name}=..., or put it in the service's environment file) / 环境变量 {name} 未设置"
                 )
                 return ""
             return env[name]
@@ -601,6 +614,70 @@ def _read_secret_files(data: dict[str, Any], problems: list[str], reported: set[
             block[key] = content
 
 
+def _read_query_file(data: dict[str, Any], base_dir: Path, problems: list[str], reported: set[str]) -> None:
+    """``his.query_file``: the query in a file of its own, relative to the settings file."""
+    block = data.get("his")
+    if not isinstance(block, dict) or "query_file" not in block:
+        return
+    value = block.pop("query_file")
+    reported.add("his.query")
+    if "query" in block:
+        problems.append(
+            "his.query_file: 不能同时设置 his.query 与 his.query_file / give either his.query or his.query_file, not both"
+        )
+        return
+    if not isinstance(value, str) or not value.strip():
+        problems.append("his.query_file: 应为 SQL 文件路径 / must be the path of a file holding the query")
+        return
+    path = Path(value.strip())
+    if not path.is_absolute():
+        path = base_dir / path
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        problems.append(
+            f"his.query_file: 无法读取 / cannot read {path} ({exc.strerror or type(exc).__name__}); a relative path is "
+            "relative to the settings file's directory, and the service user must be able to read it"
+        )
+        return
+    except UnicodeDecodeError:
+        problems.append(f"his.query_file: {path} 不是 UTF-8 文本 / is not UTF-8 text: save it as UTF-8")
+        return
+    reported.discard("his.query")
+    block["query"] = text
+
+
+# The example settings (deploy/settings.prod.example.yaml) write "<填写 ...>" where only the
+# hospital knows the value: loading the file unedited names each one.
+_PLACEHOLDER = re.compile(r"^\s*<\s*填写.*>\s*$", re.DOTALL)
+
+
+def _placeholders(value: Any, where: str) -> list[str]:
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _placeholders(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _placeholders(v, f"{where}[{i}]")]
+    if isinstance(value, str) and _PLACEHOLDER.match(value):
+        return [f"{where}: 仍是示例中的占位符 / still the example's placeholder {value.strip()}: write the real value"]
+    return []
+
+
+def _warn_deprecated(data: dict[str, Any]) -> None:
+    retry = data.get("retry")
+    if isinstance(retry, dict) and "give_up_after_h" in retry:
+        warnings.warn(
+            "retry.give_up_after_h: 已不再使用，记录不会因平台故障被放弃，请删除此项 / no longer used: no record is given "
+            "up because of the platform any more (it is retried with back-off until it is sent; see the README's "
+            "settings table, retry); delete this line",
+            DeprecatedSettingWarning,
+            stacklevel=2,
+        )
+
+
+class DeprecatedSettingWarning(UserWarning):
+    """A setting that no longer does anything is still in the settings file."""
+
+
 class SecretFileWarning(UserWarning):
     """A secret file is readable by users other than its owner."""
 
@@ -626,10 +703,10 @@ def _describe(exc: ValidationError) -> list[tuple[str, str]]:
         kind = err["type"]
         msg = err["msg"]
         if kind == "missing":
-            out.append((loc, f"{loc}: required setting is missing"))
+            out.append((loc, f"{loc}: required setting is missing / 缺少必填项"))
         elif kind == "extra_forbidden":
             out.append(
-                (loc, f"{loc}: unknown setting (check its spelling and indentation; see settings.yaml for the keys)")
+                (loc, f"{loc}: unknown setting (check its spelling and indentation; see settings.yaml for the keys) / 未知配置项")
             )
         else:
             value = err.get("input")
@@ -643,7 +720,7 @@ def _describe(exc: ValidationError) -> list[tuple[str, str]]:
                 msg = "must be " + msg.removeprefix("Input should be ")
             if kind == "string_type":
                 # YAML turns unquoted 0123 into a number (octal 83 in YAML 1.1), so quoting is the fix.
-                msg = "must be text; put the value in quotes"
+                msg = "must be text; put the value in quotes / 应为文本，请加引号"
             out.append((loc, f"{loc}: {msg}{shown}"))
     return out
 

@@ -43,6 +43,7 @@ from sync import dberrors
 from sync.crashpoints import crash_point
 from sync.errors import ConfigError, TransientError
 from sync.files import private_dir, touch_private
+from sync.outbox import history
 from sync.outbox.lock import AlreadyRunning, InstanceLock, renewal_lock
 from sync.outbox.schema import (
     sync_cursor,
@@ -844,6 +845,8 @@ class Store:
             return []
         o = sync_outbox
         written: list[bool] = []
+        # Each attempt stays in the history even when its outcome is dropped: it happened.
+        tried = [history.attempt_row(item.claimed.lsh, item.values) for item in outcomes]
         with self._outcome_lock, self.engine.begin() as conn:
             for item in outcomes:
                 c = item.claimed
@@ -858,6 +861,7 @@ class Store:
                     # row went elsewhere): the row keeps its new state, due as it was.
                     conn.execute(sa.update(o).where(ours).values(lease_owner=None, lease_until=None))
                 written.append(bool(done))
+            history.insert_attempts(conn, tried)
         for item, done in zip(outcomes, written, strict=True):
             if not done:
                 log.info("outbox_outcome_dropped", lsh=item.claimed.lsh, reason="payload changed or lease lost")
@@ -994,6 +998,10 @@ class Store:
                     next_attempt_at=None if status is Status.INVALID else _utc(next_attempt_at),
                     first_failed_at=sa.func.coalesce(o.c.first_failed_at, now),
                 )
+            )
+            history.insert_attempts(
+                conn, [history.attempt_row(c.lsh, {"status": status.value, "last_error": error, "updated_at": now},
+                                           kind="crash")]
             )
         return status
 
@@ -1341,6 +1349,62 @@ class Store:
         return InstanceLock(
             self.engine, command=command, read_holder=read_holder, on_acquired=on_acquired, on_released=on_released
         )
+
+    # -- what people read: failures, one visit's story, the history's retention ------------------
+    # (sync.outbox.history holds the queries; `failures`, `show`, `status` and the daemon use these.)
+    def problems(self, statuses: Sequence[str], *, since: datetime | None = None) -> list[dict[str, Any]]:
+        """Rows in ``statuses`` changed at or after ``since`` (UTC), oldest change first."""
+        with self.engine.connect() as conn:
+            return history.problems(conn, statuses, since=None if since is None else _utc(since))
+
+    def visit(self, lsh: str) -> dict[str, Any] | None:
+        """The whole outbox row of one visit; None when the outbox has none."""
+        with self.engine.connect() as conn:
+            return history.visit(conn, lsh)
+
+    def attempts(self, lsh: str) -> list[dict[str, Any]]:
+        """Each attempt kept for one visit, oldest first (``sync_attempt``)."""
+        with self.engine.connect() as conn:
+            return history.attempts(conn, lsh)
+
+    def cached_labels(self, card_no: str) -> dict[str, Any] | None:
+        """What the label cache holds for one person (codes, key_crowd, fetched_at)."""
+        with self.engine.connect() as conn:
+            return history.label_cache(conn, card_hash(card_no))
+
+    def count_due(self, *, now: datetime) -> int:
+        """Pending and failed rows due by ``now``: what a dispatch has before it."""
+        o = sync_outbox
+        with self.engine.connect() as conn:
+            n = conn.execute(
+                sa.select(sa.func.count()).select_from(o).where(o.c.status.in_(_DUE), o.c.next_attempt_at <= _utc(now))
+            ).scalar()
+        return int(n or 0)
+
+    def prune_history(self, *, now: datetime, keep_runs_days: int, keep_attempts_days: int) -> tuple[int, int]:
+        """Delete sync_run and sync_attempt rows past their retention; (runs, attempts) deleted."""
+        with self.engine.begin() as conn:
+            return history.prune(
+                conn, now=_utc(now), keep_runs_days=keep_runs_days, keep_attempts_days=keep_attempts_days
+            )
+
+    def put_timezone(self, zone: str, *, offset_minutes: int, now: datetime) -> bool:
+        """Keep sync_timezone (read by the DBA views) equal to schedule.timezone."""
+        with self.engine.begin() as conn:
+            return history.put_timezone(conn, zone=zone, offset_minutes=offset_minutes, now=_utc(now))
+
+    def instance_holder(self) -> dict[str, Any] | None:
+        """The process recorded as holding the instance lock (pid, host, command, started_at)."""
+        with self.engine.connect() as conn:
+            return self._get_state(conn, "instance")
+
+    def put_schedule(self, value: dict[str, Any], *, now: datetime) -> None:
+        """The daemon's next poll and next reconcile, for `status`."""
+        self._put_state("schedule", value, now=now)
+
+    def get_schedule(self) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            return self._get_state(conn, "schedule")
 
 
 KEY_FORM_STATE = "app_key_form"
