@@ -14,14 +14,14 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any, NoReturn, TextIO
 
 import structlog
 
-from sync import __version__, logs
+from sync import __version__, localtime, logs
 from sync import settings as settings_mod
 from sync.errors import ConfigError, SyncError, TransientError
 from sync.settings import Settings
@@ -196,7 +196,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
             logs.configure(level="warning", fmt="console")
             return demo.main(args.dir, out=out, key_form=args.key_form)
-        settings = _load_settings(getattr(args, "config", None), platform=args.command not in OFFLINE_COMMANDS)
+        offline = args.command in OFFLINE_COMMANDS or (args.command == "check" and args.offline)
+        settings = _load_settings(getattr(args, "config", None), platform=not offline)
         handler: Callable[[argparse.Namespace, Settings, TextIO], int] = COMMANDS[args.command]
         return handler(args, settings, out)
     except SyncError as exc:
@@ -257,12 +258,16 @@ def _load_settings(path: str | None, *, platform: bool = True) -> Settings:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", settings_mod.SecretFileWarning)
         warnings.simplefilter("always", settings_mod.CountyCodeWarning)
+        warnings.simplefilter("always", settings_mod.DeprecatedSettingWarning)
         settings = settings_mod.load(path, platform=platform)
+    localtime.configure(settings.schedule.tz)
     logs.configure(level=settings.log.level, fmt=settings.log.format, priority_prefix=settings.log.priority_prefix)
     _register_secrets(settings)
     for w in caught:
         if issubclass(w.category, settings_mod.CountyCodeWarning):
             log.warning("unknown_county_code", detail=str(w.message))
+        elif issubclass(w.category, settings_mod.DeprecatedSettingWarning):
+            log.warning("deprecated_setting", detail=str(w.message))
         else:
             log.warning("secret_file_readable_by_others", detail=str(w.message))
     if not settings.upstream.verify_tls and settings.upstream.base_url.startswith("https"):
@@ -338,22 +343,24 @@ def cmd_migrate(_args: argparse.Namespace, settings: Settings, out: TextIO) -> i
 
 
 def _one_shot(args: argparse.Namespace, settings: Settings, out: TextIO, kind: str) -> int:
+    if kind == "reconcile" and args.until is not None and args.since > args.until:
+        raise ConfigError(
+            f"--since {args.since} 晚于 --until {args.until} / --since is after --until: the window is empty",
+            hint="give the earlier day to --since, e.g. crowd-sync reconcile --since 2026-10-01 --until 2026-10-31",
+        )
     store = _store(settings)
     with ExitStack() as stack:
         stack.callback(store.dispose)
         store.ensure_schema()
         lock = stack.enter_context(store.instance_lock(command=kind))
+        _keep_timezone(store, settings)
         pipeline = _pipeline(settings, store)
         pipeline.before_dispatch = lock.ensure
         stack.callback(pipeline.close)
         pipeline.his.check()
-        stats = pipeline.reconcile(args.since, args.until) if kind == "reconcile" else pipeline.cycle("once")
-        print(
-            f"read {stats.rows_read}, enqueued {stats.enqueued}, sent {stats.sent} "
-            f"(created {stats.created}, updated {stats.updated}), failed {stats.failed}, "
-            f"invalid {stats.invalid}, skipped {stats.skipped}, dead {stats.dead}, {stats.duration_s:.1f}s",
-            file=out,
-        )
+        with _progress_display(pipeline.progress, settings):
+            stats = pipeline.reconcile(args.since, args.until) if kind == "reconcile" else pipeline.cycle("once")
+        print(summary_line(stats), file=out)
         if stats.paused:
             _print_error(ConfigError(f"发送已暂停 / sending paused by a configuration error: {stats.paused}"))
         if stats.unreachable:
@@ -362,12 +369,55 @@ def _one_shot(args: argparse.Namespace, settings: Settings, out: TextIO, kind: s
                 TransientError(
                     f"平台不可达，发送已暂停 / the platform {settings.upstream.base_url} could not be reached, "
                     f"{what}: {stats.unreachable}",
-                    hint="the records wait, nothing is charged to them, and they go out when the platform answers "
-                    "again; check the network, the firewall and upstream.base_url, then run the command again later",
+                    hint="记录在等待，不计失败次数，平台恢复后自动发送 / the records wait, nothing is charged to them, "
+                    "and they go out when the platform answers again; check the network, the firewall and "
+                    "upstream.base_url, then run the command again later",
                 )
             )
         return _exit_for(store)
     return EXIT_UNEXPECTED  # pragma: no cover - ExitStack does not swallow
+
+
+def summary_line(stats: Any) -> str:
+    """The one-line summary of once and reconcile, in both languages."""
+    return (
+        f"读取 read {stats.rows_read}, 入队 enqueued {stats.enqueued}, 已发送 sent {stats.sent} "
+        f"(新增 created {stats.created}, 修改 updated {stats.updated}), 失败 failed {stats.failed}, "
+        f"不合规 invalid {stats.invalid}, 非重点人群 skipped {stats.skipped}, 放弃 dead {stats.dead}, "
+        f"{stats.duration_s:.1f}s"
+    )
+
+
+def _progress_display(progress: Any, settings: Settings) -> Any:
+    """The live display on a terminal (stderr), else a progress log line every few seconds."""
+    from contextlib import contextmanager
+
+    from sync.progress import LiveDisplay, Ticker
+
+    @contextmanager
+    def shown() -> Iterator[None]:
+        if sys.stderr.isatty() and os.environ.get("TERM") != "dumb":
+            with LiveDisplay(progress, sys.stderr):
+                yield
+            return
+        ticker = Ticker(progress, every_s=settings.log.progress_every_s).start()
+        try:
+            yield
+        finally:
+            ticker.stop()
+
+    return shown()
+
+
+def _keep_timezone(store: Any, settings: Settings) -> None:
+    """The DBA views count days in schedule.timezone: keep its offset in the outbox."""
+    from sync.pipeline import utcnow
+
+    tz = settings.schedule.tz
+    try:
+        store.put_timezone(settings.schedule.timezone, offset_minutes=localtime.offset_minutes(tz), now=utcnow())
+    except Exception as exc:  # noqa: BLE001 - the views' day boundary must never stop the work
+        log.warning("timezone_not_saved", error=f"{type(exc).__name__}: {exc}")
 
 
 def cmd_once(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
@@ -386,6 +436,7 @@ def cmd_run(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
         stack.callback(store.dispose)
         store.ensure_schema()
         lock = stack.enter_context(store.instance_lock(command="run"))
+        _keep_timezone(store, settings)
         pipeline = _pipeline(settings, store)
         pipeline.his.check()
         return Daemon(settings, pipeline, lock=lock).run()
@@ -393,172 +444,87 @@ def cmd_run(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    from sync import clock
-    from sync.pipeline import utcnow
+    from sync import status
 
     store = _store(settings, create=False)
     try:
         store.ensure_schema()
-        summary = store.summary(now=utcnow())
-        cursor = store.get_cursor()
-        his_clock = clock.current(store.get_his_clock(), cursor[0] if cursor else None, now_utc=utcnow())
+        data = status.gather(store, settings)
     finally:
         store.dispose()
-    data = _summary_dict(summary, utcnow(), key_form_setting=settings.upstream.app_key_form)
-    data["outbox"] = store.url_for_humans
-    data["his_clock"] = his_clock
     if args.json:
         print(json.dumps(data, ensure_ascii=False, indent=2, default=str), file=out)
         return EXIT_OK
-    print(_render_status(data), file=out)
+    print(status.render(data), file=out)
     return EXIT_OK
 
 
-def _summary_dict(summary: Any, now: datetime, *, key_form_setting: str = "auto") -> dict[str, Any]:
-    oldest = summary.oldest_pending_at
-    accepted = summary.key_form or {}
-    return {
-        "counts": dict(summary.counts),
-        "oldest_pending_at": _iso(oldest),
-        "oldest_pending_age_s": int((now - oldest).total_seconds()) if oldest else None,
-        "last_sent_at": _iso(summary.last_sent_at),
-        "last_run": _jsonable(summary.last_run),
-        "last_successful_run": _jsonable(summary.last_successful_run),
-        "config_error": _jsonable(summary.config_error),
-        # The reading of the app key in signatures: the setting, and the one the platform accepted (auto).
-        "app_key_form": {
-            "setting": key_form_setting,
-            "accepted": accepted.get("form") if key_form_setting == "auto" else None,
-            "accepted_at": accepted.get("accepted_at") if key_form_setting == "auto" else None,
-        },
-        "platform_unreachable": _jsonable(summary.platform_down),
-        "leased": summary.leased,
-        "times": "UTC",
-    }
+def cmd_failures(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    import shutil
+
+    from sync import failures, status
+
+    tz = settings.schedule.tz
+    statuses = list(dict.fromkeys(args.status or failures.DEFAULT_STATUSES))
+    since = status.day_start_utc(args.since, tz) if args.since else None
+    store = _store(settings, create=False)
+    try:
+        store.ensure_schema()
+        rows = store.problems(statuses, since=since)
+    finally:
+        store.dispose()
+    items = failures.failure_items(rows, tz)
+    if args.json:
+        print(json.dumps(
+            {"statuses": statuses, "since": args.since.isoformat() if args.since else None,
+             "timezone": settings.schedule.timezone, "records": items},
+            ensure_ascii=False, indent=2, default=str,
+        ), file=out)
+        return EXIT_OK
+    print(failures.render_failures(
+        items, statuses=statuses, since=args.since, outbox=store.url_for_humans, zone=settings.schedule.timezone,
+        offset=_offset_text(tz), columns=max(100, shutil.get_terminal_size((140, 40)).columns),
+    ), file=out)
+    return EXIT_OK
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.replace(tzinfo=UTC).isoformat() if value else None
+def cmd_show(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    import shutil
 
+    from sync import failures
+    from sync.settings import zone
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, datetime):
-        return _iso(value)
-    return value
-
-
-_STATUS_NAMES = {
-    "pending": "待发送",
-    "sent": "已发送",
-    "failed": "失败待重试",
-    "invalid": "数据不合规",
-    "dead": "已放弃",
-    "skipped": "非重点人群",
-}
-
-
-def _render_status(d: dict[str, Any]) -> str:
-    lines = [f"crowd-sync 状态 / status — outbox {d['outbox']} (times UTC)"]
-    for name, zh in _STATUS_NAMES.items():
-        lines.append(f"  {zh:<6} {name:<8} {d['counts'].get(name, 0):>8}")
-    age = d["oldest_pending_age_s"]
-    lines.append(
-        "  最早待发送 oldest pending: "
-        + (f"{d['oldest_pending_at']} ({_human_age(age)} ago)" if age is not None else "none")
+    store = _store(settings, create=False)
+    try:
+        store.ensure_schema()
+        row = store.visit(args.lsh)
+        if row is None:
+            raise ConfigError(
+                f"outbox 中没有流水号 / no visit with lsh {args.lsh!r} in the outbox {store.url_for_humans}",
+                hint="check the lsh (it is case-sensitive); `crowd-sync failures --status skipped` lists the others "
+                "not sent; a visit the HIS query never returned is not in the outbox",
+            )
+        attempts = store.attempts(args.lsh)
+        labels = store.cached_labels(str(row["card_no"])) if row.get("card_no") else None
+    finally:
+        store.dispose()
+    tz = settings.schedule.tz
+    story = failures.story(
+        row, attempts, labels=labels, tz=tz, his_tz=zone(settings.his_timezone), unmask=args.unmask
     )
-    lines.append(f"  上次成功上传 last upload: {d['last_sent_at'] or 'never'}")
-    run = d.get("last_run")
-    if run:
-        lines.append(
-            f"  上次运行 last run: {run.get('kind')} {run.get('started_at')} — read {run.get('rows_read')}, "
-            f"enqueued {run.get('enqueued')}, sent {run.get('sent')}, failed {run.get('failed')}, "
-            f"invalid {run.get('invalid')}, skipped {run.get('skipped')}, dead {run.get('dead')}"
-            + (f" — error: {run['error']}" if run.get("error") else "")
-        )
-    else:
-        lines.append("  上次运行 last run: never")
-    lines.append(f"  授权码读法 app key reading: {_key_form_text(d.get('app_key_form') or {})}")
-    lines.extend(_render_his_clock(d.get("his_clock")))
-    ce = d.get("config_error")
-    if ce:
-        lines.append(f"  !! 发送已暂停 sending paused since {ce.get('since')}: {ce.get('message')}")
-        if ce.get("hint"):
-            lines.append(f"     处理 fix: {ce.get('hint')}")
-    else:
-        lines.append("  配置错误 configuration error: none")
-    down = d.get("platform_unreachable")
-    if down:
-        lines.append(
-            f"  !! 平台不可达 platform unreachable since {down.get('since')}: {down.get('reason')}"
-        )
-        lines.append(
-            f"     发送已暂停，未计入任何记录的失败次数；下次探测 next probe at {down.get('next_probe_at')} "
-            f"(failed probes: {down.get('probes') or 0}) / sending paused, no record is charged"
-        )
-    return "\n".join(lines)
+    if args.json:
+        print(json.dumps(story, ensure_ascii=False, indent=2, default=str), file=out)
+        return EXIT_OK
+    print(failures.render_story(
+        story, zone=settings.schedule.timezone, offset=_offset_text(tz), keep_days=settings.outbox.keep_attempts_days,
+        columns=max(100, shutil.get_terminal_size((140, 40)).columns),
+    ), file=out)
+    return EXIT_OK
 
 
-def _key_form_text(kf: dict[str, Any]) -> str:
-    from sync.upstream.signing import KEY_FORMS
-
-    setting = kf.get("setting") or "auto"
-    if setting != "auto":
-        return f"{setting}, pinned by upstream.app_key_form (固定)"
-    if kf.get("accepted"):
-        return f"{kf['accepted']}, accepted by the platform since {kf.get('accepted_at')} (平台已接受; setting auto)"
-    first, second = KEY_FORMS
-    return f"none accepted yet (尚未确定): the next login tries {first}, then {second} (setting auto)"
-
-
-def _render_his_clock(c: dict[str, Any] | None) -> list[str]:
-    """The HIS clock as the last poll read it, and the cursor's lag behind it."""
-    from sync.clock import human_offset
-
-    if not c:
-        return ["  HIS 时钟 HIS clock: not read yet (no poll has run)"]
-    read_at = datetime.fromisoformat(str(c["read_at"])) if c.get("read_at") else None
-    age = f", read {_human_age(int((_utcnow() - read_at).total_seconds()))} ago" if read_at else ""
-    offset = c.get("offset_s")
-    lines = [
-        f"  HIS 时钟 HIS clock: {c['his_now'].replace('T', ' ')} {c.get('zone')}"
-        + (f", {human_offset(float(offset))} from this host" if offset is not None else "") + age
-    ]
-    lag = c.get("cursor_lag_s")
-    if lag is None:
-        lines.append("  读取进度 cursor: none yet (the first poll back-fills)")
-    elif lag >= 0:
-        lines.append(f"  读取进度 cursor: {c['cursor_at'].replace('T', ' ')}, {human_offset(lag)[1:]} behind the HIS clock")
-    else:
-        lines.append(
-            f"  !! 读取进度超前 cursor: {c['cursor_at'].replace('T', ' ')} is {human_offset(-lag)[1:]} AHEAD of the HIS "
-            "clock: the next poll rewinds it (see `crowd-sync check`)"
-        )
-    for p in c.get("problems") or []:
-        lines.append(f"  !! HIS 时钟问题 clock problem: {p.get('message')}")
-        lines.append(f"     处理 fix: {p.get('fix')}")
-    rewound = c.get("cursor_rewound")
-    if rewound:
-        lines.append(
-            f"  游标已回拨 cursor rewound at {rewound.get('at')} UTC: it was {human_offset(float(rewound.get('ahead_s') or 0))[1:]} "
-            f"ahead of the HIS clock; read again from {rewound.get('rewound_to') or 'his.start_from'}"
-        )
-    return lines
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-def _human_age(seconds: int) -> str:
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    if seconds < 172800:
-        return f"{seconds // 3600} h"
-    return f"{seconds // 86400} d"
+def _offset_text(tz: Any) -> str:
+    offset = datetime.now(tz).strftime("%z")
+    return f"{offset[:3]}:{offset[3:]}"
 
 
 def cmd_retry(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
@@ -766,7 +732,7 @@ def _simulator(args: argparse.Namespace) -> int:
 
 
 # Commands that never call the platform: they work without its credentials.
-OFFLINE_COMMANDS = frozenset({"status", "retry", "migrate", "report"})
+OFFLINE_COMMANDS = frozenset({"status", "retry", "migrate", "report", "failures", "show"})
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], int]] = {
     "migrate": cmd_migrate,
@@ -778,4 +744,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], int]] = {
     "lookup": cmd_lookup,
     "check": cmd_check,
     "report": cmd_report,
+    "failures": cmd_failures,
+    "show": cmd_show,
 }

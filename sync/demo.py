@@ -240,9 +240,11 @@ log:
 def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
     """The demo against a simulated platform signing the app key in ``key_form``
     (as_printed or decoded); the demo's settings keep ``app_key_form: auto``."""
-    from sync.cli import _exit_for, _pipeline, _register_secrets, _render_status, _summary_dict
+    from sync import failures, localtime, status
+    from sync.cli import _exit_for, _pipeline, _register_secrets
     from sync.outbox.store import Status, Store
     from sync.pipeline import utcnow
+    from sync.settings import zone
     from sync.upstream.simulator import SimConfig, Simulator
 
     base = Path(directory).resolve()
@@ -269,6 +271,9 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
         write_settings(settings_path, his_db=his_db, outbox_db=outbox_db, base_url=sim.url)
         settings = settings_mod.load(settings_path)
         _register_secrets(settings)
+        localtime.configure(settings.schedule.tz)
+        offset = localtime.now().strftime("%z")
+        offset = f"{offset[:3]}:{offset[3:]}"
 
         store = Store(settings.outbox.url.get_secret_value())
         store.ensure_schema()
@@ -293,10 +298,8 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
         finally:
             pipeline.close()
         summary = store.summary(now=utcnow())
-        data = _summary_dict(summary, utcnow(), key_form_setting=settings.upstream.app_key_form)
-        data["outbox"] = store.url_for_humans
         print("", file=out)
-        print(_render_status(data), file=out)
+        print(status.render(status.gather(store, settings)), file=out)
         counters = sim.counters
         print(
             f"\n平台收到 / the simulator saw: {counters['logins']} login(s) "
@@ -310,6 +313,25 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
         if example is not None:
             print(f"   e.g. lsh {example.get('lsh')} cardNo {mask_id(str(example.get('cardNo')))} "
                   f"totalFee {example.get('totalFee')} totalPrepayment {example.get('totalPrepayment')}", file=out)
+        # What an operator does next: the records not sent, then one of them in full.
+        tz = settings.schedule.tz
+        items = failures.failure_items(store.problems(failures.DEFAULT_STATUSES), tz)
+        print("\n$ crowd-sync failures", file=out)
+        print(failures.render_failures(
+            items, statuses=failures.DEFAULT_STATUSES, since=None, outbox=store.url_for_humans,
+            zone=settings.schedule.timezone, offset=offset,
+        ), file=out)
+        if items:
+            lsh = str(items[0]["lsh"])
+            row = store.visit(lsh)
+            assert row is not None
+            story = failures.story(
+                row, store.attempts(lsh), labels=None, tz=tz, his_tz=zone(settings.his_timezone), unmask=False
+            )
+            print(f"\n$ crowd-sync show {lsh}", file=out)
+            print(failures.render_story(
+                story, zone=settings.schedule.timezone, offset=offset, keep_days=settings.outbox.keep_attempts_days,
+            ), file=out)
         exit_code = _exit_for(store)
         store.dispose()
     finally:
@@ -320,9 +342,10 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
         textwrap.dedent(
             f"""
             下一步 / where to look next:
-              sqlite3 {outbox_db} "SELECT status, COUNT(*) FROM sync_outbox GROUP BY status"
-              sqlite3 {outbox_db} "SELECT lsh, last_error FROM sync_outbox WHERE status = 'invalid'"
               ./run.sh status --config {settings_path}
+              ./run.sh failures --config {settings_path}
+              ./run.sh show LSH --config {settings_path}
+              ./run.sh check --offline --config {settings_path}
               ./run.sh simulator --port 18080   # then edit base_url in {settings_path} and: ./run.sh once --config {settings_path}
             演示{'成功' if ok else '结果异常'} / demo {'finished as expected' if ok else 'did NOT behave as expected'}
               (exit code of a real `once` here would be {exit_code}: invalid records are left for a person to fix)
