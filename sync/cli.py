@@ -547,9 +547,7 @@ def cmd_retry(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 def cmd_lookup(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     from sync.upstream.client import Client
 
-    id_number = args.id_number.strip().upper()
-    if not id_number:
-        raise ConfigError("ID_NUMBER is empty", hint="crowd-sync lookup 510100198506020036")
+    id_number = lookup_id(args.id_number)
     store = _store(settings)
     try:
         store.ensure_schema()
@@ -567,6 +565,48 @@ def cmd_lookup(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     else:
         print(_render_person(data), file=out)
     return EXIT_OK
+
+
+def lookup_id(text: str) -> str:
+    """The ID number to ask the label API about, checked first (GB 11643: length, check digit,
+    birth date): a mistyped number answers "not key population", which at the front desk
+    could deny a patient the policy. ConfigError saying what is wrong otherwise."""
+    import re
+
+    from sync.records import check_resident_id
+
+    number = text.strip().upper()
+    example = "crowd-sync lookup 510100198506020036"
+    if not number:
+        raise ConfigError("身份证号为空 / ID_NUMBER is empty", hint=example)
+    if not re.fullmatch(r"\d{17}[\dX]|\d{15}", number):
+        raise ConfigError(
+            f"{logs.mask_id(number)} 不是居民身份证号，标签接口只能按居民身份证查询 / is not a resident ID number "
+            "(18 characters: 17 digits and a digit or X; or 15 digits): the label API knows people by their "
+            "resident ID only",
+            hint="护照、军官证等证件的就诊按 HIS 的 key_crowd 列判定 / visits with a passport or another document are "
+            "decided by the HIS's key_crowd column (key_crowd.source); " + example,
+        )
+    try:
+        check_resident_id(number)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{logs.mask_id(number)}: {exc}",
+            hint="核对证件上的号码后重新输入，错号在平台上查不到标签 / check the number against the card and type it "
+            "again: a mistyped number never matches anyone's labels",
+        ) from None
+    born = number[6:14] if len(number) == 18 else "19" + number[6:12]
+    try:
+        birth = date(int(born[:4]), int(born[4:6]), int(born[6:]))
+    except ValueError:
+        birth = None
+    if birth is None or not date(1900, 1, 1) <= birth <= date.today():
+        raise ConfigError(
+            f"{logs.mask_id(number)}: 出生日期 {born} 不是有效日期 / the birth date it holds ({born}) is not a real "
+            "date in the past",
+            hint="核对证件上的号码 / check the number against the card: digits 7 to 14 are the birth date yyyymmdd",
+        )
+    return number
 
 
 _LABEL_LISTS = (
@@ -709,10 +749,10 @@ def cmd_report(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     return EXIT_OK
 
 
-def cmd_check(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+def cmd_check(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     from sync.doctor import run_checks
 
-    failures = run_checks(settings, out=out)
+    failures = run_checks(settings, out=out, offline=args.offline)
     if not failures:
         return EXIT_OK
     # 75 only when every failure may pass by itself (something unreachable); one thing to fix makes it 2.

@@ -1,50 +1,123 @@
-"""`crowd-sync check`: every precondition of a working service, each failure with its fix."""
+"""`crowd-sync check`: every precondition of a working service, each line saying what it
+really tested: OK, WARN (works, but look), FAIL (with the fix) or SKIP (not tested, and why).
+
+The platform is tested for real, with the shared token the service uses: one harmless
+authenticated request (a label lookup of the document's probe ID for the environment).
+``check`` logs in only when there is no valid shared token: a new login pushes the running
+service's session out (FAQ 4). While a valid token exists the password is not tested, and
+the line says when it will be (the token's renewal).
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TextIO
 
-from sync.errors import SyncError
+from sync import localtime
+from sync.errors import SyncError, TransientError
+from sync.logs import mask_id
 from sync.settings import Settings
+from sync.upstream.tokens import Token, TokenStore
 
 # Document section 3.1: ID numbers that answer with labels in each environment.
 PROBE_IDS = {"test": "510100198506020036", "prod": "110104198506020037"}
 MAX_SKEW_S = 300
 
 
-def run_checks(settings: Settings, *, out: TextIO) -> list[SyncError]:
+@dataclass(frozen=True)
+class Line:
+    """What one check found: ``level`` is OK, WARN or SKIP (FAIL is raised as SyncError)."""
+
+    level: str
+    detail: str
+
+
+def ok(detail: str) -> Line:
+    return Line("OK", detail)
+
+
+def warn(detail: str) -> Line:
+    return Line("WARN", detail)
+
+
+def skip(detail: str) -> Line:
+    return Line("SKIP", detail)
+
+
+_TAGS = {"OK": "[ OK ]", "WARN": "[WARN]", "SKIP": "[SKIP]", "FAIL": "[FAIL]"}
+
+
+class TokenRefused(TransientError):
+    """The platform refused the shared token, and check may not log in again to replace it."""
+
+
+class _NoNewLogin:
+    """The shared token store, except that a token still valid is never replaced by a login
+    of check's own: the refusal is reported instead (FAQ 4: a login pushes the service out)."""
+
+    def __init__(self, store: TokenStore, *, may_login: bool) -> None:
+        self._store = store
+        self._may_login = may_login
+
+    def current(self) -> Token | None:
+        return self._store.current()
+
+    def renew(self, stale: str | None, login: Callable[[], Token]) -> Token:
+        if not self._may_login:
+            raise TokenRefused(
+                "平台拒绝了共享令牌 / the platform refused the shared login token (pushed out by another login with "
+                "this account, or expired early)",
+                hint="check does not log in again while the service may be using it (FAQ 4): the service logs in "
+                "anew at its next request; run `crowd-sync check` again after that. If another program logs in "
+                "with upstream.username, stop it or give it an account of its own",
+            )
+        return self._store.renew(stale, login)
+
+    def discard(self, value: str) -> None:
+        self._store.discard(value)
+
+
+def run_checks(settings: Settings, *, out: TextIO, offline: bool = False) -> list[SyncError]:
     """Run every check, print one line each; return what failed (empty when nothing did)."""
     from sync import clock as his_clocks
     from sync.dberrors import DB_ERRORS
     from sync.his import HisSource
-    from sync.outbox.store import Store, describe_error
+    from sync.outbox.store import Store, describe_error, head_revision
     from sync.upstream.client import Client
 
     failures: list[SyncError] = []
+    seen: dict[str, int] = {"WARN": 0, "SKIP": 0}
 
-    def report(name: str, fn: Callable[[], str]) -> bool:
+    def say(level: str, name: str, detail: str) -> None:
+        print(f"{_TAGS[level]} {name}: {detail}" if detail else f"{_TAGS[level]} {name}", file=out)
+        if level in seen:
+            seen[level] += 1
+
+    def report(name: str, fn: Callable[[], Line]) -> bool:
         try:
-            detail = fn()
+            line = fn()
         except SyncError as exc:
             failures.append(exc)
-            print(f"[FAIL] {name}: {exc.message}", file=out)
+            say("FAIL", name, exc.message)
             if exc.platform_message and exc.platform_message not in exc.message:
                 print(f"       平台返回 platform said: {exc.platform_message}", file=out)
             if exc.hint:
                 print(f"       处理 fix: {exc.hint}", file=out)
             return False
-        print(f"[ OK ] {name}: {detail}" if detail else f"[ OK ] {name}", file=out)
-        return True
+        say(line.level, name, line.detail)
+        return line.level != "SKIP"
 
-    print(f"[ OK ] settings: {settings.source_path} parsed", file=out)
+    say("OK", "settings 配置", f"{settings.source_path} 已读取并校验 / read, every setting known and valid")
 
     outbox_url = settings.outbox.url.get_secret_value()
     stores: list[Store] = []
     sources: list[HisSource] = []
     client: Client | None = None
     try:
-        def outbox() -> str:
+        def outbox() -> Line:
             opened = Store(outbox_url, lease_s=settings.outbox.lease_s)
             stores.append(opened)
             try:
@@ -55,21 +128,24 @@ def run_checks(settings: Settings, *, out: TextIO) -> list[SyncError]:
                 if described is None:
                     raise
                 raise described from None
-            return f"{opened.url_for_humans} schema current"
+            return ok(f"{opened.url_for_humans}: 已连接，结构为最新 / connected, schema at {head_revision()} (current)")
 
         outbox_ok = report("outbox", outbox)
 
-        def his_query() -> str:
+        def his_query() -> Line:
             his = HisSource(
                 settings.his, need_key_crowd=settings.key_crowd.source == "column", zone=settings.his_timezone
             )
             sources.append(his)
             columns = his.check()
-            return f"query returns the {len(columns)} expected columns"
+            return ok(
+                f"{his.display_url}: 已连接并以空时间窗执行查询 / connected, ran his.query over an empty window: "
+                f"it returns the {len(columns)} expected columns"
+            )
 
-        his_ok = report("HIS database and query", his_query)
+        his_ok = report("HIS database and query HIS数据库与查询", his_query)
 
-        def his_clock() -> str:
+        def his_clock() -> Line:
             his = sources[0]
             reading = his.clock()
             found = his_clocks.findings(reading, his.probe(reading), host_zone=settings.schedule.timezone)
@@ -78,68 +154,107 @@ def run_checks(settings: Settings, *, out: TextIO) -> list[SyncError]:
                     "; ".join(f.message for f in found),
                     hint=" — ".join(f.fix for f in found),
                 )
-            return his_clocks.note(reading, host_zone=settings.schedule.timezone)
+            return ok(his_clocks.note(reading, host_zone=settings.schedule.timezone))
 
         if his_ok:
-            report("HIS clock", his_clock)
+            report("HIS clock HIS时钟", his_clock)
+        else:
+            say("SKIP", "HIS clock HIS时钟", "未测试：HIS 无法使用 / not tested: the HIS check failed")
 
+        if offline:
+            say("SKIP", "platform 平台",
+                "--offline：未测试登录、标签查询、授权码读法与平台时钟 / not tested: login, label lookup, app key "
+                "reading and the platform's clock")
+            return failures
         if not outbox_ok:
-            print("[SKIP] platform checks: they need the outbox (it keeps the shared login token)", file=out)
+            say("SKIP", "platform 平台",
+                "未测试：需要 outbox（共享登录令牌存在其中）/ not tested: it needs the outbox (it keeps the shared "
+                "login token)")
             return failures
         store = stores[0]
-        client = Client(settings.upstream, store.token_store(), key_forms=store.key_form_memory())
+        shared = store.token_store()
+        held = shared.current()
+        now = datetime.now(localtime.zone())
+        valid = held is not None and held.valid_at(now)
+        client = Client(settings.upstream, _NoNewLogin(shared, may_login=not valid), key_forms=store.key_form_memory())
         c = client
 
-        def login() -> str:
-            from sync.upstream.tokens import utcnow
-
-            tok = store.token_store().current()
-            if tok is not None and tok.valid_at(utcnow()):
-                return (
-                    "the shared token is still valid (not logging in again: that would push out "
-                    "the running service's session)"
+        def login() -> Line:
+            if valid:
+                assert held is not None
+                renewal = localtime.text(held.expires_at)
+                return skip(
+                    f"未测试密码：共享令牌有效至 {renewal}，重新登录会把正在运行的服务挤下线（FAQ 4）/ password not "
+                    f"tested now: the shared token is valid until {renewal}, and a new login would push out the "
+                    f"running service's session (FAQ 4); it is tested when the token is renewed, at {renewal}"
                 )
-            store.token_store().renew(None, c.login)
-            return f"logged in as {settings.upstream.username}"
+            tok = shared.renew(None, c.login)
+            return ok(
+                f"已以 {settings.upstream.username} 登录，密码有效 / logged in as {settings.upstream.username}: the "
+                f"password works; the token is shared with the service until {localtime.text(tok.expires_at)}"
+            )
 
-        login_ok = report("platform login", login)
+        login_ok = report("platform login 平台登录", login) or valid
 
-        def lookup() -> str:
+        def lookup() -> Line:
             probe = PROBE_IDS[settings.upstream.env]
+            started = time.monotonic()
             result = c.lookup(probe)
+            took = time.monotonic() - started
+            how = "用共享令牌 with the shared token" if valid else "用新令牌 with the new token"
+            where = f"{settings.upstream.base_url} ({settings.upstream.env})"
             if result.person is None:
-                return f"label API answered (no labels for the document's probe ID {probe[:6]}…)"
-            return f"label API answered: {len(result.person.labels)} label(s) for the document's probe ID"
+                return warn(
+                    f"{where} 已应答，但文档的探测身份证号 {mask_id(probe)} 没有标签 / answered {how} in {took:.2f} s, "
+                    f"but with no labels for the document's probe ID {mask_id(probe)}: the platform works; check "
+                    "that upstream.env matches the platform (test and prod have different probe IDs)"
+                )
+            return ok(
+                f"{where}：标签查询 {how} 已应答 / a label lookup of the document's probe ID {mask_id(probe)} "
+                f"answered {how} in {took:.2f} s: {len(result.person.labels)} label(s)"
+            )
 
+        answered = False
         if login_ok:
-            report("label lookup", lookup)
+            answered = report("label lookup 标签查询", lookup)
+        else:
+            say("SKIP", "label lookup 标签查询", "未测试：没有可用的登录令牌 / not tested: no login token to ask with")
 
-        def key_form() -> str:
+        def key_form() -> Line:
             from sync.upstream.keyform import FORM_NAMES
 
             state = c.key_form()
             if state.setting != "auto":
                 taken = "accepted by the platform" if state.confirmed else "not accepted by the platform yet"
-                return f"{FORM_NAMES[state.form]}, pinned by upstream.app_key_form ({taken})"
+                return ok(f"{FORM_NAMES[state.form]}, pinned by upstream.app_key_form ({taken})")
             if state.confirmed:
-                return f"the platform accepts {FORM_NAMES[state.form]}; remembered in the outbox for every process"
-            return f"none accepted yet (upstream.app_key_form: auto tries {FORM_NAMES[state.form]} first)"
+                return ok(f"the platform accepts {FORM_NAMES[state.form]}; remembered in the outbox for every process")
+            return warn(
+                f"尚未确定 / none accepted yet (upstream.app_key_form: auto tries {FORM_NAMES[state.form]} first)"
+            )
 
-        report("app key reading", key_form)
+        report("app key reading 授权码读法", key_form)
 
-        def clock() -> str:
+        def clock() -> Line:
             skew = c.clock_skew_s()
             if skew is None:
-                return "platform sent no Date header; cannot compare"
+                return warn(
+                    "平台应答没有 Date 头，无法比较时钟 / the platform sent no Date header: this host's clock could "
+                    "not be compared with it; keep it synchronised (chrony/ntp): the platform refuses time stamps "
+                    "that are not current with (401) 未经授权"
+                )
             if abs(skew) > MAX_SKEW_S:
                 raise SyncError(
-                    f"this host's clock differs from the platform's by {skew:+.0f} s",
+                    f"本机时钟与平台相差 / this host's clock differs from the platform's by {skew:+.0f} s",
                     hint="the platform answers (401) 未经授权 when hie_time_stamp is not current: "
                     "synchronise the clock (chrony/ntp)",
                 )
-            return f"within {abs(skew):.0f} s of the platform"
+            return ok(f"与平台相差 {abs(skew):.0f} 秒 / within {abs(skew):.0f} s of the platform's Date header")
 
-        report("clock", clock)
+        if answered:
+            report("clock 时钟", clock)
+        else:
+            say("SKIP", "clock 时钟", "未测试：平台没有应答 / not tested: no answer from the platform to compare with")
     finally:
         if client is not None:
             client.close()
@@ -147,5 +262,10 @@ def run_checks(settings: Settings, *, out: TextIO) -> list[SyncError]:
             source.dispose()
         for opened in stores:
             opened.dispose()
-    print("all checks passed" if not failures else f"{len(failures)} check(s) failed", file=out)
+    if failures:
+        print(f"{len(failures)} 项失败 / {len(failures)} check(s) failed", file=out)
+    else:
+        extra = ", ".join(f"{n} {word}" for word, n in (("warning(s)", seen["WARN"]), ("skipped", seen["SKIP"])) if n)
+        print("全部通过 / all checks passed" + (f" ({extra})" if extra else ""), file=out)
     return failures
+

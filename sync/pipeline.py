@@ -1042,7 +1042,7 @@ def _state_time(value: Any) -> datetime | None:
 
 def _label_result(data: Any, *, via: str) -> LabelResult:
     person = parse_person(data)
-    checked = f"{via} {utcnow():%Y-%m-%d %H:%M} UTC"
+    checked = f"{via} {localtime.now().isoformat(' ', 'minutes')}"
     if person is None:
         return LabelResult(state=LabelState.NOBODY, via=checked)
     if person.is_key_population:

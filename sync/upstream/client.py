@@ -47,6 +47,7 @@ from sync.crashpoints import crash_point
 from sync.errors import ConfigError, PlatformUnavailable, SyncError, TransientError
 from sync.logs import mask_id, register_secret
 from sync.settings import Upstream
+from sync.upstream import neterrors
 from sync.upstream.answers import Answer, Outcome, classify, faq, passed_app_key, refuses_app_key, to_error
 from sync.upstream.keyform import FORM_NAMES, KeyFormMemory, KeyFormState, KeySigner
 from sync.upstream.signing import EHRKEY_HEADER, ENDPOINTS, EndpointName, KeyForm, app_key_texts, event_code
@@ -424,6 +425,8 @@ class Client:
         self._kicks: collections.deque[float] = collections.deque()
         self._kicked_tokens: set[str] = set()
         self.counters: collections.Counter[str] = collections.Counter()
+        # Called with (endpoint, seconds) for every request the platform answered (metrics).
+        self.on_answer: Callable[[str, float], None] | None = None
 
     # -- public calls
 
@@ -677,7 +680,10 @@ class Client:
         if token is not None:
             headers["accesstoken"] = token
         self._count("requests")
+        started = time.monotonic()
         raw = self._exchange(spec.method, url, body, headers, deadline, endpoint)
+        if self.on_answer is not None:
+            self.on_answer(endpoint, time.monotonic() - started)
         self._note_clock(raw.date)
         return classify(raw.status, raw.body, raw.content_type, endpoint=endpoint)
 
@@ -721,9 +727,12 @@ class Client:
             except (requests.exceptions.RequestException, OSError, TransientError) as exc:
                 # Never chain the original: its text holds the signed URL.
                 if guard.fired or time.monotonic() >= deadline:
-                    message = f"{endpoint}: no complete answer within upstream.timeout_s={timeout_s:g}s"
+                    message = (
+                        f"{endpoint}: {neterrors.host_of(self._up.base_url)} 在 upstream.timeout_s={timeout_s:g}s 内未完整应答 "
+                        f"/ no complete answer within upstream.timeout_s={timeout_s:g}s"
+                    )
                 else:
-                    message = f"{endpoint}: network error ({type(exc).__name__})"
+                    message = f"{endpoint}: 无法连接 / cannot reach {neterrors.describe(exc, self._up.base_url)}"
                 self._count("network_errors")
                 log.warning("upstream_error", endpoint=endpoint, outcome="transient", http_status=None,
                             error=message)
