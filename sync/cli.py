@@ -591,7 +591,7 @@ def lookup_id(text: str) -> str:
         check_resident_id(number)
     except ValueError as exc:
         raise ConfigError(
-            f"{logs.mask_id(number)}: {exc}",
+            f"{logs.mask_id(number)}: {str(exc).replace(': the number is mistyped in the HIS', '')}",
             hint="核对证件上的号码后重新输入，错号在平台上查不到标签 / check the number against the card and type it "
             "again: a mistyped number never matches anyone's labels",
         ) from None

@@ -110,7 +110,7 @@ def run_checks(settings: Settings, *, out: TextIO, offline: bool = False) -> lis
         say(line.level, name, line.detail)
         return line.level != "SKIP"
 
-    say("OK", "settings 配置", f"{settings.source_path} 已读取并校验 / read, every setting known and valid")
+    say("OK", "settings", f"{settings.source_path} 已读取并校验 / read, every setting known and valid")
 
     outbox_url = settings.outbox.url.get_secret_value()
     stores: list[Store] = []
@@ -143,7 +143,7 @@ def run_checks(settings: Settings, *, out: TextIO, offline: bool = False) -> lis
                 f"it returns the {len(columns)} expected columns"
             )
 
-        his_ok = report("HIS database and query HIS数据库与查询", his_query)
+        his_ok = report("HIS database and query", his_query)
 
         def his_clock() -> Line:
             his = sources[0]
@@ -157,17 +157,17 @@ def run_checks(settings: Settings, *, out: TextIO, offline: bool = False) -> lis
             return ok(his_clocks.note(reading, host_zone=settings.schedule.timezone))
 
         if his_ok:
-            report("HIS clock HIS时钟", his_clock)
+            report("HIS clock", his_clock)
         else:
-            say("SKIP", "HIS clock HIS时钟", "未测试：HIS 无法使用 / not tested: the HIS check failed")
+            say("SKIP", "HIS clock", "未测试：HIS 无法使用 / not tested: the HIS check failed")
 
         if offline:
-            say("SKIP", "platform 平台",
+            say("SKIP", "platform",
                 "--offline：未测试登录、标签查询、授权码读法与平台时钟 / not tested: login, label lookup, app key "
                 "reading and the platform's clock")
             return failures
         if not outbox_ok:
-            say("SKIP", "platform 平台",
+            say("SKIP", "platform",
                 "未测试：需要 outbox（共享登录令牌存在其中）/ not tested: it needs the outbox (it keeps the shared "
                 "login token)")
             return failures
@@ -194,31 +194,31 @@ def run_checks(settings: Settings, *, out: TextIO, offline: bool = False) -> lis
                 f"password works; the token is shared with the service until {localtime.text(tok.expires_at)}"
             )
 
-        login_ok = report("platform login 平台登录", login) or valid
+        login_ok = report("platform login", login) or valid
 
         def lookup() -> Line:
             probe = PROBE_IDS[settings.upstream.env]
             started = time.monotonic()
             result = c.lookup(probe)
             took = time.monotonic() - started
-            how = "用共享令牌 with the shared token" if valid else "用新令牌 with the new token"
+            zh, en = ("共享令牌", "the shared token") if valid else ("新令牌", "the new token")
             where = f"{settings.upstream.base_url} ({settings.upstream.env})"
             if result.person is None:
                 return warn(
-                    f"{where} 已应答，但文档的探测身份证号 {mask_id(probe)} 没有标签 / answered {how} in {took:.2f} s, "
+                    f"{where} 已应答（{zh}），但文档的探测身份证号没有标签 / answered with {en} in {took:.2f} s, "
                     f"but with no labels for the document's probe ID {mask_id(probe)}: the platform works; check "
                     "that upstream.env matches the platform (test and prod have different probe IDs)"
                 )
             return ok(
-                f"{where}：标签查询 {how} 已应答 / a label lookup of the document's probe ID {mask_id(probe)} "
-                f"answered {how} in {took:.2f} s: {len(result.person.labels)} label(s)"
+                f"{where} 用{zh}查询标签已应答 / a label lookup of the document's probe ID {mask_id(probe)} "
+                f"answered with {en} in {took:.2f} s: {len(result.person.labels)} label(s)"
             )
 
         answered = False
         if login_ok:
-            answered = report("label lookup 标签查询", lookup)
+            answered = report("label lookup", lookup)
         else:
-            say("SKIP", "label lookup 标签查询", "未测试：没有可用的登录令牌 / not tested: no login token to ask with")
+            say("SKIP", "label lookup", "未测试：没有可用的登录令牌 / not tested: no login token to ask with")
 
         def key_form() -> Line:
             from sync.upstream.keyform import FORM_NAMES
@@ -233,7 +233,7 @@ def run_checks(settings: Settings, *, out: TextIO, offline: bool = False) -> lis
                 f"尚未确定 / none accepted yet (upstream.app_key_form: auto tries {FORM_NAMES[state.form]} first)"
             )
 
-        report("app key reading 授权码读法", key_form)
+        report("app key reading", key_form)
 
         def clock() -> Line:
             skew = c.clock_skew_s()
@@ -252,9 +252,9 @@ def run_checks(settings: Settings, *, out: TextIO, offline: bool = False) -> lis
             return ok(f"与平台相差 {abs(skew):.0f} 秒 / within {abs(skew):.0f} s of the platform's Date header")
 
         if answered:
-            report("clock 时钟", clock)
+            report("clock", clock)
         else:
-            say("SKIP", "clock 时钟", "未测试：平台没有应答 / not tested: no answer from the platform to compare with")
+            say("SKIP", "clock", "未测试：平台没有应答 / not tested: no answer from the platform to compare with")
     finally:
         if client is not None:
             client.close()

@@ -211,6 +211,14 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: TextIO, *, prefix: bool) -> None:
         super().__init__(stream)
         self.prefix = prefix
+        # Set up on stderr: keep writing to whatever sys.stderr is at the time, so that lines
+        # logged under the terminal's live progress display scroll above it (it redirects stderr).
+        self._follow_stderr = stream is sys.stderr
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._follow_stderr and self.stream is not sys.stderr:
+            self.stream = sys.stderr
+        super().emit(record)
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)

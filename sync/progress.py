@@ -122,6 +122,7 @@ class Progress:
         self._read_at_phase = 0
         self._due: int | None = None
         self._done_at_phase = 0
+        self._last: Snapshot | None = None
 
     def tick(self) -> None:
         self.at = self._clock()
@@ -150,9 +151,15 @@ class Progress:
             self._done_at_phase = self._settled()
 
     def finish(self) -> None:
+        last = self.snapshot()
         with self._lock:
+            self._last = last
             self._kind = None
             self._stats = None
+
+    def last(self) -> Snapshot | None:
+        """The run in progress, else where the last run ended."""
+        return self.snapshot() or self._last
 
     def _settled(self) -> int:
         st = self._stats
@@ -266,18 +273,18 @@ class LiveDisplay:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        self._update()
+        self._update(final=True)
         self._bars.stop()
 
     def _run(self) -> None:
         while not self._stop.wait(self._refresh):
             self._update()
 
-    def _update(self) -> None:
-        snap = self._source.snapshot()
+    def _update(self, *, final: bool = False) -> None:
+        snap = self._source.last() if final else self._source.snapshot()
         if snap is None:
             return
-        if snap.phase == "reading" or (snap.phase == "sending" and self._reading is None and snap.rows_read):
+        if snap.phase == "reading" or (snap.phase == "sending" and snap.rows_read):
             at = f" · HIS {snap.position:%Y-%m-%d %H:%M}" if snap.position is not None else ""
             rate = f" · {snap.rate_per_s:,.0f} rows/s" if snap.rate_per_s and snap.phase == "reading" else ""
             detail = f"read {snap.rows_read:,} · queued {snap.queued:,}{at}{rate}"
