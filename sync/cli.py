@@ -381,10 +381,11 @@ def _one_shot(args: argparse.Namespace, settings: Settings, out: TextIO, kind: s
 def summary_line(stats: Any) -> str:
     """The one-line summary of once and reconcile, in both languages."""
     return (
-        f"读取 read {stats.rows_read}, 入队 enqueued {stats.enqueued}, 已发送 sent {stats.sent} "
-        f"(新增 created {stats.created}, 修改 updated {stats.updated}), 失败 failed {stats.failed}, "
-        f"不合规 invalid {stats.invalid}, 非重点人群 skipped {stats.skipped}, 放弃 dead {stats.dead}, "
-        f"{stats.duration_s:.1f}s"
+        f"读取 {stats.rows_read}，入队 {stats.enqueued}，已发送 {stats.sent}（新增 {stats.created}，修改 {stats.updated}），"
+        f"失败 {stats.failed}，不合规 {stats.invalid}，非重点人群 {stats.skipped}，放弃 {stats.dead} / "
+        f"read {stats.rows_read}, enqueued {stats.enqueued}, sent {stats.sent} "
+        f"(created {stats.created}, updated {stats.updated}), failed {stats.failed}, "
+        f"invalid {stats.invalid}, skipped {stats.skipped}, dead {stats.dead}, {stats.duration_s:.1f}s"
     )
 
 

@@ -265,7 +265,7 @@ def test_progress_log_lines_without_a_terminal(world: Path, sim: Simulator) -> N
     sending = [p for p in progress if p["phase"] == "sending"]
     assert sending and {"due", "sent", "rate_per_s", "percent"} <= set(sending[-1]), sending
     assert len(progress) < 30  # a line every few tenths of a second, not one per record
-    assert "读取 read 7" in r.stdout and "已发送 sent 4" in r.stdout  # the summary, in both languages
+    assert "读取 7，入队 7，已发送 4" in r.stdout and "read 7, enqueued 7, sent 4" in r.stdout  # both languages
 
 
 def test_live_progress_display_on_a_terminal(world: Path, sim: Simulator) -> None:
@@ -296,7 +296,7 @@ def test_live_progress_display_on_a_terminal(world: Path, sim: Simulator) -> Non
     screen = seen.decode("utf-8", "replace")
     assert "读取 HIS  reading" in screen and "发送 sending" in screen, screen[-2000:]
     assert "sent 4" in screen and "100%" in screen
-    assert "已发送 sent 4" in out.decode()  # the summary stays on stdout
+    assert "read 7, enqueued 7, sent 4" in out.decode()  # the summary stays on stdout
 
 
 def test_systemd_status_says_what_the_cycle_did_and_what_waits(world: Path) -> None:
