@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, tzinfo
+from decimal import Decimal
 from typing import Any
 
 from sync import display, localtime, records
@@ -147,7 +148,7 @@ def his_values(payload_json: str) -> tuple[dict[str, Any], str]:
     if raw is not None:
         return {k: _plain(v) for k, v in raw[0].items()}, "exact"
     try:
-        payload = json.loads(payload_json)
+        payload = json.loads(payload_json, parse_float=Decimal)
     except ValueError:
         return {}, "unreadable"
     if not isinstance(payload, dict):
@@ -155,7 +156,7 @@ def his_values(payload_json: str) -> tuple[dict[str, Any], str]:
     if "cardType" not in payload:
         return {str(k): _plain(v) for k, v in payload.items()}, "exact"
     values = {
-        records.FIELD_COLUMNS[f]: payload[f] for f in records.FIELDS if f in payload and f != "keyCrowd"
+        records.FIELD_COLUMNS[f]: _plain(payload[f]) for f in records.FIELDS if f in payload and f != "keyCrowd"
     }
     return values, "validated"
 
@@ -163,6 +164,8 @@ def his_values(payload_json: str) -> tuple[dict[str, Any], str]:
 def _plain(value: Any) -> Any:
     if isinstance(value, datetime | date):
         return value.isoformat(" ") if isinstance(value, datetime) else value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)  # money as written, 0.00 not 0.0
     if isinstance(value, bytes):
         return value.hex()
     if isinstance(value, str | int | float | bool) or value is None:
@@ -191,7 +194,9 @@ def story(
         values.setdefault("changed_at", localtime.wall(row["source_changed_at"], his_tz))
     payload: Any = None
     if exactness == "validated":
-        payload = _masked(json.loads(str(row["payload"])), ("cardNo",), unmask)
+        payload = _masked(
+            {k: _plain(v) for k, v in json.loads(str(row["payload"]), parse_float=Decimal).items()}, ("cardNo",), unmask
+        )
     reason, fix = split_reason(row.get("last_error"), lsh) if row.get("last_error") else (None, None)
     if not unmask and reason is not None:
         reason = redact(reason)
@@ -280,8 +285,16 @@ def render_story(d: Mapping[str, Any], *, zone: str, offset: str, keep_days: int
     if d.get("payload") is not None:
         head = "已上传的报文 / payload sent" if d["payload_sent"] else "待上传的报文 / payload to send (keyCrowd decided at dispatch)"
         lines += ["", head]
-        lines += ["  " + x for x in json.dumps(d["payload"], ensure_ascii=False, indent=2).split("\n")]
-    lines += ["", f"尝试记录 / attempts ({d.get('attempts_made') or 0} counted on this payload; history kept {keep_days} days)"]
+        lines += ["  {"] + [
+            f"    {json.dumps(k, ensure_ascii=False)}: {v if k in records.MONEY_FIELDS else json.dumps(v, ensure_ascii=False)}"
+            + ("," if i < len(d["payload"]) - 1 else "")
+            for i, (k, v) in enumerate(d["payload"].items())
+        ] + ["  }"]
+    lines += [
+        "",
+        f"尝试记录 / attempts (保留 kept {keep_days} days; 当前报文失败计数 failures counted on the current payload: "
+        f"{d.get('attempts_made') or 0})",
+    ]
     if not d["attempts"]:
         lines.append("  无 / none kept")
     else:
