@@ -623,12 +623,12 @@ class Pipeline:
             if previous is None:
                 log.error(
                     "platform_unreachable", error=error.message, platform_message=error.platform_message,
-                    next_probe_at=nxt.isoformat(timespec="seconds"),
+                    next_probe_at=localtime.text(nxt),
                     consequence="sending paused; no record is charged; probing with back-off",
                 )
             else:
                 log.warning("platform_probe_failed", probes=probes, error=error.message,
-                            next_probe_at=nxt.isoformat(timespec="seconds"))
+                            next_probe_at=localtime.text(nxt))
             return True
         if paused:
             self.store.clear_config_error()
@@ -870,12 +870,12 @@ class Pipeline:
         refusals = c.generic_failures + 1
         if generic and refusals >= self.settings.retry.max_generic_attempts:
             log.error(
-                "record_refused_repeatedly", lsh=c.lsh, refusals=refusals, retry_at=nxt.isoformat(), error=error,
+                "record_refused_repeatedly", lsh=c.lsh, refusals=refusals, retry_at=localtime.text(nxt), error=error,
                 fix="平台多次拒收且未说明原因：把此日志交给平台支持 / the platform keeps refusing this record without "
                 "a reason: give this log to the platform's support; it is retried with back-off meanwhile",
             )
         else:
-            log.info("record_failed", lsh=c.lsh, attempts=c.attempts + 1, retry_at=nxt.isoformat(), error=error)
+            log.info("record_failed", lsh=c.lsh, attempts=c.attempts + 1, retry_at=localtime.text(nxt), error=error)
 
     def _pause(self, exc: ConfigError, claims: Iterable[Claimed]) -> None:
         self.store.release(list(claims), now=self.clock())
