@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import operator
 import re
 from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime, time
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, NotRequired, TypedDict, cast
 
+from sync import idcard
 from sync.errors import ConfigError, InvalidRecord
 from sync.logs import mask_id
 
@@ -126,13 +126,6 @@ _KEY_CROWD: dict[str, str] = {
     "true": "1",
     "false": "0",
 }
-
-# GB 11643-1999 check digit of the 18-character resident ID number.
-_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-_ID_CHECK = "10X98765432"
-_ID_ZERO = ord("0") * sum(_ID_WEIGHTS)
-_ID18_RE = re.compile(r"\d{17}[\dX]")
-_ID15_RE = re.compile(r"\d{15}")
 
 # Date strings the HIS databases we meet return: 2024-01-05, 2024/01/05, 2024.01.05,
 # 2024-1-5, each optionally followed by a time (" 10:00:00", "T10:00:00", fractions);
@@ -302,30 +295,6 @@ def decode_card_type(value: Any) -> str | None:
             "44 港澳同胞回乡证, 50 护照, 60 其他 (字典)"
         )
     return text
-
-
-def check_resident_id(text: str) -> str:
-    """A resident ID number, upper-cased X; ValueError unless 18 characters with the right
-    check digit (GB 11643) or 15 digits (first-generation card, sent as is)."""
-    number = text.strip().upper()
-    if _ID15_RE.fullmatch(number):
-        return number
-    if not _ID18_RE.fullmatch(number):
-        raise ValueError(
-            "not a resident ID number: 18 characters (17 digits and a digit or X) or 15 digits "
-            "(身份证号码应为18位或15位)"
-        )
-    body = number[:17]
-    if body.isascii():
-        # The digits' bytes minus ord("0") each: no int() per character (every row of a back-fill).
-        total = sum(map(operator.mul, body.encode(), _ID_WEIGHTS)) - _ID_ZERO
-    else:
-        total = sum(map(operator.mul, map(int, body), _ID_WEIGHTS))  # \d also matches other scripts' digits
-    expected = _ID_CHECK[total % 11]
-    if number[17] != expected:
-        # The platform matches labels by the exact number: a mistyped one never matches.
-        raise ValueError(f"wrong check digit, expected {expected} (身份证校验码错误): the number is mistyped in the HIS")
-    return number
 
 
 def decode_visit_type(value: Any) -> str | None:
@@ -542,7 +511,7 @@ def build(row: Mapping[str, Any], *, key_crowd: str | None = None, today: date |
     card_no = _checked_text(problems, "cardNo", row.get("card_no"), required=True)
     if card_no is not None and card_type == RESIDENT_ID:
         try:
-            card_no = check_resident_id(card_no)
+            card_no = idcard.check(card_no)
         except ValueError as exc:
             problems.add("cardNo", card_no, str(exc))
 
@@ -639,27 +608,6 @@ def _invalid(lsh: str | None, violations: list[str]) -> InvalidRecord:
         )
     message = f"record lsh={lsh if lsh is not None else '<missing>'}: {count} {noun}: " + "; ".join(violations)
     return InvalidRecord(message, violations=violations, hint=hint, lsh=lsh)
-
-
-def card_key(row: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(cardType, cardNo) as they would be sent, or None when either is invalid."""
-    row = normalize_row(row)
-    try:
-        card_type = decode_card_type(row.get("card_type"))
-        card_no = _text(row.get("card_no"))
-        if card_type is None or card_no is None or len(card_no) > MAX_LENGTH["cardNo"]:
-            return None
-        if card_type == RESIDENT_ID:
-            card_no = check_resident_id(card_no)
-    except ValueError:
-        return None
-    return card_type, card_no
-
-
-def resident_id(row: Mapping[str, Any]) -> str | None:
-    """The row's resident ID number for a label lookup, or None (other card type or invalid)."""
-    key = card_key(row)
-    return key[1] if key is not None and key[0] == RESIDENT_ID else None
 
 
 # --------------------------------------------------------------------------- JSON

@@ -198,18 +198,3 @@ def test_sqlite_driver_insert_stores_exactly_what_sqlalchemy_would(tmp_path: Pat
     finally:
         fast.dispose()
         reference.dispose()
-
-
-def test_resident_id_check_digit_is_the_same_by_bytes_and_by_int() -> None:
-    rng = random.Random(11)
-    for _ in range(2000):
-        body = "".join(rng.choice("0123456789") for _ in range(17))
-        total = sum(int(c) * w for c, w in zip(body, records._ID_WEIGHTS, strict=True))
-        good = body + records._ID_CHECK[total % 11]
-        assert records.check_resident_id(good.lower()) == good
-        wrong = body + records._ID_CHECK[(total + 1) % 11]
-        with pytest.raises(ValueError, match="wrong check digit"):
-            records.check_resident_id(wrong)
-    # Digits of other scripts (\d matches them) are judged by their value, as before.
-    arabic = "".join(chr(0x660 + int(c)) for c in "51010019850602003") + "6"  # 510100198506020036
-    assert records.check_resident_id(arabic) == arabic

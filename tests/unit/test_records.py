@@ -16,7 +16,6 @@ from sync.records import (
     FIELDS,
     REQUIRED_COLUMNS,
     build,
-    card_key,
     check_columns,
     decode_key_crowd,
     normalize_row,
@@ -24,7 +23,6 @@ from sync.records import (
     payload_hash,
     payload_json,
     raw_json,
-    resident_id,
 )
 
 TODAY = date(2024, 6, 1)
@@ -538,14 +536,3 @@ def test_unknown_and_repeated_columns_are_named() -> None:
     assert "unknown column patient_name: remove or rename it" in error.problems
     assert any(p.startswith("column lsh appears more than once") for p in error.problems)
     assert "patient_name" in str(error)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def test_card_key_and_resident_id() -> None:
-    assert card_key(row(card_no="11010519491231002x")) == ("10", "11010519491231002X")
-    assert resident_id(row(CARD_TYPE=10)) == ID
-    assert resident_id(row(card_type="50", card_no="E1234567")) is None
-    assert card_key(row(card_no=BAD_CHECK_ID)) is None
-    assert resident_id(row(card_no=BAD_CHECK_ID)) is None
