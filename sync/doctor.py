@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TextIO
 
-from sync.errors import SyncError
+from sync.errors import SyncError, platform_said
 from sync.settings import Settings
 
 # Document section 3.1: ID numbers that answer with labels in each environment.
@@ -29,8 +29,9 @@ def run_checks(settings: Settings, *, out: TextIO) -> list[SyncError]:
         except SyncError as exc:
             failures.append(exc)
             print(f"[FAIL] {name}: {exc.message}", file=out)
-            if exc.platform_message and exc.platform_message not in exc.message:
-                print(f"       平台返回 platform said: {exc.platform_message}", file=out)
+            said = platform_said(exc)
+            if said:
+                print(f"       平台返回 platform said: {said}", file=out)
             if exc.hint:
                 print(f"       处理 fix: {exc.hint}", file=out)
             return False

@@ -27,7 +27,15 @@ import structlog
 from sync import keycrowd, records
 from sync.clock import ClockWatch, HisClock, cursor_ahead, human_offset
 from sync.crashpoints import crash_point
-from sync.errors import AuthError, ConfigError, InvalidRecord, PlatformUnavailable, SyncError, TransientError
+from sync.errors import (
+    AuthError,
+    ConfigError,
+    InvalidRecord,
+    PlatformUnavailable,
+    SyncError,
+    TransientError,
+    describe,
+)
 from sync.his import HisSource, polling_window
 from sync.keycrowd import Decision, LabelResult, LabelState, Verdict
 from sync.outbox.store import Claimed, Incoming, Outcome, Status, Store
@@ -608,7 +616,7 @@ class Pipeline:
             return True
         if halt:
             error = halt[0]
-            reason = _describe(error)
+            reason = describe(error)
             previous = self.store.get_platform_down()
             probes = int(previous.get("probes") or 0) + 1 if previous else 0
             now = self.clock()
@@ -794,11 +802,11 @@ class Pipeline:
             except InvalidRecord as exc:
                 halt.answered()
                 self._recorder.put(
-                    self.store.invalid_outcome(c, error=_describe(exc), http_status=exc.http_status, now=self.clock())
+                    self.store.invalid_outcome(c, error=describe(exc), http_status=exc.http_status, now=self.clock())
                 )
                 with self._lock:
                     stats.invalid += 1
-                log.warning("record_rejected", lsh=c.lsh, error=_describe(exc))
+                log.warning("record_rejected", lsh=c.lsh, error=describe(exc))
                 return
             except TransientError as exc:
                 if exc.generic:
@@ -847,7 +855,7 @@ class Pipeline:
         """A failure charged to the record: tried again after its back-off, never given up on."""
         now = self.clock()
         generic = isinstance(exc, TransientError) and exc.generic
-        error = _describe(exc)
+        error = describe(exc)
         nxt = self.policy.next_attempt_at(now, c.attempts + 1)
         self._recorder.put(
             self.store.failed_outcome(
@@ -869,8 +877,8 @@ class Pipeline:
     def _pause(self, exc: ConfigError, claims: Iterable[Claimed]) -> None:
         self.store.release(list(claims), now=self.clock())
         already = self.store.get_config_error()
-        self.store.set_config_error(message=_describe(exc), hint=exc.hint, now=self.clock())
-        if not already or already.get("message") != _describe(exc):
+        self.store.set_config_error(message=describe(exc), hint=exc.hint, now=self.clock())
+        if not already or already.get("message") != describe(exc):
             log.error("sending_paused", error=exc.message, fix=exc.hint, platform_message=exc.platform_message)
 
     # -- key population ------------------------------------------------------
@@ -907,7 +915,7 @@ class Pipeline:
                 except SyncError as exc:
                     if isinstance(exc, TransientError) and exc.generic:
                         halt.bad(exc)
-                    looked_up[card] = LabelResult(state=LabelState.FAILED, error=_describe(exc))
+                    looked_up[card] = LabelResult(state=LabelState.FAILED, error=describe(exc))
                     continue
                 if res is None:
                     continue  # not asked: sending stopped meanwhile
@@ -1035,15 +1043,6 @@ def _label_result(data: Any, *, via: str) -> LabelResult:
     if person.is_key_population:
         return LabelResult(state=LabelState.KEY, codes=tuple(lbl.code for lbl in person.labels), via=checked)
     return LabelResult(state=LabelState.NO_LABELS, via=checked)
-
-
-def _describe(exc: SyncError) -> str:
-    text = exc.message
-    if exc.platform_message and exc.platform_message not in text:
-        text += f" [platform: {exc.platform_message}]"
-    if exc.hint:
-        text += f" — {exc.hint}"
-    return text
 
 
 def _with_key_crowd(payload_json: str, key_crowd: str) -> str:
