@@ -41,7 +41,8 @@ from sync.keycrowd import Decision, LabelResult, LabelState, Verdict
 from sync.outbox.store import Claimed, Incoming, Outcome, Status, Store
 from sync.policy import MAX_UPLOAD_CRASHES, RetryPolicy
 from sync.settings import Settings
-from sync.upstream.client import Client, LookupResult, parse_person
+from sync.upstream.client import Client, LookupResult
+from sync.upstream.person import parse_person
 
 log = structlog.get_logger(__name__)
 

@@ -11,7 +11,7 @@ import pytest
 
 from sync import cli, counties, labels
 from sync.settings import CountyCodeWarning, Settings
-from sync.upstream.client import parse_person
+from sync.upstream.person import parse_person
 from sync.upstream.simulator import TEST_IDS, default_people
 from tests.support import write_settings
 
