@@ -183,7 +183,7 @@ def _outbox_error(exc: Exception, settings: Settings | None) -> SyncError | None
     own into ConfigError or TransientError): say which database, what it means and the fix."""
     if settings is None or not type(exc).__module__.startswith("sqlalchemy"):
         return None
-    from sync.outbox.store import describe_error
+    from sync.outbox.engine import describe_error
 
     return describe_error(exc, settings.outbox.url.get_secret_value())
 
@@ -347,8 +347,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     try:
         store.ensure_schema()
         summary = store.summary(now=utcnow())
-        cursor = store.get_cursor()
-        his_clock = clock.current(store.get_his_clock(), cursor[0] if cursor else None, now_utc=utcnow())
+        cursor = store.queue.get_cursor()
+        his_clock = clock.current(store.state.get_his_clock(), cursor[0] if cursor else None, now_utc=utcnow())
     finally:
         store.dispose()
     data = _summary_dict(summary, utcnow(), key_form_setting=settings.upstream.app_key_form)
@@ -509,16 +509,16 @@ def _human_age(seconds: int) -> str:
 
 
 def cmd_retry(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    from sync.outbox.store import Status
+    from sync.outbox.model import Status
     from sync.pipeline import utcnow
 
     store = _store(settings, create=False)
     try:
         store.ensure_schema()
         if args.lsh:
-            n = store.requeue(now=utcnow(), lshs=list(args.lsh))
+            n = store.queue.requeue(now=utcnow(), lshs=list(args.lsh))
         else:
-            n = store.requeue(now=utcnow(), statuses=[Status(args.status)])
+            n = store.queue.requeue(now=utcnow(), statuses=[Status(args.status)])
     finally:
         store.dispose()
     print(f"requeued {n} record(s): they are sent at the next cycle (or run `crowd-sync once`)", file=out)

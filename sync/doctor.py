@@ -18,7 +18,8 @@ def run_checks(settings: Settings, *, out: TextIO) -> list[SyncError]:
     from sync import clock as his_clocks
     from sync.dberrors import DB_ERRORS
     from sync.his import HisSource
-    from sync.outbox.store import Store, describe_error
+    from sync.outbox.engine import describe_error
+    from sync.outbox.store import Store
     from sync.upstream.client import Client
 
     failures: list[SyncError] = []

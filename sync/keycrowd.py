@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
-RESIDENT_ID = "10"
+from sync.records import RESIDENT_ID
 
 
 class Verdict(StrEnum):

@@ -38,7 +38,8 @@ from sync.errors import (
 )
 from sync.his import HisSource, polling_window
 from sync.keycrowd import Decision, LabelResult, LabelState, Verdict
-from sync.outbox.store import Claimed, Incoming, Outcome, Status, Store
+from sync.outbox.model import Claimed, Failed, Incoming, Outcome, Parked, Sent, Status
+from sync.outbox.store import Store
 from sync.policy import MAX_UPLOAD_CRASHES, RetryPolicy
 from sync.settings import Settings
 from sync.upstream.client import Client, LookupResult
@@ -187,7 +188,7 @@ class _Recorder:
 
     def _write(self, group: list[Outcome]) -> None:
         try:
-            self._store.record(group)
+            self._store.leases.record(group)
             return
         except Exception as exc:  # noqa: BLE001 - the recorder thread must outlive any database error
             if len(group) == 1:
@@ -197,14 +198,14 @@ class _Recorder:
         # One by one, so that one record the database refuses does not cost the others.
         for item in group:
             try:
-                self._store.record([item])
+                self._store.leases.record([item])
             except Exception as exc:  # noqa: BLE001 - logged, and the lease released for a later resend
                 self._lost(item, exc)
 
     def _lost(self, item: Outcome, exc: Exception) -> None:
         log.error("outcome_not_recorded", lsh=item.claimed.lsh, error=f"{type(exc).__name__}: {exc}")
         try:
-            self._store.release([item.claimed], now=utcnow())
+            self._store.leases.release([item.claimed], now=utcnow())
         except Exception:
             # The lease runs out by itself; the record is then sent again.
             log.warning("release_failed", lsh=item.claimed.lsh, exc_info=True)
@@ -245,7 +246,7 @@ class Pipeline:
         self.before_dispatch: Callable[[], None] | None = None
         self.clock_watch = ClockWatch(
             host_zone=settings.schedule.timezone, probe=lambda c: self.his.probe(c),
-            keep=lambda reading: self.store.put_his_clock(reading, now=self.clock()), monotonic=time.monotonic,
+            keep=lambda reading: self.store.state.put_his_clock(reading, now=self.clock()), monotonic=time.monotonic,
         )
 
     # -- life cycle -------------------------------------------------------
@@ -275,7 +276,7 @@ class Pipeline:
             t.join(max(0.0, deadline - time.monotonic()))
         # Outcomes first: releasing the leases before would let them be claimed and sent again.
         self._recorder.close()
-        self.store.release_owner(self.owner)
+        self.store.leases.release_owner(self.owner)
         self.client.close()
         if self._his is not None:
             self._his.dispose()
@@ -308,7 +309,7 @@ class Pipeline:
             if end > start:
                 self.read_window(start, end, stats, move_cursor=False)
             if self.settings.key_crowd.source == "lookup":
-                n = self.store.recheck_skipped(now=self.clock(), changed_since=start)
+                n = self.store.queue.recheck_skipped(now=self.clock(), changed_since=start)
                 if n:
                     log.info("skipped_rechecked", records=n)
             self.dispatch(stats)
@@ -368,7 +369,7 @@ class Pipeline:
     # -- HIS -> outbox -----------------------------------------------------
 
     def poll(self, stats: CycleStats) -> None:
-        cursor = self.store.get_cursor()
+        cursor = self.store.queue.get_cursor()
         clock = self.his.clock()
         db_now = clock.now
         if cursor is not None and cursor_ahead(cursor[0], clock):
@@ -398,7 +399,7 @@ class Pipeline:
         changed): every poll would read nothing. Go back to the newest visit read that is not
         in the HIS's future; the lookback re-reads what settled around it, and re-reading is
         harmless (enqueue skips unchanged rows). None (no visit read yet): back-fill again."""
-        newest = self.store.newest_source_changed_at(not_after=clock.now)
+        newest = self.store.queue.newest_source_changed_at(not_after=clock.now)
         to = (newest, "") if newest is not None else None
         ahead = (cursor[0] - clock.now).total_seconds()
         log.warning(
@@ -407,9 +408,9 @@ class Pipeline:
             fix="nothing to do: the poll reads again from there; if the HIS clock jumped, check its NTP",
         )
         if to is not None:
-            self.store.rewind_cursor(to, now=self.clock())
+            self.store.queue.rewind_cursor(to, now=self.clock())
         else:
-            self.store.clear_cursor()
+            self.store.queue.clear_cursor()
         self.clock_watch.rewound = {
             "at": self.clock().isoformat(timespec="seconds"), "cursor_was": cursor[0].isoformat(timespec="seconds"),
             "ahead_s": round(ahead), "rewound_to": newest.isoformat(timespec="seconds") if newest else None,
@@ -446,7 +447,7 @@ class Pipeline:
 
     def _enqueue(self, batch: list[Incoming], stats: CycleStats, cursor: tuple[datetime, str] | None) -> None:
         crash_point("before_cursor_move")
-        result = self.store.enqueue(batch, now=self.clock(), cursor=cursor)
+        result = self.store.queue.enqueue(batch, now=self.clock(), cursor=cursor)
         stats.enqueued += result.inserted + result.changed
         stats.unchanged += result.unchanged
         stats.invalid += result.invalid
@@ -560,8 +561,8 @@ class Pipeline:
         try:
             if self.sole_sender:
                 self._recover_leases()
-            paused = self.store.get_config_error()
-            down = self.store.get_platform_down()
+            paused = self.store.state.get_config_error()
+            down = self.store.state.get_platform_down()
             if down is not None:
                 due = _state_time(down.get("next_probe_at"))
                 if due is not None and self.clock() < due:
@@ -572,7 +573,7 @@ class Pipeline:
                     return
             if paused or down:
                 # One record first; the backlog follows only once the platform takes it.
-                claims = self.store.claim_due(now=self.clock(), limit=1, owner=self.owner)
+                claims = self.store.leases.claim_due(now=self.clock(), limit=1, owner=self.owner)
                 if not claims:
                     stats.paused = str(paused.get("message")) if paused else None
                     stats.unreachable = unreachable_text(down) if down else None
@@ -583,7 +584,7 @@ class Pipeline:
                     if self.next_probe_at is not None:
                         # The next probe takes another record: one the platform cannot take
                         # must not keep the others waiting.
-                        self.store.postpone([c.lsh for c in claims], until=self.next_probe_at)
+                        self.store.leases.postpone([c.lsh for c in claims], until=self.next_probe_at)
                     return
             halt = self._stream(stats, looked_up)
             self._settle(halt, stats, paused=None, down=None)
@@ -598,7 +599,7 @@ class Pipeline:
     def _recover_leases(self) -> None:
         """This process holds the instance lock: it is the only one sending, so leases held by
         anyone else belong to a process that died. Free them now rather than after lease_s."""
-        n = self.store.release_other_leases(self.owner)
+        n = self.store.leases.release_other_leases(self.owner)
         if n:
             log.warning("leases_recovered", records=n, reason="held by a process that is no longer running")
 
@@ -612,17 +613,17 @@ class Pipeline:
             stats.paused = config.message
             if down is not None:
                 # A configuration error is an answer: the platform is reachable.
-                self.store.clear_platform_down()
+                self.store.state.clear_platform_down()
                 self.next_probe_at = None
             return True
         if halt:
             error = halt[0]
             reason = describe(error)
-            previous = self.store.get_platform_down()
+            previous = self.store.state.get_platform_down()
             probes = int(previous.get("probes") or 0) + 1 if previous else 0
             now = self.clock()
             nxt = now + timedelta(seconds=self.probe_policy.delay_s(probes + 1))
-            state = self.store.set_platform_down(reason=reason, now=now, next_probe_at=nxt)
+            state = self.store.state.set_platform_down(reason=reason, now=now, next_probe_at=nxt)
             self.next_probe_at = nxt
             stats.unreachable = unreachable_text(state)
             stats.paused = str(paused.get("message")) if paused else None
@@ -637,10 +638,10 @@ class Pipeline:
                             next_probe_at=nxt.isoformat(timespec="seconds"))
             return True
         if paused:
-            self.store.clear_config_error()
+            self.store.state.clear_config_error()
             log.warning("sending_resumed", after=paused.get("message"))
         if down is not None:
-            self.store.clear_platform_down()
+            self.store.state.clear_platform_down()
             log.warning("platform_reachable_again", unreachable_since=down.get("since"), probes=down.get("probes"))
         self.next_probe_at = None
         return False
@@ -666,7 +667,7 @@ class Pipeline:
                 drained = False  # records went back untouched after a platform fault: try them again
             # Claimed before the queue runs dry: no slot waits for a batch's slowest upload.
             if not halted and not drained and len(queue) < concurrency:
-                claims = self.store.claim_due(now=self.clock(), limit=batch_size, owner=self.owner)
+                claims = self.store.leases.claim_due(now=self.clock(), limit=batch_size, owner=self.owner)
                 if claims:
                     self.progress.tick()
                     self._prepare(claims, stats, looked_up, queue, halt)
@@ -689,7 +690,7 @@ class Pipeline:
                     self._crashed(c, exc, stats)
         if queue:
             # Not sent: back as they were, nothing charged.
-            self.store.release([c for c, _, _ in queue], now=self.clock())
+            self.store.leases.release([c for c, _, _ in queue], now=self.clock())
         return list(halt.errors)
 
     def _prepare(
@@ -704,7 +705,7 @@ class Pipeline:
         labels = self._labels(claims, stats, looked_up, halt)
         if halt.errors:
             # The platform is down or refuses the configuration: the batch goes back untouched.
-            self.store.release(claims, now=self.clock())
+            self.store.leases.release(claims, now=self.clock())
             return
         unasked: list[Claimed] = []
         for c in claims:
@@ -715,7 +716,7 @@ class Pipeline:
             if d.verdict is Verdict.SEND:
                 queue.append((c, d, rebuilt.get(c.lsh)))
             elif d.verdict is Verdict.SKIP:
-                self.store.mark_skipped(c, reason=d.how, now=self.clock(), key_crowd=d.key_crowd)
+                self._park(c, Status.SKIPPED, d.how, key_crowd=d.key_crowd)
                 stats.skipped += 1
             elif d.needs_lookup:
                 unasked.append(c)  # its lookup hit a platform fault: nothing known, nothing charged
@@ -753,19 +754,17 @@ class Pipeline:
                 "the row is validated again when it is read next (reconcile, or a change in the HIS)"
             )
         if reason is not None:
-            self.store.mark_invalid(c, error=reason, http_status=None, now=self.clock())
+            self._park(c, Status.INVALID, reason)
             stats.invalid += 1
             return None
         assert restored is not None
         item = self.incoming(restored[0], today=datetime.now(self.settings.schedule.tz).date())
         if item.status is Status.INVALID:
-            self.store.mark_invalid(c, error=item.reason or "invalid", http_status=None, now=self.clock())
+            self._park(c, Status.INVALID, item.reason or "invalid")
             stats.invalid += 1
             return None
         if item.status is Status.SKIPPED:
-            self.store.mark_skipped(
-                c, reason=item.reason or "not in the key population", now=self.clock(), key_crowd=item.key_crowd
-            )
+            self._park(c, Status.SKIPPED, item.reason or "not in the key population", key_crowd=item.key_crowd)
             stats.skipped += 1
             return None
         rebuilt[c.lsh] = item.payload_hash
@@ -779,13 +778,13 @@ class Pipeline:
             upload_only_key_crowd=kc.upload_only_key_crowd, key_crowd=d.key_crowd
         ):  # pragma: no cover - decide() is the only way here; refuse rather than send
             log.error("upload_refused", lsh=c.lsh, verdict=str(d.verdict), key_crowd=d.key_crowd)
-            self.store.release([c], now=self.clock())
+            self.store.leases.release([c], now=self.clock())
             return
         assert d.key_crowd is not None
         body = _with_key_crowd(c.payload_json, d.key_crowd)
         if not halt.begin():
             # Sending just stopped (platform down, configuration): this one goes back untouched.
-            self.store.release([c], now=self.clock())
+            self.store.leases.release([c], now=self.clock())
             return
         try:  # the request's slot is given back once its outcome is known
             try:
@@ -793,7 +792,7 @@ class Pipeline:
                 crash_point("after_upload_accepted")
             except ConfigError as exc:
                 halt.add(exc)
-                self.store.release([c], now=self.clock())
+                self.store.leases.release([c], now=self.clock())
                 return
             except (PlatformUnavailable, AuthError) as exc:
                 # The platform's fault, not the record's: nothing charged, tried again.
@@ -803,7 +802,7 @@ class Pipeline:
             except InvalidRecord as exc:
                 halt.answered()
                 self._recorder.put(
-                    self.store.invalid_outcome(c, error=describe(exc), http_status=exc.http_status, now=self.clock())
+                    Parked(claimed=c, status=Status.INVALID, error=describe(exc), http_status=exc.http_status, at=self.clock())
                 )
                 with self._lock:
                     stats.invalid += 1
@@ -818,9 +817,9 @@ class Pipeline:
         finally:
             halt.end()
         self._recorder.put(
-            self.store.sent_outcome(
-                c, sent_json=body, key_crowd=d.key_crowd, answer=result.message, http_status=result.http_status,
-                now=self.clock(), payload_hash=new_hash,
+            Sent(
+                claimed=c, body=body, key_crowd=d.key_crowd, answer=result.message, http_status=result.http_status,
+                at=self.clock(), payload_hash=new_hash,
             )
         )
         self.progress.tick()
@@ -832,6 +831,12 @@ class Pipeline:
                 stats.updated += 1
         log.debug("record_sent", lsh=c.lsh, answer=result.message, key_population=d.how)
 
+    def _park(self, c: Claimed, status: Status, reason: str, *, key_crowd: str | None = None) -> None:
+        """Not to be sent now: ``invalid`` or ``skipped``, written at once."""
+        self.store.leases.record(
+            [Parked(claimed=c, status=status, error=reason, http_status=None, at=self.clock(), key_crowd=key_crowd)]
+        )
+
     def _crashed(self, c: Claimed, exc: BaseException, stats: CycleStats) -> None:
         """The upload path raised where it should not: counted against the record, which is
         parked invalid at the MAX_UPLOAD_CRASHES-th time instead of crashing every cycle."""
@@ -841,7 +846,7 @@ class Pipeline:
             "edited by hand, correct it and run `crowd-sync retry --lsh` (or let the HIS row change); "
             "otherwise report it as a bug with this text"
         )
-        status = self.store.record_crash(
+        status = self.store.leases.record_crash(
             c, error=error, now=now, next_attempt_at=self.policy.next_attempt_at(now, c.attempts + 1),
             limit=MAX_UPLOAD_CRASHES,
         )
@@ -859,9 +864,7 @@ class Pipeline:
         error = describe(exc)
         nxt = self.policy.next_attempt_at(now, c.attempts + 1)
         self._recorder.put(
-            self.store.failed_outcome(
-                c, error=error, http_status=exc.http_status, now=now, next_attempt_at=nxt, generic=generic
-            )
+            Failed(claimed=c, error=error, http_status=exc.http_status, at=now, retry_at=nxt, generic=generic)
         )
         with self._lock:
             stats.failed += 1
@@ -876,9 +879,9 @@ class Pipeline:
             log.info("record_failed", lsh=c.lsh, attempts=c.attempts + 1, retry_at=nxt.isoformat(), error=error)
 
     def _pause(self, exc: ConfigError, claims: Iterable[Claimed]) -> None:
-        self.store.release(list(claims), now=self.clock())
-        already = self.store.get_config_error()
-        self.store.set_config_error(message=describe(exc), hint=exc.hint, now=self.clock())
+        self.store.leases.release(list(claims), now=self.clock())
+        already = self.store.state.get_config_error()
+        self.store.state.set_config_error(message=describe(exc), hint=exc.hint, now=self.clock())
         if not already or already.get("message") != describe(exc):
             log.error("sending_paused", error=exc.message, fix=exc.hint, platform_message=exc.platform_message)
 
@@ -897,7 +900,7 @@ class Pipeline:
         cards = [card for card in need if card not in looked_up]
         if cards:
             ttl_s = self.settings.key_crowd.cache_ttl_h * 3600
-            cached = self.store.cache_get(cards, now=self.clock(), ttl_s=ttl_s) if ttl_s > 0 else {}
+            cached = self.store.labels.get(cards, now=self.clock(), ttl_s=ttl_s) if ttl_s > 0 else {}
             for card, (data_json,) in cached.items():
                 looked_up[card] = _label_result(json.loads(data_json) if data_json else None, via="label cache")
                 stats.cache_hits += 1
@@ -925,7 +928,7 @@ class Pipeline:
                 looked_up[card] = _label_result(res.data, via="label API")
                 fresh[card] = json.dumps(res.data, ensure_ascii=False) if res.data is not None else None
             if fresh:
-                self.store.cache_put(fresh, now=self.clock())
+                self.store.labels.put(fresh, now=self.clock())
         return {card: looked_up[card] for card in need if card in looked_up}
 
     def _lookup_one(self, card: str, halt: _Halt) -> LookupResult | None:
@@ -1009,7 +1012,7 @@ class _Halt:
 
     def release(self, store: Store, claims: list[Claimed], *, now: datetime) -> None:
         """Give records back untouched after a platform fault; the dispatch tries them again."""
-        store.release(claims, now=now)
+        store.leases.release(claims, now=now)
         with self._lock:
             self._released = True
 

@@ -6,6 +6,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+# The label lists of the answer's ``data`` (document 3.1.2), in the document's order, each
+# with the Person attribute that holds it.
+LABEL_LISTS: tuple[tuple[str, str], ...] = (
+    ("rkxBq", "demographic"),
+    ("jjxBq", "socio_economic"),
+    ("jkBq", "health"),
+    ("glztBq", "management"),
+)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Label:

@@ -53,7 +53,7 @@ def test_the_outbox_its_journal_and_lock_are_private_under_umask_022(tmp_path: P
         try:
             store.ensure_schema()
             with store.instance_lock(command="once"):
-                store.set_config_error(message="m", hint="h", now=datetime(2026, 1, 1))
+                store.state.set_config_error(message="m", hint="h", now=datetime(2026, 1, 1))
                 data = tmp_path / "var" / "data"
                 wal, shm = data / "outbox.db-wal", data / "outbox.db-shm"
                 assert wal.exists() and shm.exists()  # WAL mode: both live while the outbox is open

@@ -156,7 +156,7 @@ def test_a_cursor_ahead_of_the_his_clock_is_rewound_and_no_visit_lost(
     jumped = Site(tmp_path, with_init(mariadb_url, "SET timestamp = UNIX_TIMESTAMP() + 86400"), sim, name="jumped")
     try:
         assert jumped.pipeline.cycle().sent == 3
-        cursor = jumped.store.get_cursor()
+        cursor = jumped.store.queue.get_cursor()
         assert cursor is not None and cursor[0] > his_now() + timedelta(hours=12)
     finally:
         jumped.close()
@@ -166,7 +166,7 @@ def test_a_cursor_ahead_of_the_his_clock_is_rewound_and_no_visit_lost(
     try:
         with capture_all_logs() as logs:
             stats = site.pipeline.cycle()
-        cursor = site.store.get_cursor()
+        cursor = site.store.queue.get_cursor()
     finally:
         site.close()
     assert stats.sent == 3, stats

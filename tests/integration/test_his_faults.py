@@ -162,7 +162,7 @@ def test_a_session_killed_mid_poll_fails_that_cycle_only_and_nothing_is_sent_twi
     recorded = s.outbox_rows()
     assert 100 <= recorded < 300, f"{recorded} rows recorded before the kill"
     # The cursor covers exactly what was recorded, not the window the cycle meant to read.
-    assert s.store.get_cursor() == (at, f"LSH{recorded:06d}"), (s.store.get_cursor(), recorded)
+    assert s.store.queue.get_cursor() == (at, f"LSH{recorded:06d}"), (s.store.queue.get_cursor(), recorded)
 
     # No operator action: the next cycle reconnects, reads the rest and sends each visit once.
     s.fast()

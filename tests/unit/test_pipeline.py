@@ -236,13 +236,13 @@ def test_configuration_error_pauses_without_burning_attempts_then_resumes(world:
     stats = world.pipeline.cycle()
 
     assert stats.paused and stats.sent == 0
-    assert world.store.get_config_error() is not None
+    assert world.store.state.get_config_error() is not None
     assert all(r["attempts"] == 0 and r["status"] == "pending" for r in world.outbox().values())
 
     world.sim.faults.app_key_revoked = False
     stats = world.pipeline.cycle()
     assert stats.sent == 5
-    assert world.store.get_config_error() is None
+    assert world.store.state.get_config_error() is None
 
 
 def test_a_gateway_timeout_costs_the_record_nothing(world: World) -> None:
@@ -272,7 +272,7 @@ def test_requeued_invalid_record_is_validated_again_not_sent_raw(world: World) -
     world.pipeline.cycle()
     uploads = world.sim.counters["uploads"]
 
-    assert world.store.requeue(now=datetime.now(UTC).replace(tzinfo=None), lshs=["LSH000005"]) == 1
+    assert world.store.queue.requeue(now=datetime.now(UTC).replace(tzinfo=None), lshs=["LSH000005"]) == 1
     stats = world.pipeline.cycle()
 
     row = world.outbox()["LSH000005"]
