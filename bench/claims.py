@@ -18,7 +18,8 @@ from bench.databases import Databases
 from bench.results import Results, times
 from bench.simproc import Platform
 from bench.world import open_world
-from sync.pipeline import CycleStats, utcnow
+from sync.clock import utcnow
+from sync.stats import CycleStats
 
 
 def his_with(dbs: Databases, rows: int) -> str:

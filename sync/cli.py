@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from sync import __version__, logs
+from sync import __version__, app, logs
 from sync import settings as settings_mod
 from sync.errors import ConfigError, SyncError, TransientError
 from sync.settings import Settings
@@ -241,25 +241,16 @@ def _register_secrets(settings: Settings) -> None:
 
 
 def _store(settings: Settings, *, create: bool = True) -> Any:
-    """The outbox. ``create=False`` for commands that only read it or need what it holds:
-    they never create or migrate one (a wrong outbox.url must not look like an empty outbox)."""
-    from sync.outbox.store import Store
-
-    store = Store(settings.outbox.url.get_secret_value(), lease_s=settings.outbox.lease_s, create=create)
-    return store
+    return app.open_store(settings, create=create)
 
 
 def _pipeline(settings: Settings, store: Any) -> Any:
     """The pipeline of a command holding the instance lock: the only process sending."""
-    from sync.pipeline import Pipeline
-    from sync.upstream.client import Client
-
-    client = Client(settings.upstream, store.token_store(), key_forms=store.key_form_memory())
-    return Pipeline(settings, store=store, client=client, sole_sender=True)
+    return app.make_pipeline(settings, store, sole_sender=True)
 
 
 def _exit_for(store: Any) -> int:
-    from sync.pipeline import utcnow
+    from sync.clock import utcnow
 
     summary = store.summary(now=utcnow())
     left = sum(summary.counts.get(s, 0) for s in ("failed", "invalid", "dead"))
@@ -341,7 +332,7 @@ def cmd_run(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 
 def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     from sync import clock
-    from sync.pipeline import utcnow
+    from sync.clock import utcnow
 
     store = _store(settings, create=False)
     try:
@@ -509,8 +500,8 @@ def _human_age(seconds: int) -> str:
 
 
 def cmd_retry(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    from sync.clock import utcnow
     from sync.outbox.model import Status
-    from sync.pipeline import utcnow
 
     store = _store(settings, create=False)
     try:
@@ -526,8 +517,6 @@ def cmd_retry(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 
 
 def cmd_lookup(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    from sync.upstream.client import Client
-
     id_number = args.id_number.strip().upper()
     if not id_number:
         raise ConfigError("ID_NUMBER is empty", hint="crowd-sync lookup 510100198506020036")
@@ -535,7 +524,7 @@ def cmd_lookup(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     try:
         store.ensure_schema()
         # Through the outbox's shared token: a login of its own would push the daemon out (FAQ 4).
-        client = Client(settings.upstream, store.token_store(), key_forms=store.key_form_memory())
+        client = app.make_client(settings, store)
         try:
             result = client.lookup(id_number)
         finally:

@@ -237,9 +237,9 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
     """The demo against a simulated platform signing the app key in ``key_form``
     (as_printed or decoded); the demo's settings keep ``app_key_form: auto``."""
     from sync.cli import _exit_for, _pipeline, _register_secrets, _render_status, _summary_dict
+    from sync.clock import utcnow
     from sync.outbox.model import Status
     from sync.outbox.store import Store
-    from sync.pipeline import utcnow
     from sync.upstream.simulator import SimConfig, Simulator
 
     base = Path(directory).resolve()

@@ -41,7 +41,7 @@ from sync import clock, logs
 from sync.errors import ConfigError, SyncError
 from sync.outbox.model import Status
 from sync.outbox.store import Store
-from sync.pipeline import CycleStats
+from sync.stats import CycleStats
 
 log = structlog.get_logger(__name__)
 

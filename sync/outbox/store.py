@@ -173,8 +173,8 @@ class Store:
         a large hospital need not fit in memory."""
         _, sent = month_queries(first, after)
         with self.engine.connect() as conn:
-            for lsh, payload in conn.execution_options(stream_results=True, yield_per=_BATCH).execute(sent):
-                yield lsh, payload
+            for row in conn.execution_options(stream_results=True, yield_per=_BATCH).execute(sent):
+                yield row.lsh, row.payload
 
 
 def month_queries(first: date, after: date) -> tuple[sa.Select[Any], sa.Select[Any]]:

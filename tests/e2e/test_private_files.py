@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from sync.app import make_pipeline
 from sync.logs import configure
 from sync.outbox.store import Store
-from sync.pipeline import Pipeline
-from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
 from tests.e2e.test_cli import crowd_sync
 from tests.support import His, his_now, make_visit, write_settings
@@ -95,7 +94,7 @@ def test_a_debug_log_shows_no_sql_parameters_and_the_label_cache_no_name(tmp_pat
     store = Store(settings.outbox.url.get_secret_value())
     try:
         store.ensure_schema()
-        pipeline = Pipeline(settings, store=store, client=Client(settings.upstream, store.token_store()))
+        pipeline = make_pipeline(settings, store)
         try:
             stats = pipeline.cycle()
         finally:

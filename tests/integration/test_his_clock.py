@@ -14,11 +14,10 @@ from urllib.parse import quote
 import pytest
 
 from sync import cli
+from sync.app import make_pipeline
 from sync.doctor import run_checks
 from sync.outbox.store import Store
-from sync.pipeline import Pipeline
 from sync.settings import Settings
-from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
 from tests.support import His, capture_all_logs, his_now, make_visit, write_settings
 
@@ -42,7 +41,7 @@ class Site:
         self.path = tmp / f"{name}.yaml"
         self.store = Store(self.settings.outbox.url.get_secret_value())
         self.store.ensure_schema()
-        self.pipeline = Pipeline(self.settings, store=self.store, client=Client(self.settings.upstream, self.store.token_store()))
+        self.pipeline = make_pipeline(self.settings, self.store)
 
     def check(self) -> str:
         out = io.StringIO()

@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from sync.app import make_client, make_pipeline
 from sync.errors import TransientError
 from sync.outbox.schema import sync_outbox, sync_run
 from sync.outbox.store import Store
-from sync.pipeline import Pipeline
-from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
 from tests.support import HIS_QUERY, His, capture_all_logs, expected_payload, his_now, make_visit, write_settings
 
@@ -46,8 +45,8 @@ class Setup:
         )
         self.store = Store(self.settings.outbox.url.get_secret_value(), lease_s=60)
         self.store.ensure_schema()
-        self.client = Client(self.settings.upstream, self.store.token_store())
-        self.pipeline = Pipeline(self.settings, store=self.store, client=self.client)
+        self.client = make_client(self.settings, self.store)
+        self.pipeline = make_pipeline(self.settings, self.store, client=self.client)
         # The DBA's own session: excluded from every KILL by CONNECTION_ID().
         self.admin = sa.create_engine(his_url, isolation_level="AUTOCOMMIT")
         self.base = his_now() - timedelta(minutes=50)

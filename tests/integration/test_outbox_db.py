@@ -21,6 +21,7 @@ from alembic import command
 from alembic.config import Config
 
 import migrations
+from sync.app import make_pipeline
 from sync.errors import ConfigError
 from sync.outbox.lock import AlreadyRunning
 from sync.outbox.migrate import current_revision, head_revision
@@ -304,8 +305,6 @@ def test_visits_whose_lsh_differ_only_in_case_are_two_rows_on_a_case_insensitive
 ) -> None:
     """MariaDB's default collation utf8mb4_general_ci: ZY001a and ZY001A were one key, the second
     a duplicate on every poll, and the visits behind them never enqueued."""
-    from sync.pipeline import Pipeline
-    from sync.upstream.client import Client
     from sync.upstream.simulator import SimConfig, Simulator
     from tests.support import His, make_visit, write_settings
 
@@ -339,7 +338,7 @@ def test_visits_whose_lsh_differ_only_in_case_are_two_rows_on_a_case_insensitive
             tmp_path / "settings.yaml", his_url=f"sqlite:///{tmp_path / 'his.db'}",
             outbox_url=mariadb_general_ci_url, base_url=sim.url, overrides={"his": {"start_from": "2026-03-01"}},
         )
-        pipeline = Pipeline(settings, store=store, client=Client(settings.upstream, store.token_store()))
+        pipeline = make_pipeline(settings, store)
         try:
             first = pipeline.cycle()
             again = pipeline.cycle()

@@ -18,7 +18,7 @@ from sqlalchemy import event
 from sync.outbox.model import Failed, Incoming, Sent, Status
 from sync.outbox.schema import sync_outbox
 from sync.outbox.store import Store
-from sync.pipeline import _Recorder
+from sync.recorder import Recorder
 from sync.settings import Upstream
 from sync.upstream.client import Client
 from sync.upstream.simulator import TEST_APP_KEY, TEST_IDS, TEST_PASSWORD, TEST_USERNAME, Simulator
@@ -74,7 +74,7 @@ def test_outcomes_written_together_each_keep_the_row_only_if_still_ours_and_unch
 def test_a_record_the_database_refuses_does_not_cost_the_rest_of_its_group(store: Store) -> None:
     store.queue.enqueue([item(f"L{i}") for i in range(5)], now=T0)
     claims = store.leases.claim_due(now=T0, limit=10, owner="w")
-    recorder = _Recorder(store)
+    recorder = Recorder(store)
     for c in claims:
         if c.lsh == "L2":
             # NOT NULL violated: the group's transaction fails as a whole.

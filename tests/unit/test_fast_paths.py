@@ -15,12 +15,13 @@ import pytest
 import sqlalchemy as sa
 
 from sync import records
+from sync.app import make_pipeline
+from sync.columns import normalize_row
 from sync.outbox.model import EnqueueResult, Incoming, Status
 from sync.outbox.queue import Queue
 from sync.outbox.schema import sync_outbox
 from sync.outbox.store import Store
-from sync.pipeline import CycleStats, Pipeline
-from sync.upstream.client import Client
+from sync.stats import CycleStats
 from sync.upstream.simulator import SimConfig, Simulator
 from tests.support import His, his_now, make_visit, write_settings
 
@@ -80,7 +81,7 @@ def test_rows_with_upper_case_keys_still_build_the_same_payload() -> None:
     oracle = {f" {k.upper()} ": v for k, v in canonical.items()}
     today = datetime(2024, 6, 1).date()
     assert records.build(oracle, today=today) == records.build(canonical, today=today)
-    copy = records.normalize_row(canonical)
+    copy = normalize_row(canonical)
     copy["lsh"] = "changed"
     assert canonical["lsh"] == visit["serial_no"]  # normalize_row never hands back the caller's dict
 
@@ -115,7 +116,7 @@ def test_a_failing_batch_stops_the_poll_with_earlier_batches_and_cursor_recorded
         store = Store(settings.outbox.url.get_secret_value())
         store.ensure_schema()
         store.queue = failing = FailingQueue(store.engine)
-        pipeline = Pipeline(settings, store=store, client=Client(settings.upstream, store.token_store()))
+        pipeline = make_pipeline(settings, store)
         try:
             with pytest.raises(sa.exc.OperationalError):
                 pipeline.poll(CycleStats())

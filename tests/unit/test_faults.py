@@ -18,11 +18,11 @@ import sqlalchemy as sa
 import structlog
 
 from sync import cli
+from sync.app import make_client, make_pipeline
 from sync.outbox.schema import sync_outbox
 from sync.outbox.store import Store
-from sync.pipeline import CycleStats, Pipeline
 from sync.settings import Settings
-from sync.upstream.client import Client
+from sync.stats import CycleStats
 from sync.upstream.simulator import SimConfig, Simulator
 from tests.support import His, capture_all_logs, expected_payload, his_now, make_visit, write_settings
 
@@ -60,11 +60,11 @@ class World:
         )
         self.store = Store(self.settings.outbox.url.get_secret_value(), lease_s=60)
         self.store.ensure_schema()
-        self.client = Client(self.settings.upstream, self.store.token_store())
+        self.client = make_client(self.settings, self.store)
         if clock is None:
-            self.pipeline = Pipeline(self.settings, store=self.store, client=self.client)
+            self.pipeline = make_pipeline(self.settings, self.store, client=self.client)
         else:
-            self.pipeline = Pipeline(self.settings, store=self.store, client=self.client, clock=clock)
+            self.pipeline = make_pipeline(self.settings, self.store, client=self.client, clock=clock)
 
     def rows(self) -> dict[str, dict[str, Any]]:
         with self.store.engine.connect() as conn:

@@ -20,10 +20,9 @@ import pytest
 import sqlalchemy as sa
 
 from sync import cli
+from sync.app import make_client, make_pipeline
 from sync.outbox.store import Store
-from sync.pipeline import Pipeline
 from sync.settings import Settings
-from sync.upstream.client import Client
 from sync.upstream.keyform import KeySigner, MemoryKeyForm
 from sync.upstream.signing import KEY_FORMS
 from sync.upstream.simulator import TEST_APP_KEY, TEST_APP_KEY_ENCODED, TEST_IDS, SimConfig, Simulator
@@ -53,8 +52,8 @@ class Site:
         )
         self.store = Store(self.settings.outbox.url.get_secret_value(), lease_s=60)
         self.store.ensure_schema()
-        self.client = Client(self.settings.upstream, self.store.token_store(), key_forms=self.store.key_form_memory())
-        self.pipeline = Pipeline(self.settings, store=self.store, client=self.client)
+        self.client = make_client(self.settings, self.store)
+        self.pipeline = make_pipeline(self.settings, self.store, client=self.client)
 
     def visits(self, first: int, count: int) -> list[dict[str, Any]]:
         """``count`` visits of key-population patients (labelled upstream) and one of a patient

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from sync.app import make_client, make_pipeline
 from sync.outbox.store import Store
-from sync.pipeline import Pipeline
 from sync.settings import Settings
-from sync.upstream.client import Client
 from sync.upstream.simulator import TEST_IDS, SimConfig, Simulator
 from tests.support import His, expected_payload, his_now, make_visit, write_settings
 
@@ -34,8 +33,8 @@ class World:
         )
         self.store = Store(self.settings.outbox.url.get_secret_value(), lease_s=60)
         self.store.ensure_schema()
-        self.client = Client(self.settings.upstream, self.store.token_store())
-        self.pipeline = Pipeline(self.settings, store=self.store, client=self.client)
+        self.client = make_client(self.settings, self.store)
+        self.pipeline = make_pipeline(self.settings, self.store, client=self.client)
 
     def outbox(self) -> dict[str, dict[str, object]]:
         with self.store.engine.connect() as conn:

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from sync import records
+from sync.app import make_pipeline
 from sync.outbox.model import Failed, Incoming, Parked, Sent, Status
 from sync.outbox.store import Store, month_queries
-from sync.pipeline import Pipeline
 from sync.report import (
     Uploaded,
     csv_bytes,
@@ -32,7 +32,6 @@ from sync.report import (
     parse_month,
     render_table,
 )
-from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
 from tests.support import His, his_now, make_visit, write_settings
 
@@ -279,7 +278,7 @@ def test_report_after_a_real_run_matches_what_the_platform_holds(tmp_path: Path)
         )
         store = Store(settings.outbox.url.get_secret_value())
         store.ensure_schema()
-        pipeline = Pipeline(settings, store=store, client=Client(settings.upstream, store.token_store()))
+        pipeline = make_pipeline(settings, store)
         try:
             his.insert(visit(n) for n in range(1, 41))
             his.insert([visit(41, is_key="0"), visit(42, is_key="0"), visit(43, owed=D("99999.00"))])

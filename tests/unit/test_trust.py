@@ -23,13 +23,14 @@ import pytest
 import sqlalchemy as sa
 import structlog
 
-from sync import cli
+from sync import cli, intake
+from sync.app import make_client, make_pipeline
 from sync.outbox.model import Status
 from sync.outbox.schema import sync_outbox
 from sync.outbox.store import Store
-from sync.pipeline import CycleStats, Pipeline
 from sync.settings import Settings
-from sync.upstream.client import KICKS_TO_PAUSE, Client
+from sync.stats import CycleStats
+from sync.upstream.client import KICKS_TO_PAUSE
 from sync.upstream.signing import ENDPOINTS
 from sync.upstream.simulator import TEST_IDS, TEST_USERNAME, SimConfig, Simulator
 from tests.support import His, capture_all_logs, expected_payload, his_now, id_number, make_visit, write_settings
@@ -60,8 +61,8 @@ class World:
         )
         self.store = Store(self.settings.outbox.url.get_secret_value(), lease_s=300)
         self.store.ensure_schema()
-        self.client = Client(self.settings.upstream, self.store.token_store())
-        self.pipeline = Pipeline(self.settings, store=self.store, client=self.client, sole_sender=True)
+        self.client = make_client(self.settings, self.store)
+        self.pipeline = make_pipeline(self.settings, self.store, client=self.client, sole_sender=True)
 
     def rows(self) -> dict[str, dict[str, Any]]:
         with self.store.engine.connect() as conn:
@@ -251,7 +252,7 @@ def test_retry_of_an_invalid_row_validates_the_values_the_his_returned(
             # An ID number from a DOUBLE column: its last digits are already gone.
             "FLOAT1": {**canonical, "lsh": "FLOAT1", "card_no": 510100198506020036.0},
         }
-        items = [w.pipeline.incoming(r, today=today) for r in rows.values()]
+        items = [intake.incoming(r, key_crowd=w.settings.key_crowd, today=today) for r in rows.values()]
         assert {i.status for i in items} == {Status.INVALID}
         w.store.queue.enqueue(items, now=_utcnow())
         # A row parked by an earlier version, in the old untyped form (bytes already hex text).
@@ -420,7 +421,7 @@ def test_the_platform_refusing_everything_pauses_sending(tmp_path: Path, sim: Si
 def test_leases_of_a_pipeline_that_died_mid_dispatch_are_taken_back_at_once(tmp_path: Path, sim: Simulator) -> None:
     w = World(tmp_path, sim)
     dead_store = Store(w.settings.outbox.url.get_secret_value(), lease_s=300)
-    crashed = Pipeline(w.settings, store=dead_store, client=Client(w.settings.upstream, dead_store.token_store()))
+    crashed = make_pipeline(w.settings, dead_store)
     try:
         visits = [make_visit(n, changed=_past(60 - n)) for n in range(1, 41)]
         w.his.insert(visits)
@@ -436,8 +437,7 @@ def test_leases_of_a_pipeline_that_died_mid_dispatch_are_taken_back_at_once(tmp_
 
         with pytest.raises(Exception, match="process killed"):
             crashed.dispatch(CycleStats())
-        crashed._pool.shutdown(wait=True)  # what was in flight reached the platform
-        crashed._recorder.close()
+        crashed.dispatcher.close()  # what was in flight reached the platform; its leases stay
         leased = [r for r in w.rows().values() if r["lease_owner"] == crashed.owner]
         assert leased, "the crash left no leases behind"
 
@@ -459,11 +459,11 @@ def test_only_the_instance_lock_holder_takes_other_leases(tmp_path: Path, sim: S
         w.pipeline.poll(CycleStats())
         claimed = w.store.leases.claim_due(now=_utcnow(), limit=5, owner="elsewhere:1:dead")
         assert [c.lsh for c in claimed] == ["LSH000001"]
-        other = Pipeline(w.settings, store=w.store, client=w.client)  # not the lock holder
+        other = make_pipeline(w.settings, w.store, client=w.client)  # not the lock holder
         try:
             other.dispatch(CycleStats())
         finally:
-            other._pool.shutdown()
+            other.dispatcher.close()
         assert w.rows()["LSH000001"]["lease_owner"] == "elsewhere:1:dead"
         stats = CycleStats()
         w.pipeline.dispatch(stats)
