@@ -28,8 +28,9 @@ from sync.clock import MAX_OFFSET_S, DataProbe, HisClock
 from sync.columns import Unreadable, check_columns
 from sync.errors import ConfigError, TransientError
 from sync.logs import redact, register_secret
-from sync.settings import His, Schedule, escape_literal_colons
+from sync.settings import His, Schedule
 from sync.settings import zone as tz_of
+from sync.sqltext import escape_literal_colons
 
 log = structlog.get_logger(__name__)
 
