@@ -73,7 +73,7 @@ class PlatformUnavailable(TransientError):
     """The platform or the network to it is not working: nothing is known about any record.
 
     Dispatch pauses (one probe per backoff step) instead of charging the records it was
-    sending; see ``sync.pipeline``.
+    sending; see ``sync.circuit``.
     """
 
 

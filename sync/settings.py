@@ -268,7 +268,7 @@ class Schedule(_Model):
 class Retry(_Model):
     first_delay_s: float = Field(default=30.0, gt=0)
     max_delay_s: float = Field(default=3600.0, gt=0)
-    # No longer used: no record is given up because of the platform (see sync.pipeline);
+    # No longer used: no record is given up because of the platform (see sync.circuit);
     # kept so that settings files written for earlier versions still load.
     give_up_after_h: float = Field(default=72.0, gt=0)
     # After this many unexplained refusals of one record (中间请求异常, a code 200 without
