@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import replace
-from datetime import datetime
+from datetime import date, datetime
 
 import structlog
 
@@ -172,7 +172,8 @@ class Dispatcher:
         """Decide one claimed batch (``keycrowd.decide``, every row, every time): park what is
         not to be sent, queue the rest for upload."""
         rebuilt: dict[str, str] = {}
-        claims = [r for r in (self._rebuilt(c, stats, rebuilt) for c in claims) if r is not None]
+        today = datetime.now(self.settings.schedule.tz).date()
+        claims = [r for r in (self._rebuilt(c, stats, rebuilt, today) for c in claims) if r is not None]
         kc = self.settings.key_crowd
         labels = self._labels.fetch(claims, stats, looked_up, halt)
         if halt.errors:
@@ -198,11 +199,10 @@ class Dispatcher:
         if unasked:
             halt.release(self.store, unasked, now=self.clock())
 
-    def _rebuilt(self, c: Claimed, stats: CycleStats, rebuilt: dict[str, str]) -> Claimed | None:
+    def _rebuilt(self, c: Claimed, stats: CycleStats, rebuilt: dict[str, str], today: date) -> Claimed | None:
         """``c`` as it is to be sent: a requeued record that local validation had parked is
         validated again from its raw HIS row (``intake.rebuild``), and parked again if it
         must not go."""
-        today = datetime.now(self.settings.schedule.tz).date()
         item = intake.rebuild(c.lsh, c.payload_json, key_crowd=self.settings.key_crowd, today=today)
         if item is None:
             return c
