@@ -4,7 +4,7 @@ Every row is decided again at dispatch (``keycrowd.decide``, with the label API 
 through the label cache), and only a SEND verdict is uploaded; whose fault a failure is
 decides what it costs (see ``sync.circuit``). ``upstream.concurrency`` uploads are in
 flight at once, the next batch claimed while the previous one drains; outcomes are
-written by one thread (``sync.recorder``).
+built, counted and written by one thread (``sync.outcomes``).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from sync.errors import (
     describe,
 )
 from sync.keycrowd import Decision, LabelResult, LabelState, Verdict
-from sync.outbox.model import Claimed, Failed, Parked, Sent, Status
+from sync.outbox.model import Claimed, Status
 from sync.outbox.store import Store
-from sync.policy import MAX_UPLOAD_CRASHES, RetryPolicy
-from sync.recorder import Recorder
+from sync.outcomes import Outcomes
+from sync.policy import RetryPolicy
 from sync.settings import KeyCrowd, Settings
 from sync.stats import CycleStats, Progress
 from sync.upstream.client import Client, LookupResult
@@ -69,8 +69,9 @@ class Dispatcher:
         self.policy = RetryPolicy(first_delay_s=settings.retry.first_delay_s, max_delay_s=settings.retry.max_delay_s)
         self.circuit = Circuit(store, probes=self.policy.probes(), clock=clock)
         self._pool = ThreadPoolExecutor(max_workers=settings.upstream.concurrency, thread_name_prefix="upload")
-        self._lock = threading.Lock()
-        self.recorder = Recorder(store)
+        self.outcomes = Outcomes(
+            store, policy=self.policy, max_generic_attempts=settings.retry.max_generic_attempts, clock=clock
+        )
         self._labels = LabelLookups(settings.key_crowd, store=store, client=client, pool=self._pool, clock=clock)
 
     def dispatch(self, stats: CycleStats) -> None:
@@ -100,7 +101,7 @@ class Dispatcher:
             halt = self._stream(stats, looked_up)
             self.circuit.settle(halt, stats, paused=None, down=None)
         finally:
-            self.recorder.flush()
+            self.outcomes.recorder.flush()
 
     def close(self, *, wait_s: float = 10.0) -> None:
         """Let the uploads in flight finish (up to ``wait_s``), then write their outcomes.
@@ -109,7 +110,7 @@ class Dispatcher:
         self._pool.shutdown(wait=False, cancel_futures=True)
         for t in list(getattr(self._pool, "_threads", ())):
             t.join(max(0.0, deadline - time.monotonic()))
-        self.recorder.close()
+        self.outcomes.recorder.close()
 
     def _recover_leases(self) -> None:
         """This process holds the instance lock: it is the only one sending, so leases held by
@@ -159,7 +160,7 @@ class Dispatcher:
                 c = pending.pop(fut)
                 exc = fut.exception()
                 if exc is not None:
-                    self._crashed(c, exc, stats)
+                    self.outcomes.crashed(c, exc, stats)
         if queue:
             # Not sent: back as they were, nothing charged.
             self.store.leases.release([c for c, _, _ in queue], now=self.clock())
@@ -189,13 +190,12 @@ class Dispatcher:
             if d.verdict is Verdict.SEND:
                 queue.append((c, d, rebuilt.get(c.lsh)))
             elif d.verdict is Verdict.SKIP:
-                self._park(c, Status.SKIPPED, d.how, key_crowd=d.key_crowd)
-                stats.skipped += 1
+                self.outcomes.parked(c, Status.SKIPPED, d.how, stats, key_crowd=d.key_crowd)
             elif d.needs_lookup:
                 unasked.append(c)  # its lookup hit a platform fault: nothing known, nothing charged
             else:
                 # Undecided: never sent on a guess; tried again with the record's back-off.
-                self._failed(c, TransientError(d.how), stats)
+                self.outcomes.failed(c, TransientError(d.how), stats)
         if unasked:
             halt.release(self.store, unasked, now=self.clock())
 
@@ -207,12 +207,10 @@ class Dispatcher:
         if item is None:
             return c
         if item.status is Status.INVALID:
-            self._park(c, Status.INVALID, item.reason or "invalid")
-            stats.invalid += 1
+            self.outcomes.parked(c, Status.INVALID, item.reason or "invalid", stats)
             return None
         if item.status is Status.SKIPPED:
-            self._park(c, Status.SKIPPED, item.reason or "not in the key population", key_crowd=item.key_crowd)
-            stats.skipped += 1
+            self.outcomes.parked(c, Status.SKIPPED, item.reason or "not in the key population", stats, key_crowd=item.key_crowd)
             return None
         rebuilt[c.lsh] = item.payload_hash
         return replace(
@@ -248,82 +246,22 @@ class Dispatcher:
                 return
             except InvalidRecord as exc:
                 halt.answered()
-                self.recorder.put(
-                    Parked(claimed=c, status=Status.INVALID, error=describe(exc), http_status=exc.http_status, at=self.clock())
-                )
-                with self._lock:
-                    stats.invalid += 1
-                log.warning("record_rejected", lsh=c.lsh, error=describe(exc))
+                self.outcomes.rejected(c, exc, stats)
                 return
             except TransientError as exc:
                 if exc.generic:
                     halt.bad(exc)
-                self._failed(c, exc, stats)
+                self.outcomes.failed(c, exc, stats)
                 return
             halt.answered()
         finally:
             halt.end()
-        self.recorder.put(
-            Sent(
-                claimed=c, body=body, key_crowd=d.key_crowd, answer=result.message, http_status=result.http_status,
-                at=self.clock(), payload_hash=new_hash,
-            )
+        self.outcomes.sent(
+            c, stats, body=body, key_crowd=d.key_crowd, answer=result.message, http_status=result.http_status,
+            created=result.created, payload_hash=new_hash,
         )
         self.progress.tick()
-        with self._lock:
-            stats.sent += 1
-            if result.created:
-                stats.created += 1
-            else:
-                stats.updated += 1
         log.debug("record_sent", lsh=c.lsh, answer=result.message, key_population=d.how)
-
-    def _park(self, c: Claimed, status: Status, reason: str, *, key_crowd: str | None = None) -> None:
-        """Not to be sent now: ``invalid`` or ``skipped``, written at once."""
-        self.store.leases.record(
-            [Parked(claimed=c, status=status, error=reason, http_status=None, at=self.clock(), key_crowd=key_crowd)]
-        )
-
-    def _crashed(self, c: Claimed, exc: BaseException, stats: CycleStats) -> None:
-        """The upload path raised where it should not: counted against the record, which is
-        parked invalid at the MAX_UPLOAD_CRASHES-th time instead of crashing every cycle."""
-        now = self.clock()
-        error = (
-            f"crowd-sync crashed uploading this record: {type(exc).__name__}: {exc} — if its payload was "
-            "edited by hand, correct it and run `crowd-sync retry --lsh` (or let the HIS row change); "
-            "otherwise report it as a bug with this text"
-        )
-        status = self.store.leases.record_crash(
-            c, error=error, now=now, next_attempt_at=self.policy.next_attempt_at(now, c.attempts + 1),
-            limit=MAX_UPLOAD_CRASHES,
-        )
-        log.error("upload_crashed", lsh=c.lsh, error=f"{type(exc).__name__}: {exc}", now_status=status)
-        with self._lock:
-            if status is Status.INVALID:
-                stats.invalid += 1
-            elif status is Status.FAILED:
-                stats.failed += 1
-
-    def _failed(self, c: Claimed, exc: SyncError, stats: CycleStats) -> None:
-        """A failure charged to the record: tried again after its back-off, never given up on."""
-        now = self.clock()
-        generic = isinstance(exc, TransientError) and exc.generic
-        error = describe(exc)
-        nxt = self.policy.next_attempt_at(now, c.attempts + 1)
-        self.recorder.put(
-            Failed(claimed=c, error=error, http_status=exc.http_status, at=now, retry_at=nxt, generic=generic)
-        )
-        with self._lock:
-            stats.failed += 1
-        refusals = c.generic_failures + 1
-        if generic and refusals >= self.settings.retry.max_generic_attempts:
-            log.error(
-                "record_refused_repeatedly", lsh=c.lsh, refusals=refusals, retry_at=nxt.isoformat(), error=error,
-                fix="平台多次拒收且未说明原因：把此日志交给平台支持 / the platform keeps refusing this record without "
-                "a reason: give this log to the platform's support; it is retried with back-off meanwhile",
-            )
-        else:
-            log.info("record_failed", lsh=c.lsh, attempts=c.attempts + 1, retry_at=nxt.isoformat(), error=error)
 
 
 class LabelLookups:

@@ -18,7 +18,7 @@ from sqlalchemy import event
 from sync.outbox.model import Failed, Incoming, Sent, Status
 from sync.outbox.schema import sync_outbox
 from sync.outbox.store import Store
-from sync.recorder import Recorder
+from sync.outcomes import Recorder
 from sync.settings import Upstream
 from sync.upstream.client import Client
 from sync.upstream.simulator import TEST_APP_KEY, TEST_IDS, TEST_PASSWORD, TEST_USERNAME, Simulator
