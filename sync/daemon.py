@@ -29,8 +29,9 @@ from apscheduler.triggers.interval import IntervalTrigger
 from sync.errors import SyncError
 from sync.metrics import Metrics, MetricsServer
 from sync.outbox.lock import AlreadyRunning, InstanceLock
-from sync.pipeline import CycleStats, Pipeline
+from sync.pipeline import Pipeline
 from sync.settings import Settings
+from sync.stats import CycleStats
 
 log = structlog.get_logger(__name__)
 

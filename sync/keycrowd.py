@@ -29,10 +29,12 @@ be wrong either way), and neither is one without any ``key_crowd`` value.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
-RESIDENT_ID = "10"
+from sync.records import RESIDENT_ID
+from sync.upstream.person import Person
 
 
 class Verdict(StrEnum):
@@ -61,6 +63,16 @@ class LabelResult:
     @classmethod
     def not_asked(cls) -> LabelResult:
         return cls(state=LabelState.NOT_ASKED)
+
+
+def from_labels(person: Person | None, *, via: str, at: datetime) -> LabelResult:
+    """What the label API's answer (or the label cache's copy of it), read ``at`` (UTC), says."""
+    checked = f"{via} {at:%Y-%m-%d %H:%M} UTC"
+    if person is None:
+        return LabelResult(state=LabelState.NOBODY, via=checked)
+    if person.is_key_population:
+        return LabelResult(state=LabelState.KEY, codes=tuple(lbl.code for lbl in person.labels), via=checked)
+    return LabelResult(state=LabelState.NO_LABELS, via=checked)
 
 
 @dataclass(frozen=True, kw_only=True)

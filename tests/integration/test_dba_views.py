@@ -14,8 +14,9 @@ from alembic import command
 from alembic.config import Config
 
 import migrations
+from sync.outbox.migrate import current_revision, render_offline
 from sync.outbox.schema import sync_outbox
-from sync.outbox.store import Store, current_revision, render_offline
+from sync.outbox.store import Store
 
 VIEWS = ("sync_problem_records", "sync_daily_counts", "sync_pending_age")
 DAY1 = datetime(2026, 10, 30, 23, 59, 59, 999000)  # the last millisecond of a UTC day...
