@@ -30,7 +30,7 @@ from bench import vendor
 from bench.world import open_world
 from sync.his import window_sql
 from sync.logs import configure
-from sync.pipeline import CycleStats
+from sync.stats import CycleStats
 
 _FETCH = 1000  # rows per fetchmany: his.batch_size's default
 

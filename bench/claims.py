@@ -18,7 +18,8 @@ from bench.databases import Databases
 from bench.results import Results, times
 from bench.simproc import Platform
 from bench.world import open_world
-from sync.pipeline import CycleStats, utcnow
+from sync.clock import utcnow
+from sync.stats import CycleStats
 
 
 def his_with(dbs: Databases, rows: int) -> str:
@@ -42,11 +43,11 @@ def claim_ms(
         spent: list[float] = []
         for i in range(samples + 1):
             started = time.perf_counter()
-            got = w.store.claim_due(now=utcnow(), limit=batch, owner="bench")
+            got = w.store.leases.claim_due(now=utcnow(), limit=batch, owner="bench")
             elapsed = time.perf_counter() - started
             if len(got) != min(batch, due):
                 raise RuntimeError(f"a claim got {len(got)} rows, expected {min(batch, due)}")
-            w.store.release(got, now=utcnow())
+            w.store.leases.release(got, now=utcnow())
             if i:  # the first one warms the caches
                 spent.append(elapsed)
     return statistics.median(spent) * 1000, batch

@@ -17,7 +17,7 @@ from bench.databases import Databases
 from bench.results import Results, share
 from bench.simproc import Platform
 from bench.world import open_world
-from sync.pipeline import CycleStats
+from sync.stats import CycleStats
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,8 +1,4 @@
-"""Wiring for the benchmark: settings, outbox, client and pipeline as the CLI builds them.
-
-The one place in bench/ that constructs crowd-sync's objects: when the project's factory
-(settings -> store, client, pipeline) exists, only ``make_world`` changes.
-"""
+"""Wiring for the benchmark: settings, then outbox, client and pipeline as ``sync.app`` builds them."""
 
 from __future__ import annotations
 
@@ -14,6 +10,7 @@ from typing import Any
 
 from bench.seed import HIS_QUERY
 from sync import settings as settings_mod
+from sync.app import make_client, make_pipeline, open_store
 from sync.outbox.store import Store
 from sync.pipeline import Pipeline
 from sync.settings import Settings
@@ -56,10 +53,10 @@ class World:
 
 
 def make_world(settings: Settings) -> World:
-    store = Store(settings.outbox.url.get_secret_value(), lease_s=settings.outbox.lease_s)
+    store = open_store(settings)
     store.migrate()
-    client = Client(settings.upstream, store.token_store(), key_forms=store.key_form_memory())
-    return World(settings=settings, store=store, client=client, pipeline=Pipeline(settings, store=store, client=client))
+    client = make_client(settings, store)
+    return World(settings=settings, store=store, client=client, pipeline=make_pipeline(settings, store, client=client))
 
 
 @contextmanager

@@ -461,21 +461,26 @@ def build(*, out_dir: Path, index_url: str = DEFAULT_INDEX, glibc: str | None = 
         # Last: the sha256 of everything above, which install.sh checks before it runs anything.
         (stage / "SHA256SUMS").write_text(manifest(stage), encoding="utf-8")
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        archive = out_dir / f"{name}.tar.gz"
-        partial = archive.with_name(archive.name + ".partial")
-        try:
-            with tarfile.open(partial, "w:gz") as tar:
-                tar.add(stage, arcname=top, filter=_tar_filter)
-            partial.replace(archive)  # never a half-written archive under the final name
-        finally:
-            partial.unlink(missing_ok=True)
+        archive = _write_archive(stage, out_dir / f"{name}.tar.gz", top=top)
 
     digest = _sha256(archive)
     sha_file = archive.with_name(archive.name + ".sha256")
     # The format of sha256sum, so `sha256sum -c` checks it on the server.
     sha_file.write_text(f"{digest}  {archive.name}\n", encoding="utf-8")
     return Bundle(archive=archive, sha256_file=sha_file, sha256=digest, size=archive.stat().st_size, pins=pinned, glibc=floor)
+
+
+def _write_archive(stage: Path, archive: Path, *, top: str) -> Path:
+    """``stage`` as ``archive`` (tar.gz, everything under ``top/``), written whole or not at all."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_name(archive.name + ".partial")
+    try:
+        with tarfile.open(partial, "w:gz") as tar:
+            tar.add(stage, arcname=top, filter=_tar_filter)
+        partial.replace(archive)  # never a half-written archive under the final name
+    finally:
+        partial.unlink(missing_ok=True)
+    return archive
 
 
 def _sha256(path: Path) -> str:

@@ -12,26 +12,43 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from datetime import date, datetime
+from datetime import date
+from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 import structlog
 
-from sync import __version__, localtime, logs
+from sync import __version__, app, demo, doctor, idcard, localtime, logs, report
 from sync import settings as settings_mod
+from sync.clock import current as his_clock_now
+from sync.clock import utcnow
+from sync.daemon import Daemon
 from sync.errors import ConfigError, SyncError, TransientError
-from sync.settings import Settings
-
-EXIT_OK = 0
-EXIT_UNEXPECTED = 1
-EXIT_CONFIG = 2
-EXIT_LEFT_OVER = 3
-EXIT_TEMPFAIL = 75  # EX_TEMPFAIL (sysexits.h): the unit's Restart= retries it, cron may run again later
-EXIT_PIPE = 141  # 128 + SIGPIPE, as any command whose reader went away (`crowd-sync status | head -1`)
+from sync.exits import (
+    EXIT_CONFIG,
+    EXIT_OK,
+    EXIT_PIPE,
+    EXIT_TEMPFAIL,
+    EXIT_UNEXPECTED,
+    exit_code,
+    exit_for,
+)
+from sync.files import write_private
+from sync.outbox.engine import describe_error
+from sync.outbox.model import Status
+from sync.outbox.store import Store
+from sync.settings import Settings, zone
+from sync.settings_file import DeprecatedSettingWarning
+from sync.upstream import simulator
+from sync.views import failures
+from sync.views.person import person_data, render_person
+from sync.views.progress import progress_display, summary_line
+from sync.views.status import render_status, status_data
 
 log = structlog.get_logger(__name__)
 
@@ -158,10 +175,8 @@ def _date(text: str) -> date:
 
 
 def _month(text: str) -> date:
-    from sync.report import parse_month
-
     try:
-        return parse_month(text)
+        return report.parse_month(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -192,8 +207,6 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "simulator":
             return _simulator(args)
         if args.command == "demo":
-            from sync import demo
-
             logs.configure(level="warning", fmt="console")
             return demo.main(args.dir, out=out, key_form=args.key_form)
         offline = args.command in OFFLINE_COMMANDS or (args.command == "check" and args.offline)
@@ -218,15 +231,6 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_UNEXPECTED
 
 
-def exit_code(exc: SyncError) -> int:
-    """The exit code an error ends a command with: what the caller (systemd, cron, a person) should do."""
-    if isinstance(exc, ConfigError):
-        return EXIT_CONFIG  # fix the settings or the environment: retrying will not help
-    if isinstance(exc, TransientError):
-        return EXIT_TEMPFAIL  # a database or the platform cannot be reached now: try again later
-    return EXIT_UNEXPECTED
-
-
 def _fail(exc: SyncError) -> int:
     _print_error(exc)
     return exit_code(exc)
@@ -237,8 +241,6 @@ def _outbox_error(exc: Exception, settings: Settings | None) -> SyncError | None
     own into ConfigError or TransientError): say which database, what it means and the fix."""
     if settings is None or not type(exc).__module__.startswith("sqlalchemy"):
         return None
-    from sync.outbox.store import describe_error
-
     return describe_error(exc, settings.outbox.url.get_secret_value())
 
 
@@ -258,15 +260,15 @@ def _load_settings(path: str | None, *, platform: bool = True) -> Settings:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", settings_mod.SecretFileWarning)
         warnings.simplefilter("always", settings_mod.CountyCodeWarning)
-        warnings.simplefilter("always", settings_mod.DeprecatedSettingWarning)
+        warnings.simplefilter("always", DeprecatedSettingWarning)
         settings = settings_mod.load(path, platform=platform)
     localtime.configure(settings.schedule.tz)
     logs.configure(level=settings.log.level, fmt=settings.log.format, priority_prefix=settings.log.priority_prefix)
-    _register_secrets(settings)
+    app.register_secrets(settings)
     for w in caught:
         if issubclass(w.category, settings_mod.CountyCodeWarning):
             log.warning("unknown_county_code", detail=str(w.message))
-        elif issubclass(w.category, settings_mod.DeprecatedSettingWarning):
+        elif issubclass(w.category, DeprecatedSettingWarning):
             log.warning("deprecated_setting", detail=str(w.message))
         else:
             log.warning("secret_file_readable_by_others", detail=str(w.message))
@@ -275,65 +277,15 @@ def _load_settings(path: str | None, *, platform: bool = True) -> Settings:
     return settings
 
 
-def _register_secrets(settings: Settings) -> None:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    from sync.upstream.signing import app_key_texts
-
-    key = settings.upstream.app_key.get_secret_value()
-    if key != settings_mod.NOT_LOADED:
-        logs.register_secret(*app_key_texts(key))
-    if settings.upstream.password.get_secret_value() != settings_mod.NOT_LOADED:
-        logs.register_secret(settings.upstream.password.get_secret_value())
-    for url in (settings.his.url.get_secret_value(), settings.outbox.url.get_secret_value()):
-        try:
-            pw = make_url(url).password
-        except ArgumentError:
-            continue
-        if pw:
-            logs.register_secret(str(pw))
-
-
-# -- building blocks ------------------------------------------------------------
-
-
-def _store(settings: Settings, *, create: bool = True) -> Any:
-    """The outbox. ``create=False`` for commands that only read it or need what it holds:
-    they never create or migrate one (a wrong outbox.url must not look like an empty outbox)."""
-    from sync.outbox.store import Store
-
-    store = Store(settings.outbox.url.get_secret_value(), lease_s=settings.outbox.lease_s, create=create)
-    return store
-
-
-def _pipeline(settings: Settings, store: Any) -> Any:
-    """The pipeline of a command holding the instance lock: the only process sending."""
-    from sync.pipeline import Pipeline
-    from sync.upstream.client import Client
-
-    client = Client(settings.upstream, store.token_store(), key_forms=store.key_form_memory())
-    return Pipeline(settings, store=store, client=client, sole_sender=True)
-
-
-def _exit_for(store: Any) -> int:
-    from sync.pipeline import utcnow
-
-    summary = store.summary(now=utcnow())
-    left = sum(summary.counts.get(s, 0) for s in ("failed", "invalid", "dead"))
-    config_error = summary.config_error
-    if config_error:
-        return EXIT_CONFIG
-    if summary.platform_down:
-        return EXIT_TEMPFAIL
-    return EXIT_LEFT_OVER if left else EXIT_OK
+def _exit_after_run(store: Store) -> int:
+    return exit_for(store.summary(now=utcnow()))
 
 
 # -- commands ---------------------------------------------------------------------
 
 
 def cmd_migrate(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    store = _store(settings)
+    store = app.open_store(settings)
     try:
         before, after = store.migrate()
     finally:
@@ -348,17 +300,17 @@ def _one_shot(args: argparse.Namespace, settings: Settings, out: TextIO, kind: s
             f"--since {args.since} 晚于 --until {args.until} / --since is after --until: the window is empty",
             hint="give the earlier day to --since, e.g. crowd-sync reconcile --since 2026-10-01 --until 2026-10-31",
         )
-    store = _store(settings)
+    store = app.open_store(settings)
     with ExitStack() as stack:
         stack.callback(store.dispose)
         store.ensure_schema()
         lock = stack.enter_context(store.instance_lock(command=kind))
-        _keep_timezone(store, settings)
-        pipeline = _pipeline(settings, store)
+        app.keep_timezone(settings, store)
+        pipeline = app.make_pipeline(settings, store, sole_sender=True)
         pipeline.before_dispatch = lock.ensure
         stack.callback(pipeline.close)
         pipeline.his.check()
-        with _progress_display(pipeline.progress, settings):
+        with progress_display(pipeline.progress, every_s=settings.log.progress_every_s):
             stats = pipeline.reconcile(args.since, args.until) if kind == "reconcile" else pipeline.cycle("once")
         print(summary_line(stats), file=out)
         if stats.paused:
@@ -374,51 +326,8 @@ def _one_shot(args: argparse.Namespace, settings: Settings, out: TextIO, kind: s
                     "upstream.base_url, then run the command again later",
                 )
             )
-        return _exit_for(store)
+        return _exit_after_run(store)
     return EXIT_UNEXPECTED  # pragma: no cover - ExitStack does not swallow
-
-
-def summary_line(stats: Any) -> str:
-    """The one-line summary of once and reconcile, in both languages."""
-    return (
-        f"读取 {stats.rows_read}，入队 {stats.enqueued}，已发送 {stats.sent}（新增 {stats.created}，修改 {stats.updated}），"
-        f"失败 {stats.failed}，不合规 {stats.invalid}，非重点人群 {stats.skipped}，放弃 {stats.dead} / "
-        f"read {stats.rows_read}, enqueued {stats.enqueued}, sent {stats.sent} "
-        f"(created {stats.created}, updated {stats.updated}), failed {stats.failed}, "
-        f"invalid {stats.invalid}, skipped {stats.skipped}, dead {stats.dead}, {stats.duration_s:.1f}s"
-    )
-
-
-def _progress_display(progress: Any, settings: Settings) -> Any:
-    """The live display on a terminal (stderr), else a progress log line every few seconds."""
-    from contextlib import contextmanager
-
-    from sync.progress import LiveDisplay, Ticker
-
-    @contextmanager
-    def shown() -> Iterator[None]:
-        if sys.stderr.isatty() and os.environ.get("TERM") != "dumb":
-            with LiveDisplay(progress, sys.stderr):
-                yield
-            return
-        ticker = Ticker(progress, every_s=settings.log.progress_every_s).start()
-        try:
-            yield
-        finally:
-            ticker.stop()
-
-    return shown()
-
-
-def _keep_timezone(store: Any, settings: Settings) -> None:
-    """The DBA views count days in schedule.timezone: keep its offset in the outbox."""
-    from sync.pipeline import utcnow
-
-    tz = settings.schedule.tz
-    try:
-        store.put_timezone(settings.schedule.timezone, offset_minutes=localtime.offset_minutes(tz), now=utcnow())
-    except Exception as exc:  # noqa: BLE001 - the views' day boundary must never stop the work
-        log.warning("timezone_not_saved", error=f"{type(exc).__name__}: {exc}")
 
 
 def cmd_once(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
@@ -430,72 +339,61 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings, out: TextIO) -> 
 
 
 def cmd_run(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    from sync.daemon import Daemon
-
-    store = _store(settings)
+    store = app.open_store(settings)
     with ExitStack() as stack:
         stack.callback(store.dispose)
         store.ensure_schema()
         lock = stack.enter_context(store.instance_lock(command="run"))
-        _keep_timezone(store, settings)
-        pipeline = _pipeline(settings, store)
+        app.keep_timezone(settings, store)
+        pipeline = app.make_pipeline(settings, store, sole_sender=True)
         pipeline.his.check()
         return Daemon(settings, pipeline, lock=lock).run()
     return EXIT_UNEXPECTED  # pragma: no cover
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    from sync import status
-
-    store = _store(settings, create=False)
+    store = app.open_store(settings, create=False)
     try:
         store.ensure_schema()
-        data = status.gather(store, settings)
+        now = utcnow()
+        summary = store.summary(now=now)
+        cursor = store.queue.get_cursor()
+        his_clock = his_clock_now(store.state.get_his_clock(), cursor[0] if cursor else None, now_utc=now)
+        service = store.service()
     finally:
         store.dispose()
+    data = status_data(summary, now, outbox=store.url_for_humans, settings=settings, his_clock=his_clock, **service)
     if args.json:
         print(json.dumps(data, ensure_ascii=False, indent=2, default=str), file=out)
         return EXIT_OK
-    print(status.render(data), file=out)
+    print(render_status(data), file=out)
     return EXIT_OK
 
 
 def cmd_failures(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    import shutil
-
-    from sync import failures, status
-
     tz = settings.schedule.tz
     statuses = list(dict.fromkeys(args.status or failures.DEFAULT_STATUSES))
-    since = status.day_start_utc(args.since, tz) if args.since else None
-    store = _store(settings, create=False)
+    store = app.open_store(settings, create=False)
     try:
         store.ensure_schema()
-        rows = store.problems(statuses, since=since)
+        rows = store.problems(statuses, since=failures.day_start_utc(args.since, tz) if args.since else None)
     finally:
         store.dispose()
     items = failures.failure_items(rows, tz)
     if args.json:
-        print(json.dumps(
-            {"statuses": statuses, "since": args.since.isoformat() if args.since else None,
-             "timezone": settings.schedule.timezone, "records": items},
-            ensure_ascii=False, indent=2, default=str,
-        ), file=out)
+        data = {"statuses": statuses, "since": args.since.isoformat() if args.since else None,
+                "timezone": settings.schedule.timezone, "records": items}
+        print(json.dumps(data, ensure_ascii=False, indent=2, default=str), file=out)
         return EXIT_OK
     print(failures.render_failures(
         items, statuses=statuses, since=args.since, outbox=store.url_for_humans, zone=settings.schedule.timezone,
-        offset=_offset_text(tz), columns=max(100, shutil.get_terminal_size((140, 40)).columns),
+        offset=localtime.offset_text(tz), columns=_columns(),
     ), file=out)
     return EXIT_OK
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    import shutil
-
-    from sync import failures
-    from sync.settings import zone
-
-    store = _store(settings, create=False)
+    store = app.open_store(settings, create=False)
     try:
         store.ensure_schema()
         row = store.visit(args.lsh)
@@ -510,35 +408,29 @@ def cmd_show(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     finally:
         store.dispose()
     tz = settings.schedule.tz
-    story = failures.story(
-        row, attempts, labels=labels, tz=tz, his_tz=zone(settings.his_timezone), unmask=args.unmask
-    )
+    story = failures.story(row, attempts, labels=labels, tz=tz, his_tz=zone(settings.his_timezone), unmask=args.unmask)
     if args.json:
         print(json.dumps(story, ensure_ascii=False, indent=2, default=str), file=out)
         return EXIT_OK
     print(failures.render_story(
-        story, zone=settings.schedule.timezone, offset=_offset_text(tz), keep_days=settings.outbox.keep_attempts_days,
-        columns=max(100, shutil.get_terminal_size((140, 40)).columns),
+        story, zone=settings.schedule.timezone, offset=localtime.offset_text(tz),
+        keep_days=settings.outbox.keep_attempts_days, columns=_columns(),
     ), file=out)
     return EXIT_OK
 
 
-def _offset_text(tz: Any) -> str:
-    offset = datetime.now(tz).strftime("%z")
-    return f"{offset[:3]}:{offset[3:]}"
+def _columns() -> int:
+    return max(100, shutil.get_terminal_size((140, 40)).columns)
 
 
 def cmd_retry(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    from sync.outbox.store import Status
-    from sync.pipeline import utcnow
-
-    store = _store(settings, create=False)
+    store = app.open_store(settings, create=False)
     try:
         store.ensure_schema()
         if args.lsh:
-            n = store.requeue(now=utcnow(), lshs=list(args.lsh))
+            n = store.queue.requeue(now=utcnow(), lshs=list(args.lsh))
         else:
-            n = store.requeue(now=utcnow(), statuses=[Status(args.status)])
+            n = store.queue.requeue(now=utcnow(), statuses=[Status(args.status)])
     finally:
         store.dispose()
     print(f"requeued {n} record(s): they are sent at the next cycle (or run `crowd-sync once`)", file=out)
@@ -546,25 +438,23 @@ def cmd_retry(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 
 
 def cmd_lookup(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    from sync.upstream.client import Client
-
     id_number = lookup_id(args.id_number)
-    store = _store(settings)
+    store = app.open_store(settings)
     try:
         store.ensure_schema()
         # Through the outbox's shared token: a login of its own would push the daemon out (FAQ 4).
-        client = Client(settings.upstream, store.token_store(), key_forms=store.key_form_memory())
+        client = app.make_client(settings, store)
         try:
             result = client.lookup(id_number)
         finally:
             client.close()
     finally:
         store.dispose()
-    data = _person_dict(result.person, id_number, settings)
+    data = person_data(result.person, id_number, settings.institution)
     if args.json:
         print(json.dumps(data, ensure_ascii=False, indent=2), file=out)
     else:
-        print(_render_person(data), file=out)
+        print(render_person(data), file=out)
     return EXIT_OK
 
 
@@ -572,15 +462,11 @@ def lookup_id(text: str) -> str:
     """The ID number to ask the label API about, checked first (GB 11643: length, check digit,
     birth date): a mistyped number answers "not key population", which at the front desk
     could deny a patient the policy. ConfigError saying what is wrong otherwise."""
-    import re
-
-    from sync.records import check_resident_id
-
     number = text.strip().upper()
     example = "crowd-sync lookup 510100198506020036"
     if not number:
         raise ConfigError("身份证号为空 / ID_NUMBER is empty", hint=example)
-    if not re.fullmatch(r"\d{17}[\dX]|\d{15}", number):
+    if not idcard.looks_resident(number):
         raise ConfigError(
             f"{logs.mask_id(number)} 不是居民身份证号，标签接口只能按居民身份证查询 / is not a resident ID number "
             "(18 characters: 17 digits and a digit or X; or 15 digits): the label API knows people by their "
@@ -589,149 +475,25 @@ def lookup_id(text: str) -> str:
             "decided by the HIS's key_crowd column (key_crowd.source); " + example,
         )
     try:
-        check_resident_id(number)
+        idcard.check(number)
     except ValueError as exc:
         raise ConfigError(
             f"{logs.mask_id(number)}: {str(exc).replace(': the number is mistyped in the HIS', '')}",
             hint="核对证件上的号码后重新输入，错号在平台上查不到标签 / check the number against the card and type it "
             "again: a mistyped number never matches anyone's labels",
         ) from None
-    born = number[6:14] if len(number) == 18 else "19" + number[6:12]
-    try:
-        birth = date(int(born[:4]), int(born[4:6]), int(born[6:]))
-    except ValueError:
-        birth = None
+    birth = idcard.birth_date(number)
     if birth is None or not date(1900, 1, 1) <= birth <= date.today():
         raise ConfigError(
-            f"{logs.mask_id(number)}: 出生日期 {born} 不是有效日期 / the birth date it holds ({born}) is not a real "
-            "date in the past",
-            hint="核对证件上的号码 / check the number against the card: digits 7 to 14 are the birth date yyyymmdd",
+            f"{logs.mask_id(number)}: 出生日期不是有效日期 / the birth date it holds (digits 7 to 14, yyyymmdd) is "
+            "not a real date in the past",
+            hint="核对证件上的号码 / check the number against the card",
         )
     return number
 
 
-_LABEL_LISTS = (
-    ("rkxBq", "demographic"),
-    ("jjxBq", "socio_economic"),
-    ("jkBq", "health"),
-    ("glztBq", "management"),
-)
-
-
-def _person_dict(person: Any, id_number: str, settings: Settings) -> dict[str, Any]:
-    """The `lookup --json` answer: the same keys whether the person is found or not
-    (the HIS parses them; the READMEs list them). The ID number is masked."""
-    from sync import counties, labels
-
-    own = settings.institution.platform_county_code
-    household = person.household_county if person is not None else None
-    items: list[dict[str, Any]] = []
-    if person is not None:
-        for list_key, attr in _LABEL_LISTS:
-            for lbl in getattr(person, attr):
-                family = labels.family_of(lbl.code) if lbl.code else None
-                items.append(
-                    {
-                        "code": lbl.code or None,
-                        "name": lbl.name or labels.label_name(lbl.code) or None,
-                        "family": family,
-                        "family_name": labels.family_name(family) if family else None,
-                        "list": list_key,
-                        "remark": lbl.remark,
-                        "credit_constrained": lbl.attr1 == "1",
-                    }
-                )
-    return {
-        "id_number": logs.mask_id(id_number),
-        "found": person is not None,
-        "key_population": bool(person is not None and person.is_key_population),
-        "name": person.name if person is not None else None,
-        "credit_constrained": bool(person is not None and person.credit_constrained),
-        "insured": person.insured if person is not None else None,
-        "household_county": household,
-        "household_county_name": person.household_county_name if person is not None else None,
-        "household_county_table_name": counties.name(household),
-        "own_county": own,
-        "own_county_name": counties.name(own),
-        "in_own_county": _in_own_county(household, own),
-        "labels": items,
-    }
-
-
-def _in_own_county(household: str | None, own: str | None) -> bool | None:
-    """None when it cannot be told: the front desk must not read "no" into a gap, nor
-    into a hospital code that is not the platform's (a HIS code missing from county_map)."""
-    from sync import counties
-
-    if not household or not own:
-        return None
-    if household == own:
-        return True
-    return False if counties.known(own) else None
-
-
-def _yes_no(value: bool) -> str:
-    return "是 / yes" if value else "否 / no"
-
-
-def _render_person(d: dict[str, Any]) -> str:
-    if not d["found"]:
-        return (
-            f"{d['id_number']}: 平台无此人数据，不是重点人群 / not in the key population (the platform returned no data)\n"
-            "  如应为重点人群，请区县卫健局导入其标签 / if the person should be, the county health bureau must "
-            "import them with labels (FAQ 15)"
-        )
-    head = "重点人群 / key population" if d["key_population"] else "无标签，不按重点人群处理 / no labels: not key population (FAQ 15)"
-    lines = [
-        f"{d['id_number']} {d['name'] or ''} — {head}",
-        f"  信用约束 credit-constraint list: {_yes_no(d['credit_constrained'])}",
-        f"  户籍地 household county: {_county_text(d)}",
-    ]
-    own = d["own_county"]
-    if not own:
-        own_text = "未知 / unknown — institution.county_code is not set"
-    elif d["in_own_county"] is None and not d["household_county"]:
-        own_text = "未知 / unknown — the platform gave no household county"
-    elif d["in_own_county"] is None:
-        own_text = (
-            f"未知 / unknown — {own} is not a platform county code (document section 5): "
-            "check institution.county_code and institution.county_map"
-        )
-    else:
-        own_text = _yes_no(d["in_own_county"])
-    where = f" ({own} {d['own_county_name'] or ''})".replace(" )", ")") if own else ""
-    lines.append(f"  本县户籍 registered in the hospital's county{where}: {own_text}")
-    if d["labels"]:
-        lines.append("  标签 labels:")
-        family: object = object()
-        for lbl in d["labels"]:
-            if lbl["family"] != family:
-                family = lbl["family"]
-                lines.append(f"    {family or '-'} {lbl['family_name'] or ''}".rstrip())
-            flag = " — 信用约束 / credit-constrained" if lbl["credit_constrained"] else ""
-            lines.append(f"      {lbl['code'] or '-'} {lbl['name'] or ''}{flag}")
-    return "\n".join(lines)
-
-
-def _county_text(d: dict[str, Any]) -> str:
-    code, answered, listed = d["household_county"], d["household_county_name"], d["household_county_table_name"]
-    if not code:
-        return "- (平台未返回 / not in the answer)"
-    text = f"{code} {answered or listed or ''}".rstrip()
-    if listed is None:
-        return f"{text} (不在区划表中 / not in the county table, document section 5)"
-    if answered and answered != listed:
-        return f"{text} (区划表 county table: {listed})"
-    return text
-
-
 def cmd_report(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    from pathlib import Path
-
-    from sync import report
-    from sync.files import write_private
-
-    store = _store(settings, create=False)
+    store = app.open_store(settings, create=False)
     try:
         store.ensure_schema()
         figures = report.month_report(store, args.month)
@@ -751,18 +513,14 @@ def cmd_report(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    from sync.doctor import run_checks
-
-    failures = run_checks(settings, out=out, offline=args.offline)
-    if not failures:
+    found = doctor.run_checks(settings, out=out, offline=args.offline)
+    if not found:
         return EXIT_OK
     # 75 only when every failure may pass by itself (something unreachable); one thing to fix makes it 2.
-    return EXIT_TEMPFAIL if all(isinstance(f, TransientError) for f in failures) else EXIT_CONFIG
+    return EXIT_TEMPFAIL if all(isinstance(f, TransientError) for f in found) else EXIT_CONFIG
 
 
 def _simulator(args: argparse.Namespace) -> int:
-    from sync.upstream import simulator
-
     argv = [
         "--port", str(args.port), "--host", args.host, "--env", args.env, "--latency-ms", str(args.latency_ms),
         "--key-form", args.key_form,

@@ -49,6 +49,11 @@ _STALE_S = 30 * 60
 PROBE_EVERY_S = 3600
 
 
+def utcnow() -> datetime:
+    """Outbox time: naive UTC."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
 @dataclass(frozen=True, kw_only=True)
 class HisClock:
     """One reading of the HIS database's clock."""

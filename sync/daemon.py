@@ -26,12 +26,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from sync.circuit import unreachable_text
 from sync.errors import SyncError
 from sync.metrics import Metrics, MetricsServer
 from sync.outbox.lock import AlreadyRunning, InstanceLock
-from sync.pipeline import CycleStats, Pipeline, unreachable_text
-from sync.progress import Ticker, status_line
+from sync.pipeline import Pipeline
 from sync.settings import Settings
+from sync.stats import CycleStats
+from sync.views.progress import Ticker, status_line
 
 log = structlog.get_logger(__name__)
 

@@ -13,21 +13,27 @@ import random
 import sqlite3
 import textwrap
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
+from sync import app, idcard, localtime
 from sync import settings as settings_mod
+from sync.clock import current as his_clock_now
+from sync.clock import utcnow
+from sync.exits import exit_for
 from sync.files import private_dir, touch_private, write_private
 from sync.logs import mask_id
+from sync.outbox.model import Status, Summary
+from sync.outbox.store import Store
+from sync.settings import Settings, zone
+from sync.upstream.simulator import TEST_APP_KEY, TEST_IDS, TEST_PASSWORD, TEST_USERNAME, SimConfig, Simulator
+from sync.views import failures
+from sync.views.status import render_status, status_data
 
 DEMO_SEED = 20241105
-
-# Keep the generated ID numbers valid (GB 11643 check digit), so local validation passes.
-_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-_CHECK = "10X98765432"
 
 HIS_SCHEMA = """
 CREATE TABLE patient (
@@ -102,10 +108,9 @@ GIVEN = "伟芳娜秀英敏静丽强磊军洋勇艳杰娟涛明超秀兰霞平�
 
 
 def id_number(rng: random.Random, county: str = "511425") -> str:
-    born = datetime(1940, 1, 1) + timedelta(days=rng.randrange(0, 365 * 70))
-    body = f"{county}{born:%Y%m%d}{rng.randrange(0, 999):03d}"
-    total = sum(int(ch) * w for ch, w in zip(body, _WEIGHTS, strict=True))
-    return body + _CHECK[total % 11]
+    """A valid resident ID number (right check digit), so that local validation passes."""
+    born = date(1940, 1, 1) + timedelta(days=rng.randrange(0, 365 * 70))
+    return idcard.make(county, born, rng.randrange(0, 999))
 
 
 def _money(value: float) -> Decimal:
@@ -120,8 +125,6 @@ class DemoFacts:
 
 def build_his(path: Path, *, now: datetime, visits: int = 300, seed: int = DEMO_SEED) -> DemoFacts:
     """Create the demo HIS database; returns what the demo expects to see upstream."""
-    from sync.upstream.simulator import TEST_IDS
-
     rng = random.Random(seed)
     if path.exists():
         path.unlink()
@@ -202,8 +205,6 @@ def _his_now() -> datetime:
 
 
 def write_settings(path: Path, *, his_db: Path, outbox_db: Path, base_url: str) -> None:
-    from sync.upstream.simulator import TEST_APP_KEY, TEST_PASSWORD, TEST_USERNAME
-
     query = textwrap.indent(HIS_QUERY, "    ")
     write_private(
         path,
@@ -240,13 +241,6 @@ log:
 def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
     """The demo against a simulated platform signing the app key in ``key_form``
     (as_printed or decoded); the demo's settings keep ``app_key_form: auto``."""
-    from sync import failures, localtime, status
-    from sync.cli import _exit_for, _pipeline, _register_secrets
-    from sync.outbox.store import Status, Store
-    from sync.pipeline import utcnow
-    from sync.settings import zone
-    from sync.upstream.simulator import SimConfig, Simulator
-
     base = Path(directory).resolve()
     private_dir(base)
     his_db, outbox_db, settings_path = base / "his.db", base / "outbox.db", base / "settings.yaml"
@@ -270,14 +264,12 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
         print(f"2. 平台模拟器 / platform simulator: {sim.url} (app key form {key_form})", file=out)
         write_settings(settings_path, his_db=his_db, outbox_db=outbox_db, base_url=sim.url)
         settings = settings_mod.load(settings_path)
-        _register_secrets(settings)
+        app.register_secrets(settings)
         localtime.configure(settings.schedule.tz)
-        offset = localtime.now().strftime("%z")
-        offset = f"{offset[:3]}:{offset[3:]}"
 
-        store = Store(settings.outbox.url.get_secret_value())
+        store = app.open_store(settings)
         store.ensure_schema()
-        pipeline = _pipeline(settings, store)
+        pipeline = app.make_pipeline(settings, store, sole_sender=True)
         try:
             s1 = pipeline.cycle("once")
             print(
@@ -299,7 +291,7 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
             pipeline.close()
         summary = store.summary(now=utcnow())
         print("", file=out)
-        print(status.render(status.gather(store, settings)), file=out)
+        print(_status_text(store, settings, summary), file=out)
         counters = sim.counters
         print(
             f"\n平台收到 / the simulator saw: {counters['logins']} login(s) "
@@ -313,26 +305,8 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
         if example is not None:
             print(f"   e.g. lsh {example.get('lsh')} cardNo {mask_id(str(example.get('cardNo')))} "
                   f"totalFee {example.get('totalFee')} totalPrepayment {example.get('totalPrepayment')}", file=out)
-        # What an operator does next: the records not sent, then one of them in full.
-        tz = settings.schedule.tz
-        items = failures.failure_items(store.problems(failures.DEFAULT_STATUSES), tz)
-        print("\n$ crowd-sync failures", file=out)
-        print(failures.render_failures(
-            items, statuses=failures.DEFAULT_STATUSES, since=None, outbox=store.url_for_humans,
-            zone=settings.schedule.timezone, offset=offset,
-        ), file=out)
-        if items:
-            lsh = str(items[0]["lsh"])
-            row = store.visit(lsh)
-            assert row is not None
-            story = failures.story(
-                row, store.attempts(lsh), labels=None, tz=tz, his_tz=zone(settings.his_timezone), unmask=False
-            )
-            print(f"\n$ crowd-sync show {lsh}", file=out)
-            print(failures.render_story(
-                story, zone=settings.schedule.timezone, offset=offset, keep_days=settings.outbox.keep_attempts_days,
-            ), file=out)
-        exit_code = _exit_for(store)
+        _show_failures(store, settings, out)
+        exit_code = exit_for(summary)
         store.dispose()
     finally:
         sim.stop()
@@ -354,3 +328,35 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
         file=out,
     )
     return 0 if ok else 1
+
+
+def _status_text(store: Store, settings: Settings, summary: Summary) -> str:
+    """What `crowd-sync status` prints for the demo's outbox."""
+    now = utcnow()
+    cursor = store.queue.get_cursor()
+    his_clock = his_clock_now(store.state.get_his_clock(), cursor[0] if cursor else None, now_utc=now)
+    return render_status(status_data(
+        summary, now, outbox=store.url_for_humans, settings=settings, his_clock=his_clock, **store.service()
+    ))
+
+
+def _show_failures(store: Store, settings: Settings, out: TextIO) -> None:
+    """What an operator does next: the records not sent (`failures`), then one of them in full (`show`)."""
+    tz = settings.schedule.tz
+    offset = localtime.offset_text(tz)
+    items = failures.failure_items(store.problems(failures.DEFAULT_STATUSES), tz)
+    print("\n$ crowd-sync failures", file=out)
+    print(failures.render_failures(
+        items, statuses=failures.DEFAULT_STATUSES, since=None, outbox=store.url_for_humans,
+        zone=settings.schedule.timezone, offset=offset,
+    ), file=out)
+    if not items:
+        return
+    lsh = str(items[0]["lsh"])
+    row = store.visit(lsh)
+    assert row is not None
+    story = failures.story(row, store.attempts(lsh), labels=None, tz=tz, his_tz=zone(settings.his_timezone), unmask=False)
+    print(f"\n$ crowd-sync show {lsh}", file=out)
+    print(failures.render_story(
+        story, zone=settings.schedule.timezone, offset=offset, keep_days=settings.outbox.keep_attempts_days,
+    ), file=out)

@@ -13,23 +13,31 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TextIO
 
-from sync import localtime
-from sync.errors import SyncError, TransientError
+from sync import app, localtime
+from sync import clock as his_clocks
+from sync.dberrors import DB_ERRORS
+from sync.errors import SyncError, TransientError, platform_said
+from sync.his import HisSource
 from sync.logs import mask_id
+from sync.outbox.engine import describe_error
+from sync.outbox.migrate import head_revision
+from sync.outbox.store import Store
 from sync.settings import Settings
-from sync.upstream.tokens import Token, TokenStore
+from sync.upstream.client import Client
+from sync.upstream.keyform import FORM_NAMES
+from sync.upstream.tokens import Token, TokenStore, utcnow
 
 # Document section 3.1: ID numbers that answer with labels in each environment.
 PROBE_IDS = {"test": "510100198506020036", "prod": "110104198506020037"}
 MAX_SKEW_S = 300
+_TAGS = {"OK": "[ OK ]", "WARN": "[WARN]", "SKIP": "[SKIP]", "FAIL": "[FAIL]"}
 
 
 @dataclass(frozen=True)
 class Line:
-    """What one check found: ``level`` is OK, WARN or SKIP (FAIL is raised as SyncError)."""
+    """What one check found: ``level`` is OK, WARN or SKIP (a FAIL is raised as SyncError)."""
 
     level: str
     detail: str
@@ -47,14 +55,11 @@ def skip(detail: str) -> Line:
     return Line("SKIP", detail)
 
 
-_TAGS = {"OK": "[ OK ]", "WARN": "[WARN]", "SKIP": "[SKIP]", "FAIL": "[FAIL]"}
-
-
 class TokenRefused(TransientError):
     """The platform refused the shared token, and check may not log in again to replace it."""
 
 
-class _NoNewLogin:
+class NoNewLogin:
     """The shared token store, except that a token still valid is never replaced by a login
     of check's own: the refusal is reported instead (FAQ 4: a login pushes the service out)."""
 
@@ -82,190 +87,190 @@ class _NoNewLogin:
 
 def run_checks(settings: Settings, *, out: TextIO, offline: bool = False) -> list[SyncError]:
     """Run every check, print one line each; return what failed (empty when nothing did)."""
-    from sync import clock as his_clocks
-    from sync.dberrors import DB_ERRORS
-    from sync.his import HisSource
-    from sync.outbox.store import Store, describe_error, head_revision
-    from sync.upstream.client import Client
+    checkup = _Checkup(settings, out)
+    try:
+        checkup.run(offline=offline)
+    finally:
+        checkup.close()
+    if checkup.failures:
+        n = len(checkup.failures)
+        print(f"{n} 项失败 / {n} check(s) failed", file=out)
+    else:
+        extra = ", ".join(f"{n} {word}" for word, n in (("warning(s)", checkup.seen["WARN"]),
+                                                        ("skipped", checkup.seen["SKIP"])) if n)
+        print("全部通过 / all checks passed" + (f" ({extra})" if extra else ""), file=out)
+    return checkup.failures
 
-    failures: list[SyncError] = []
-    seen: dict[str, int] = {"WARN": 0, "SKIP": 0}
 
-    def say(level: str, name: str, detail: str) -> None:
-        print(f"{_TAGS[level]} {name}: {detail}" if detail else f"{_TAGS[level]} {name}", file=out)
-        if level in seen:
-            seen[level] += 1
+class _Checkup:
+    """One `check`: what it opened (closed at the end), what failed, what was skipped."""
 
-    def report(name: str, fn: Callable[[], Line]) -> bool:
+    def __init__(self, settings: Settings, out: TextIO) -> None:
+        self.settings = settings
+        self.out = out
+        self.failures: list[SyncError] = []
+        self.seen = {"WARN": 0, "SKIP": 0}
+        self.store: Store | None = None
+        self.his: HisSource | None = None
+        self.client: Client | None = None
+        self.held: Token | None = None  # the shared token, when still valid
+
+    def run(self, *, offline: bool) -> None:
+        """Every check in order."""
+        self.say("OK", "settings", f"{self.settings.source_path} 已读取并校验 / read, every setting known and valid")
+        outbox_ok = self.report("outbox", self.outbox)
+        if self.report("HIS database and query", self.his_query):
+            self.report("HIS clock", self.his_clock)
+        else:
+            self.say("SKIP", "HIS clock", "未测试：HIS 无法使用 / not tested: the HIS check failed")
+        if offline:
+            self.say("SKIP", "platform", "--offline：未测试登录、标签查询、授权码读法与平台时钟 / not tested: login, "
+                     "label lookup, app key reading and the platform's clock")
+            return
+        if not outbox_ok or self.store is None:
+            self.say("SKIP", "platform", "未测试：需要 outbox（共享登录令牌存在其中）/ not tested: it needs the "
+                     "outbox (it keeps the shared login token)")
+            return
+        shared = self.store.token_store()
+        tok = shared.current()
+        self.held = tok if tok is not None and tok.valid_at(utcnow()) else None
+        # Never a login of check's own while the service's token is valid (FAQ 4).
+        self.client = app.make_client(
+            self.settings, self.store, tokens=NoNewLogin(shared, may_login=self.held is None)
+        )
+        logged_in = self.report("platform login", self.login) or self.held is not None
+        answered = False
+        if logged_in:
+            answered = self.report("label lookup", self.lookup)
+        else:
+            self.say("SKIP", "label lookup", "未测试：没有可用的登录令牌 / not tested: no login token to ask with")
+        self.report("app key reading", self.key_form)
+        if answered:
+            self.report("clock", self.clock)
+        else:
+            self.say("SKIP", "clock", "未测试：平台没有应答 / not tested: no answer from the platform to compare with")
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.his is not None:
+            self.his.dispose()
+        if self.store is not None:
+            self.store.dispose()
+
+    def say(self, level: str, name: str, detail: str) -> None:
+        print(f"{_TAGS[level]} {name}: {detail}" if detail else f"{_TAGS[level]} {name}", file=self.out)
+        if level in self.seen:
+            self.seen[level] += 1
+
+    def report(self, name: str, check: Callable[[], Line]) -> bool:
+        """One line for ``check``; a FAIL with what the platform said and the fix. False unless
+        it was tested and passed (OK or WARN)."""
         try:
-            line = fn()
+            line = check()
         except SyncError as exc:
-            failures.append(exc)
-            say("FAIL", name, exc.message)
-            if exc.platform_message and exc.platform_message not in exc.message:
-                print(f"       平台返回 platform said: {exc.platform_message}", file=out)
+            self.failures.append(exc)
+            self.say("FAIL", name, exc.message)
+            said = platform_said(exc)
+            if said:
+                print(f"       平台返回 platform said: {said}", file=self.out)
             if exc.hint:
-                print(f"       处理 fix: {exc.hint}", file=out)
+                print(f"       处理 fix: {exc.hint}", file=self.out)
             return False
-        say(line.level, name, line.detail)
+        self.say(line.level, name, line.detail)
         return line.level != "SKIP"
 
-    say("OK", "settings", f"{settings.source_path} 已读取并校验 / read, every setting known and valid")
+    # -- the checks -------------------------------------------------------------------------
 
-    outbox_url = settings.outbox.url.get_secret_value()
-    stores: list[Store] = []
-    sources: list[HisSource] = []
-    client: Client | None = None
-    try:
-        def outbox() -> Line:
-            opened = Store(outbox_url, lease_s=settings.outbox.lease_s)
-            stores.append(opened)
-            try:
-                opened.ensure_schema()
-            except DB_ERRORS as exc:
-                # Unreachable, refused or unusable: a FAIL line with the fix, and the other checks go on.
-                described = describe_error(exc, outbox_url)
-                if described is None:
-                    raise
-                raise described from None
-            return ok(f"{opened.url_for_humans}: 已连接，结构为最新 / connected, schema at {head_revision()} (current)")
+    def outbox(self) -> Line:
+        self.store = store = app.open_store(self.settings)
+        try:
+            store.ensure_schema()
+        except DB_ERRORS as exc:
+            # Unreachable, refused or unusable: a FAIL line with the fix, and the other checks go on.
+            described = describe_error(exc, self.settings.outbox.url.get_secret_value())
+            if described is None:
+                raise
+            raise described from None
+        return ok(f"{store.url_for_humans}: 已连接，结构为最新 / connected, schema at {head_revision()} (current)")
 
-        outbox_ok = report("outbox", outbox)
+    def his_query(self) -> Line:
+        self.his = app.make_his(self.settings)
+        columns = self.his.check()
+        return ok(
+            f"{self.his.display_url}: 已连接并以空时间窗执行查询 / connected, ran his.query over an empty window: "
+            f"it returns the {len(columns)} expected columns"
+        )
 
-        def his_query() -> Line:
-            his = HisSource(
-                settings.his, need_key_crowd=settings.key_crowd.source == "column", zone=settings.his_timezone
+    def his_clock(self) -> Line:
+        assert self.his is not None
+        zone = self.settings.schedule.timezone
+        reading = self.his.clock()
+        found = his_clocks.findings(reading, self.his.probe(reading), host_zone=zone)
+        if found:
+            raise SyncError("; ".join(f.message for f in found), hint=" — ".join(f.fix for f in found))
+        return ok(his_clocks.note(reading, host_zone=zone))
+
+    def _client(self) -> Client:
+        assert self.client is not None
+        return self.client
+
+    def login(self) -> Line:
+        if self.held is not None:
+            renewal = localtime.text(self.held.expires_at)
+            return skip(
+                f"未测试密码：共享令牌有效至 {renewal}，重新登录会把正在运行的服务挤下线（FAQ 4）/ password not "
+                f"tested now: the shared token is valid until {renewal}, and a new login would push out the "
+                f"running service's session (FAQ 4); it is tested when the token is renewed, at {renewal}"
             )
-            sources.append(his)
-            columns = his.check()
-            return ok(
-                f"{his.display_url}: 已连接并以空时间窗执行查询 / connected, ran his.query over an empty window: "
-                f"it returns the {len(columns)} expected columns"
-            )
+        assert self.store is not None
+        tok = self.store.token_store().renew(None, self._client().login)
+        user = self.settings.upstream.username
+        return ok(
+            f"已以 {user} 登录，密码有效 / logged in as {user}: the password works; the token is shared with the "
+            f"service until {localtime.text(tok.expires_at)}"
+        )
 
-        his_ok = report("HIS database and query", his_query)
-
-        def his_clock() -> Line:
-            his = sources[0]
-            reading = his.clock()
-            found = his_clocks.findings(reading, his.probe(reading), host_zone=settings.schedule.timezone)
-            if found:
-                raise SyncError(
-                    "; ".join(f.message for f in found),
-                    hint=" — ".join(f.fix for f in found),
-                )
-            return ok(his_clocks.note(reading, host_zone=settings.schedule.timezone))
-
-        if his_ok:
-            report("HIS clock", his_clock)
-        else:
-            say("SKIP", "HIS clock", "未测试：HIS 无法使用 / not tested: the HIS check failed")
-
-        if offline:
-            say("SKIP", "platform",
-                "--offline：未测试登录、标签查询、授权码读法与平台时钟 / not tested: login, label lookup, app key "
-                "reading and the platform's clock")
-            return failures
-        if not outbox_ok:
-            say("SKIP", "platform",
-                "未测试：需要 outbox（共享登录令牌存在其中）/ not tested: it needs the outbox (it keeps the shared "
-                "login token)")
-            return failures
-        store = stores[0]
-        shared = store.token_store()
-        held = shared.current()
-        now = datetime.now(localtime.zone())
-        valid = held is not None and held.valid_at(now)
-        client = Client(settings.upstream, _NoNewLogin(shared, may_login=not valid), key_forms=store.key_form_memory())
-        c = client
-
-        def login() -> Line:
-            if valid:
-                assert held is not None
-                renewal = localtime.text(held.expires_at)
-                return skip(
-                    f"未测试密码：共享令牌有效至 {renewal}，重新登录会把正在运行的服务挤下线（FAQ 4）/ password not "
-                    f"tested now: the shared token is valid until {renewal}, and a new login would push out the "
-                    f"running service's session (FAQ 4); it is tested when the token is renewed, at {renewal}"
-                )
-            tok = shared.renew(None, c.login)
-            return ok(
-                f"已以 {settings.upstream.username} 登录，密码有效 / logged in as {settings.upstream.username}: the "
-                f"password works; the token is shared with the service until {localtime.text(tok.expires_at)}"
-            )
-
-        login_ok = report("platform login", login) or valid
-
-        def lookup() -> Line:
-            probe = PROBE_IDS[settings.upstream.env]
-            started = time.monotonic()
-            result = c.lookup(probe)
-            took = time.monotonic() - started
-            zh, en = ("共享令牌", "the shared token") if valid else ("新令牌", "the new token")
-            where = f"{settings.upstream.base_url} ({settings.upstream.env})"
-            if result.person is None:
-                return warn(
-                    f"{where} 已应答（{zh}），但文档的探测身份证号没有标签 / answered with {en} in {took:.2f} s, "
-                    f"but with no labels for the document's probe ID {mask_id(probe)}: the platform works; check "
-                    "that upstream.env matches the platform (test and prod have different probe IDs)"
-                )
-            return ok(
-                f"{where} 用{zh}查询标签已应答 / a label lookup of the document's probe ID {mask_id(probe)} "
-                f"answered with {en} in {took:.2f} s: {len(result.person.labels)} label(s)"
-            )
-
-        answered = False
-        if login_ok:
-            answered = report("label lookup", lookup)
-        else:
-            say("SKIP", "label lookup", "未测试：没有可用的登录令牌 / not tested: no login token to ask with")
-
-        def key_form() -> Line:
-            from sync.upstream.keyform import FORM_NAMES
-
-            state = c.key_form()
-            if state.setting != "auto":
-                taken = "accepted by the platform" if state.confirmed else "not accepted by the platform yet"
-                return ok(f"{FORM_NAMES[state.form]}, pinned by upstream.app_key_form ({taken})")
-            if state.confirmed:
-                return ok(f"the platform accepts {FORM_NAMES[state.form]}; remembered in the outbox for every process")
+    def lookup(self) -> Line:
+        up = self.settings.upstream
+        probe = PROBE_IDS[up.env]
+        started = time.monotonic()
+        result = self._client().lookup(probe)
+        took = time.monotonic() - started
+        zh, en = ("共享令牌", "the shared token") if self.held is not None else ("新令牌", "the new token")
+        where = f"{up.base_url} ({up.env})"
+        if result.person is None:
             return warn(
-                f"尚未确定 / none accepted yet (upstream.app_key_form: auto tries {FORM_NAMES[state.form]} first)"
+                f"{where} 已应答（{zh}），但文档的探测身份证号没有标签 / answered with {en} in {took:.2f} s, "
+                f"but with no labels for the document's probe ID {mask_id(probe)}: the platform works; check "
+                "that upstream.env matches the platform (test and prod have different probe IDs)"
             )
+        return ok(
+            f"{where} 用{zh}查询标签已应答 / a label lookup of the document's probe ID {mask_id(probe)} "
+            f"answered with {en} in {took:.2f} s: {len(result.person.labels)} label(s)"
+        )
 
-        report("app key reading", key_form)
+    def key_form(self) -> Line:
+        state = self._client().key_form()
+        if state.setting != "auto":
+            taken = "accepted by the platform" if state.confirmed else "not accepted by the platform yet"
+            return ok(f"{FORM_NAMES[state.form]}, pinned by upstream.app_key_form ({taken})")
+        if state.confirmed:
+            return ok(f"the platform accepts {FORM_NAMES[state.form]}; remembered in the outbox for every process")
+        return warn(f"尚未确定 / none accepted yet (upstream.app_key_form: auto tries {FORM_NAMES[state.form]} first)")
 
-        def clock() -> Line:
-            skew = c.clock_skew_s()
-            if skew is None:
-                return warn(
-                    "平台应答没有 Date 头，无法比较时钟 / the platform sent no Date header: this host's clock could "
-                    "not be compared with it; keep it synchronised (chrony/ntp): the platform refuses time stamps "
-                    "that are not current with (401) 未经授权"
-                )
-            if abs(skew) > MAX_SKEW_S:
-                raise SyncError(
-                    f"本机时钟与平台相差 / this host's clock differs from the platform's by {skew:+.0f} s",
-                    hint="the platform answers (401) 未经授权 when hie_time_stamp is not current: "
-                    "synchronise the clock (chrony/ntp)",
-                )
-            return ok(f"与平台相差 {abs(skew):.0f} 秒 / within {abs(skew):.0f} s of the platform's Date header")
-
-        if answered:
-            report("clock", clock)
-        else:
-            say("SKIP", "clock", "未测试：平台没有应答 / not tested: no answer from the platform to compare with")
-    finally:
-        if client is not None:
-            client.close()
-        for source in sources:
-            source.dispose()
-        for opened in stores:
-            opened.dispose()
-    if failures:
-        print(f"{len(failures)} 项失败 / {len(failures)} check(s) failed", file=out)
-    else:
-        extra = ", ".join(f"{n} {word}" for word, n in (("warning(s)", seen["WARN"]), ("skipped", seen["SKIP"])) if n)
-        print("全部通过 / all checks passed" + (f" ({extra})" if extra else ""), file=out)
-    return failures
-
+    def clock(self) -> Line:
+        skew = self._client().clock_skew_s()
+        if skew is None:
+            return warn(
+                "平台应答没有 Date 头，无法比较时钟 / the platform sent no Date header: this host's clock could not be "
+                "compared with it; keep it synchronised (chrony/ntp): the platform refuses time stamps that are not "
+                "current with (401) 未经授权"
+            )
+        if abs(skew) > MAX_SKEW_S:
+            raise SyncError(
+                f"本机时钟与平台相差 / this host's clock differs from the platform's by {skew:+.0f} s",
+                hint="the platform answers (401) 未经授权 when hie_time_stamp is not current: "
+                "synchronise the clock (chrony/ntp)",
+            )
+        return ok(f"与平台相差 {abs(skew):.0f} 秒 / within {abs(skew):.0f} s of the platform's Date header")

@@ -73,7 +73,7 @@ class PlatformUnavailable(TransientError):
     """The platform or the network to it is not working: nothing is known about any record.
 
     Dispatch pauses (one probe per backoff step) instead of charging the records it was
-    sending; see ``sync.pipeline``.
+    sending; see ``sync.circuit``.
     """
 
 
@@ -92,3 +92,22 @@ class InvalidRecord(SyncError):
             message, hint=hint, http_status=http_status, platform_message=platform_message, lsh=lsh
         )
         self.violations: list[str] = list(violations or [])
+
+
+def platform_said(exc: SyncError) -> str | None:
+    """What the platform answered, when the error's message does not already quote it."""
+    if exc.platform_message and exc.platform_message not in exc.message:
+        return exc.platform_message
+    return None
+
+
+def describe(exc: SyncError) -> str:
+    """The operator's text of an error, on one line: what went wrong, what the platform
+    said (when the message does not quote it), and the fix."""
+    text = exc.message
+    said = platform_said(exc)
+    if said:
+        text += f" [platform: {said}]"
+    if exc.hint:
+        text += f" — {exc.hint}"
+    return text

@@ -24,12 +24,14 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
 
-from sync import dberrors, records
+from sync import dberrors
 from sync.clock import MAX_OFFSET_S, DataProbe, HisClock
+from sync.columns import Unreadable, check_columns
 from sync.errors import ConfigError, TransientError
 from sync.logs import redact, register_secret
-from sync.settings import His, Schedule, escape_literal_colons
+from sync.settings import His, Schedule
 from sync.settings import zone as tz_of
+from sync.sqltext import escape_literal_colons
 
 log = structlog.get_logger(__name__)
 
@@ -230,7 +232,7 @@ class HisSource:
         The columns are checked before the first row is yielded, so a bad query
         fails before any row is processed. A row the driver cannot read (bytes that are
         not text in the connection's character set, a value no Python type holds) comes
-        out with ``records.Unreadable`` in place of each value it could not read, and
+        out with ``sync.columns.Unreadable`` in place of each value it could not read, and
         the window goes on after it.
         """
         count = 0
@@ -347,7 +349,7 @@ class HisSource:
             if found_at is None:
                 raise self._error(failure, doing="reading the window") from None
             log.error("his_row_unreadable", changed_at=str(found_at[0]), columns=["lsh"], error=reason)
-            return {"changed_at": found_at[0], "lsh": records.Unreadable(_read_error_text(exc))}, (found_at[0], None)
+            return {"changed_at": found_at[0], "lsh": Unreadable(_read_error_text(exc))}, (found_at[0], None)
         if found is None:
             raise self._error(failure, doing="reading the window")
         key = (found[0], found[1])
@@ -364,7 +366,7 @@ class HisSource:
             except _READ_ERRORS as exc:
                 if dberrors.is_transient(exc):
                     raise self._error(exc, doing="reading the window") from None
-                values[name] = records.Unreadable(_read_error_text(exc))
+                values[name] = Unreadable(_read_error_text(exc))
                 unreadable.append(name)
         log.error("his_row_unreadable", lsh=str(key[1]), changed_at=str(key[0]), columns=unreadable, error=reason)
         return values, key
@@ -382,7 +384,7 @@ class HisSource:
             result.close()
         except _DB_ERRORS as exc:
             raise self._error(exc, doing="running his.query") from None
-        records.check_columns(columns, need_key_crowd=self._need_key_crowd)
+        check_columns(columns, need_key_crowd=self._need_key_crowd)
         return columns
 
     def _connect_error(self, exc: sa.exc.SQLAlchemyError) -> ConfigError | TransientError:

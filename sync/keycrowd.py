@@ -29,10 +29,13 @@ be wrong either way), and neither is one without any ``key_crowd`` value.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
-RESIDENT_ID = "10"
+from sync import localtime
+from sync.records import RESIDENT_ID
+from sync.upstream.person import Person
 
 
 class Verdict(StrEnum):
@@ -55,12 +58,22 @@ class LabelResult:
 
     state: LabelState
     codes: tuple[str, ...] = ()  # the label codes (KEY)
-    via: str = ""  # where and when: "label API 2026-03-01 08:00 UTC", "label cache ..."
+    via: str = ""  # where and when: "label API 2026-03-01 16:00+08:00", "label cache ..."
     error: str | None = None  # FAILED: why
 
     @classmethod
     def not_asked(cls) -> LabelResult:
         return cls(state=LabelState.NOT_ASKED)
+
+
+def from_labels(person: Person | None, *, via: str, at: datetime) -> LabelResult:
+    """What the label API's answer (or the label cache's copy of it), read ``at`` (UTC), says."""
+    checked = f"{via} {localtime.text(at, seconds=False)}"
+    if person is None:
+        return LabelResult(state=LabelState.NOBODY, via=checked)
+    if person.is_key_population:
+        return LabelResult(state=LabelState.KEY, codes=tuple(lbl.code for lbl in person.labels), via=checked)
+    return LabelResult(state=LabelState.NO_LABELS, via=checked)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -75,6 +75,13 @@ def parse(value: Any) -> datetime | None:
         return None
 
 
+def offset_text(tz: tzinfo, at: datetime | None = None) -> str:
+    """The zone's offset from UTC as people write it: ``+08:00``."""
+    minutes = offset_minutes(tz, at)
+    sign = "-" if minutes < 0 else "+"
+    return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
 def offset_minutes(tz: tzinfo, at: datetime | None = None) -> int:
     """The zone's offset from UTC in minutes at ``at`` (now by default)."""
     moment = (at or datetime.now(UTC)).astimezone(tz)

@@ -40,8 +40,9 @@ from prometheus_client.registry import Collector
 
 from sync import __version__, clock, logs
 from sync.errors import ConfigError, SyncError
-from sync.outbox.store import Status, Store
-from sync.pipeline import CycleStats
+from sync.outbox.model import Status
+from sync.outbox.store import Store
+from sync.stats import CycleStats
 
 log = structlog.get_logger(__name__)
 
@@ -213,9 +214,9 @@ class Metrics:
     def his_clock(self) -> dict[str, Any] | None:
         """The HIS clock as the last poll read it, brought to now (``sync.clock.current``)."""
         try:
-            cursor = self.store.get_cursor()
+            cursor = self.store.queue.get_cursor()
             return clock.current(
-                self.store.get_his_clock(), cursor[0] if cursor else None,
+                self.store.state.get_his_clock(), cursor[0] if cursor else None,
                 now_utc=datetime.now(UTC).replace(tzinfo=None),
             )
         except (sa.exc.SQLAlchemyError, SyncError, OSError) as exc:  # the answer goes out without it

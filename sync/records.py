@@ -12,39 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import operator
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from datetime import date, datetime, time
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, NotRequired, TypedDict, cast
 
-from sync.errors import ConfigError, InvalidRecord
+from sync import idcard
+from sync.columns import Unreadable, normalize_row
+from sync.errors import InvalidRecord
 from sync.logs import mask_id
-
-# The columns the hospital's query returns (product contract), matched case-insensitively.
-COLUMNS: tuple[str, ...] = (
-    "lsh",
-    "code",
-    "card_type",
-    "card_no",
-    "visit_type",
-    "enter_date",
-    "leave_date",
-    "key_crowd",
-    "icd_name",
-    "icd_code",
-    "total_fee",
-    "ins_fee",
-    "total_prepayment",
-    "deficient_fee",
-    "settlement_date",
-    "changed_at",
-)
-# key_crowd is needed only with `key_crowd.source: column`.
-OPTIONAL_COLUMNS: frozenset[str] = frozenset({"key_crowd"})
-REQUIRED_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in OPTIONAL_COLUMNS)
-_CANONICAL_KEYS: frozenset[str] = frozenset(COLUMNS)
 
 # The payload's fields in the document's order, each with the HIS column it comes from.
 # The canonical JSON follows this order so that one visit always hashes the same.
@@ -127,13 +104,6 @@ _KEY_CROWD: dict[str, str] = {
     "false": "0",
 }
 
-# GB 11643-1999 check digit of the 18-character resident ID number.
-_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-_ID_CHECK = "10X98765432"
-_ID_ZERO = ord("0") * sum(_ID_WEIGHTS)
-_ID18_RE = re.compile(r"\d{17}[\dX]")
-_ID15_RE = re.compile(r"\d{15}")
-
 # Date strings the HIS databases we meet return: 2024-01-05, 2024/01/05, 2024.01.05,
 # 2024-1-5, each optionally followed by a time (" 10:00:00", "T10:00:00", fractions);
 # and the compact 20240105 of VARCHAR(8)/NUMBER(8) columns.
@@ -169,32 +139,6 @@ class Payload(TypedDict):
 # --------------------------------------------------------------------------- columns
 
 
-class Unreadable:
-    """A value the database driver could not read, in place of the value: bytes that are not
-    text in the connection's character set, a date no calendar holds. The row is parked
-    ``invalid`` naming the column; the other rows of the window go on.
-
-    As text it is empty, so that code asking a row for its lsh finds none.
-    """
-
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return ""
-
-    def __repr__(self) -> str:
-        return f"<unreadable: {self.reason}>"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Unreadable) and other.reason == self.reason
-
-    def __hash__(self) -> int:
-        return hash(self.reason)
-
-
 def unreadable_problems(row: Mapping[str, Any]) -> list[str]:
     """One violation per column of ``row`` the driver could not read."""
     problems: list[str] = []
@@ -208,49 +152,6 @@ def unreadable_problems(row: Mapping[str, Any]) -> list[str]:
             )
     return problems
 
-
-
-def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The row with lower-case keys: Oracle folds unquoted aliases to upper case."""
-    if _CANONICAL_KEYS.issuperset(row):
-        # Rows from HisSource are canonical already; this runs for every row of a back-fill.
-        return dict(row)
-    return {str(key).strip().lower(): value for key, value in row.items()}
-
-
-def check_columns(columns: Iterable[str], *, need_key_crowd: bool) -> None:
-    """Raise ConfigError unless the query returns exactly the contract's columns (any case)."""
-    seen: list[str] = [str(c).strip().lower() for c in columns]
-    present = set(seen)
-    required = list(REQUIRED_COLUMNS) + (["key_crowd"] if need_key_crowd else [])
-    missing = [c for c in required if c not in present]
-    extra = sorted({c for c in seen if c not in COLUMNS})
-    twice = sorted({c for c in seen if seen.count(c) > 1})
-    if not (missing or extra or twice):
-        return
-    problems: list[str] = []
-    for column in missing:
-        fix = f"add `... AS {column}` to his.query"
-        if column == "key_crowd":
-            fix += " (needed by key_crowd.source: column), or set key_crowd.source: lookup"
-        problems.append(f"missing column {column}: {fix}")
-    problems.extend(f"unknown column {c}: remove or rename it" for c in extra)
-    problems.extend(f"column {c} appears more than once (names are case-insensitive): keep one" for c in twice)
-    parts: list[str] = []
-    if missing:
-        parts.append("missing column(s) " + ", ".join(missing))
-    if extra:
-        parts.append("unknown column(s) " + ", ".join(extra))
-    if twice:
-        parts.append("repeated column(s) " + ", ".join(twice))
-    raise ConfigError(
-        "his.query returns the wrong columns: " + "; ".join(parts),
-        problems=problems,
-        hint="his.query must return these columns, in any case and order: "
-        + ", ".join(REQUIRED_COLUMNS)
-        + (", key_crowd" if need_key_crowd else "")
-        + "; see the product contract's column table",
-    )
 
 
 # --------------------------------------------------------------------------- value parsers
@@ -302,30 +203,6 @@ def decode_card_type(value: Any) -> str | None:
             "44 港澳同胞回乡证, 50 护照, 60 其他 (字典)"
         )
     return text
-
-
-def check_resident_id(text: str) -> str:
-    """A resident ID number, upper-cased X; ValueError unless 18 characters with the right
-    check digit (GB 11643) or 15 digits (first-generation card, sent as is)."""
-    number = text.strip().upper()
-    if _ID15_RE.fullmatch(number):
-        return number
-    if not _ID18_RE.fullmatch(number):
-        raise ValueError(
-            "not a resident ID number: 18 characters (17 digits and a digit or X) or 15 digits "
-            "(身份证号码应为18位或15位)"
-        )
-    body = number[:17]
-    if body.isascii():
-        # The digits' bytes minus ord("0") each: no int() per character (every row of a back-fill).
-        total = sum(map(operator.mul, body.encode(), _ID_WEIGHTS)) - _ID_ZERO
-    else:
-        total = sum(map(operator.mul, map(int, body), _ID_WEIGHTS))  # \d also matches other scripts' digits
-    expected = _ID_CHECK[total % 11]
-    if number[17] != expected:
-        # The platform matches labels by the exact number: a mistyped one never matches.
-        raise ValueError(f"wrong check digit, expected {expected} (身份证校验码错误): the number is mistyped in the HIS")
-    return number
 
 
 def decode_visit_type(value: Any) -> str | None:
@@ -528,7 +405,7 @@ def build(row: Mapping[str, Any], *, key_crowd: str | None = None, today: date |
     row = normalize_row(row)
     today = today or date.today()
     if unreadable := unreadable_problems(row):
-        raise _invalid(_text_or_none(row.get("lsh")), unreadable)
+        raise _invalid(optional_text(row.get("lsh")), unreadable)
     problems = _Problems()
 
     card_type: str | None = None
@@ -542,7 +419,7 @@ def build(row: Mapping[str, Any], *, key_crowd: str | None = None, today: date |
     card_no = _checked_text(problems, "cardNo", row.get("card_no"), required=True)
     if card_no is not None and card_type == RESIDENT_ID:
         try:
-            card_no = check_resident_id(card_no)
+            card_no = idcard.check(card_no)
         except ValueError as exc:
             problems.add("cardNo", card_no, str(exc))
 
@@ -586,7 +463,7 @@ def build(row: Mapping[str, Any], *, key_crowd: str | None = None, today: date |
         problems.add("settlementDate", settled, f"before enterDate {enter.isoformat()} (不能小于诊疗时间)")
 
     if problems.items:
-        raise _invalid(lsh or _text_or_none(row.get("lsh")), problems.items)
+        raise _invalid(lsh or optional_text(row.get("lsh")), problems.items)
 
     # Every value below was checked above; the asserts only narrow the types for mypy.
     assert card_type is not None
@@ -617,7 +494,8 @@ def build(row: Mapping[str, Any], *, key_crowd: str | None = None, today: date |
     return cast(Payload, out)
 
 
-def _text_or_none(value: Any) -> str | None:
+def optional_text(value: Any) -> str | None:
+    """Trimmed text, None when NULL, empty, or not text (see ``_text``)."""
     try:
         return _text(value)
     except ValueError:
@@ -639,27 +517,6 @@ def _invalid(lsh: str | None, violations: list[str]) -> InvalidRecord:
         )
     message = f"record lsh={lsh if lsh is not None else '<missing>'}: {count} {noun}: " + "; ".join(violations)
     return InvalidRecord(message, violations=violations, hint=hint, lsh=lsh)
-
-
-def card_key(row: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(cardType, cardNo) as they would be sent, or None when either is invalid."""
-    row = normalize_row(row)
-    try:
-        card_type = decode_card_type(row.get("card_type"))
-        card_no = _text(row.get("card_no"))
-        if card_type is None or card_no is None or len(card_no) > MAX_LENGTH["cardNo"]:
-            return None
-        if card_type == RESIDENT_ID:
-            card_no = check_resident_id(card_no)
-    except ValueError:
-        return None
-    return card_type, card_no
-
-
-def resident_id(row: Mapping[str, Any]) -> str | None:
-    """The row's resident ID number for a label lookup, or None (other card type or invalid)."""
-    key = card_key(row)
-    return key[1] if key is not None and key[0] == RESIDENT_ID else None
 
 
 # --------------------------------------------------------------------------- JSON
@@ -722,83 +579,10 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-# The key of the type map in a raw row's JSON; no HIS column can be called that.
-RAW_TYPES_KEY = "$types"
-
-
-def _typed(value: Any) -> tuple[Any, str | None]:
-    """A value as JSON can hold it, and its type when JSON alone would not give it back."""
-    if value is None or isinstance(value, bool | int | str):
-        return value, None
-    if isinstance(value, float):
-        # repr() gives back the very same float; JSON has no NaN or infinity, text does.
-        return (value if math.isfinite(value) else repr(value)), "float"
-    if isinstance(value, Decimal):
-        return str(value), "decimal"
-    if isinstance(value, datetime):
-        return value.isoformat(), "datetime"
-    if isinstance(value, date):
-        return value.isoformat(), "date"
-    if isinstance(value, time):
-        return value.isoformat(), "time"
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).hex(), "bytes"
-    if isinstance(value, Unreadable):
-        # Nothing to give back: the driver could not read the value, so the row stays invalid.
-        return repr(value), "unreadable"
-    return str(value), f"unsupported {type(value).__name__}"
-
-
-def raw_json(row: Mapping[str, Any]) -> str:
-    """The raw row as JSON, for parking a record that could not be built (DBA-readable).
-
-    Exact: values JSON cannot hold as they were (Decimal, dates, times, bytes, floats) are
-    written as text and named in the ``$types`` map, so ``parse_raw_json`` gives back the
-    very values the HIS returned and a requeued row is validated on what the HIS holds.
-    """
-    values: dict[str, Any] = {}
-    types: dict[str, str] = {}
-    for key, value in row.items():
-        values[str(key)], kind = _typed(value)
-        if kind is not None:
-            types[str(key)] = kind
-    values[RAW_TYPES_KEY] = types
-    return json.dumps(values, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-
-
-_DECODE: dict[str, Callable[[Any], Any]] = {
-    "float": float,
-    "decimal": Decimal,
-    "datetime": datetime.fromisoformat,
-    "date": date.fromisoformat,
-    "time": time.fromisoformat,
-    "bytes": bytes.fromhex,
-}
-
-
-def parse_raw_json(text: str) -> tuple[dict[str, Any], dict[str, str]] | None:
-    """``raw_json``'s row back: (row, {column: type} of values it could not keep exactly).
-
-    None when ``text`` is not a raw row in this form (a built payload, or a raw row parked
-    by an earlier version, which kept neither types nor bytes exactly).
-    """
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get(RAW_TYPES_KEY), dict):
-        return None
-    types: dict[str, Any] = data.pop(RAW_TYPES_KEY)
-    lost: dict[str, str] = {}
-    for key, kind in types.items():
-        decode = _DECODE.get(str(kind))
-        if key not in data:
-            continue
-        if decode is None:
-            lost[key] = str(kind)
-            continue
-        try:
-            data[key] = decode(data[key])
-        except (TypeError, ValueError, ArithmeticError):
-            lost[key] = str(kind)
-    return data, lost
+def with_key_crowd(stored: str, key_crowd: str) -> str:
+    """A stored payload with ``keyCrowd`` as decided at dispatch; money stays Decimal (never float)."""
+    payload = json.loads(stored, parse_float=Decimal)
+    if payload.get("keyCrowd") == key_crowd:
+        return stored
+    payload["keyCrowd"] = key_crowd
+    return payload_json(payload)

@@ -23,12 +23,12 @@ from datetime import date
 from decimal import Decimal
 from typing import Any
 
-import sqlalchemy as sa
 import structlog
 
 from sync import display as _display
-from sync.outbox.schema import sync_outbox
-from sync.outbox.store import Status, Store
+from sync.outbox.model import Status
+from sync.outbox.store import Store
+from sync.records import INPATIENT, OUTPATIENT
 
 __all__ = [
     "MonthReport",
@@ -42,8 +42,6 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-INPATIENT = "1"
-OUTPATIENT = "2"
 # Rows whose visit type is missing or not 1/2 (only invalid ones can be): kept
 # apart so that inpatient + outpatient never silently absorbs them.
 UNKNOWN = "?"
@@ -51,8 +49,6 @@ VISIT_TYPES = (INPATIENT, OUTPATIENT, UNKNOWN)
 NOT_UPSTREAM = (Status.PENDING, Status.FAILED, Status.INVALID, Status.DEAD)
 ZERO = Decimal("0.00")
 _CENT = Decimal("0.01")
-# Rows fetched per round trip while streaming the month's sent payloads.
-_BATCH = 1000
 _MONTH = re.compile(r"(\d{4})-(\d{2})")
 
 
@@ -149,61 +145,37 @@ def _visit_type(value: Any) -> str:
     return text if text in (INPATIENT, OUTPATIENT) else UNKNOWN
 
 
-def month_queries(month: date) -> tuple[sa.Select[Any], sa.Select[Any]]:
-    """The two reads of a month: counts of rows not sent, and the sent payloads.
-
-    Both filter on settlement_date in SQL with a half-open range (no function
-    around the column), so the settlement_date index serves them.
-    """
-    first, after = month_bounds(month)
-    o = sync_outbox
-    in_month = sa.and_(o.c.settlement_date >= first, o.c.settlement_date < after)
-    counts = (
-        sa.select(o.c.status, o.c.visit_type, sa.func.count())
-        .where(in_month, o.c.status != Status.SENT.value)
-        .group_by(o.c.status, o.c.visit_type)
-    )
-    # status goes through lower() on purpose: a planner without statistics (SQLite
-    # unless ANALYZE ran) prefers the status index for `status = 'sent'` and walks
-    # the sent rows of every month; the month range is the selective condition.
-    sent = sa.select(o.c.lsh, o.c.payload).where(in_month, sa.func.lower(o.c.status) == Status.SENT.value)
-    return counts, sent
-
-
 def month_report(store: Store, month: date) -> MonthReport:
     """Read the month's figures from the outbox (read-only, streamed)."""
-    counts_query, sent_query = month_queries(month)
+    first, after = month_bounds(month)
     uploaded: dict[str, Uploaded] = {t: Uploaded() for t in VISIT_TYPES}
     not_upstream: dict[str, dict[str, int]] = {s.value: dict.fromkeys(VISIT_TYPES, 0) for s in NOT_UPSTREAM}
     skipped = dict.fromkeys(VISIT_TYPES, 0)
     not_key = dict.fromkeys(VISIT_TYPES, 0)
     unreadable = 0
-    with store.engine.connect() as conn:
-        # Counts of what is not upstream: the database aggregates, no payload travels.
-        for status, visit_type, n in conn.execute(counts_query):
-            kind = _visit_type(visit_type)
-            if status == Status.SKIPPED.value:
-                skipped[kind] += int(n)
-            elif status in not_upstream:
-                not_upstream[status][kind] += int(n)
-        # The sent payloads, streamed: a month of a large hospital need not fit in memory.
-        sent = conn.execution_options(stream_results=True, yield_per=_BATCH).execute(sent_query)
-        for lsh, text in sent:
-            try:
-                payload = json.loads(text, parse_float=Decimal)
-            except (TypeError, ValueError):
-                payload = None
-            if not isinstance(payload, dict):
-                log.warning("report_payload_unreadable", lsh=lsh)
-                unreadable += 1
-                continue
-            kind = _visit_type(payload.get("type"))
-            if str(payload.get("keyCrowd")) != "1":
-                not_key[kind] += 1
-                continue
-            uploaded[kind] = uploaded[kind] + Uploaded.of(payload)
+    # Counts of what is not upstream: the database aggregates, no payload travels.
+    for status, visit_type, n in store.month_counts(first, after):
+        kind = _visit_type(visit_type)
+        if status == Status.SKIPPED.value:
+            skipped[kind] += n
+        elif status in not_upstream:
+            not_upstream[status][kind] += n
+    for lsh, text in store.month_sent(first, after):
+        try:
+            payload = json.loads(text, parse_float=Decimal)
+        except (TypeError, ValueError):
+            payload = None
+        if not isinstance(payload, dict):
+            log.warning("report_payload_unreadable", lsh=lsh)
+            unreadable += 1
+            continue
+        kind = _visit_type(payload.get("type"))
+        if str(payload.get("keyCrowd")) != "1":
+            not_key[kind] += 1
+            continue
+        uploaded[kind] = uploaded[kind] + Uploaded.of(payload)
     return MonthReport(
-        month=month_bounds(month)[0], uploaded=uploaded, not_upstream=not_upstream, skipped=skipped,
+        month=first, uploaded=uploaded, not_upstream=not_upstream, skipped=skipped,
         sent_not_key_crowd=not_key, unreadable=unreadable,
     )
 

@@ -18,7 +18,7 @@ import os
 import re
 import stat
 import warnings
-from datetime import date, datetime, time, timedelta, timezone, tzinfo
+from datetime import date, time, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -37,6 +37,8 @@ from pydantic import (
 
 from sync import counties
 from sync.errors import ConfigError
+from sync.settings_file import placeholders, read_query_file, warn_retired
+from sync.sqltext import QUERY_PARAMETERS, code_only, query_parameters, url_dialect
 
 DEFAULT_CONFIG_NAME = "settings.yaml"
 CONFIG_ENV = "CROWD_SYNC_CONFIG"
@@ -137,86 +139,6 @@ class Upstream(_Model):
         return SecretStr(v.get_secret_value().strip())
 
 
-# -- SQL text of his.query ------------------------------------------------------------------
-# A bind parameter as sqlalchemy.text() finds one: `:name`, not after a colon, a word
-# character or a backslash (its escape), and not followed by a colon (PostgreSQL's `::`).
-_BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
-QUERY_PARAMETERS = ("since", "until")
-
-
-def _sql_parts(query: str, dialect: str) -> list[tuple[bool, str]]:
-    """``query`` cut into (is_code, text) parts: string literals, quoted identifiers and
-    comments are not code. ``dialect`` (a SQLAlchemy backend name) decides the quirks:
-    MySQL's backslash escapes and ``#`` comments, PostgreSQL's dollar quotes."""
-    mysql = dialect in ("mysql", "mariadb")
-    parts: list[tuple[bool, str]] = []
-    code_start = i = 0
-    n = len(query)
-
-    def close(end: int) -> int:
-        nonlocal code_start
-        if end > code_start:
-            parts.append((True, query[code_start:end]))
-        return end
-
-    while i < n:
-        ch = query[i]
-        end: int | None = None
-        if ch in "'\"`":
-            j = i + 1
-            while j < n:
-                if mysql and query[j] == "\\" and ch != "`":
-                    j += 2
-                    continue
-                if query[j] == ch:
-                    if j + 1 < n and query[j + 1] == ch:  # '' inside '...'
-                        j += 2
-                        continue
-                    break
-                j += 1
-            end = min(j + 1, n)
-        elif query.startswith("--", i) or (mysql and ch == "#"):
-            j = query.find("\n", i)
-            end = n if j < 0 else j
-        elif query.startswith("/*", i):
-            j = query.find("*/", i + 2)
-            end = n if j < 0 else j + 2
-        elif ch == "$" and dialect == "postgresql" and (m := re.match(r"\$([A-Za-z_]\w*)?\$", query[i:])):
-            j = query.find(m.group(0), i + len(m.group(0)))
-            end = n if j < 0 else j + len(m.group(0))
-        if end is None:
-            i += 1
-            continue
-        close(i)
-        parts.append((False, query[i:end]))
-        i = code_start = end
-    close(n)
-    return parts
-
-
-def query_parameters(query: str, dialect: str = "") -> list[str]:
-    """The bind parameters (``:name``) of ``query``, leaving string literals and comments alone."""
-    names: list[str] = []
-    for is_code, text in _sql_parts(query, dialect):
-        if is_code:
-            names.extend(m.group(1) for m in _BIND.finditer(text) if m.group(1) not in names)
-    return names
-
-
-def escape_literal_colons(query: str, dialect: str = "") -> str:
-    """``query`` for ``sqlalchemy.text()``: a ``:word`` inside a string literal or a comment is
-    escaped, so that only the real bind parameters are taken as parameters."""
-    return "".join(
-        text if is_code else _BIND.sub(lambda m: "\\:" + m.group(1), text) for is_code, text in _sql_parts(query, dialect)
-    )
-
-
-def _url_dialect(url: str) -> str:
-    """The backend name of a database URL (``mysql+pymysql://`` -> ``mysql``), "" when unknown."""
-    m = re.match(r"\s*([A-Za-z][\w]*)(?:\+[\w]+)?://", url)
-    return m.group(1).lower() if m else ""
-
-
 class His(_Model):
     url: SecretStr
     query: str  # or query_file: the query in a file of its own (read by ``parse``)
@@ -241,7 +163,7 @@ class His(_Model):
         text = v.strip().rstrip(";").strip()
         # The URL is validated first (declared first): its dialect decides how literals are written.
         url = info.data.get("url")
-        dialect = _url_dialect(url.get_secret_value()) if isinstance(url, SecretStr) else ""
+        dialect = url_dialect(url.get_secret_value()) if isinstance(url, SecretStr) else ""
         used = query_parameters(text, dialect)
         missing = [f":{p}" for p in QUERY_PARAMETERS if p not in used]
         if missing:
@@ -249,7 +171,7 @@ class His(_Model):
                 f"must use the bind parameters :since and :until (missing {', '.join(missing)}) outside string "
                 "literals and comments, e.g. WHERE changed_at >= :since AND changed_at < :until"
             )
-        code = "".join(part for is_code, part in _sql_parts(text, dialect) if is_code)
+        code = code_only(text, dialect)
         if not re.match(r"(?is)^\s*(select|with)\b", code):
             raise ValueError("must be a SELECT (or WITH ... SELECT) statement")
         unknown = [f":{p}" for p in used if p not in QUERY_PARAMETERS]
@@ -351,7 +273,7 @@ class Schedule(_Model):
 class Retry(_Model):
     first_delay_s: float = Field(default=30.0, gt=0)
     max_delay_s: float = Field(default=3600.0, gt=0)
-    # No longer used: no record is given up because of the platform (see sync.pipeline);
+    # No longer used: no record is given up because of the platform (see sync.circuit);
     # kept so that settings files written for earlier versions still load.
     give_up_after_h: float = Field(default=72.0, gt=0)
     # After this many unexplained refusals of one record (中间请求异常, a code 200 without
@@ -511,9 +433,9 @@ def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "setti
             del data[section]
     data.pop("source_path", None)
     _read_secret_files(data, problems, reported)
-    _read_query_file(data, base_dir, problems, reported)
-    problems.extend(_placeholders(data, ""))
-    _warn_deprecated(data)
+    read_query_file(data, base_dir, problems, reported)
+    problems.extend(placeholders(data, ""))
+    warn_retired(data)
     if isinstance(data.get("outbox", {}), dict):
         # The embedded default is relative too, and must not depend on the working directory.
         data.setdefault("outbox", {}).setdefault("url", Outbox.model_fields["url"].get_default().get_secret_value())
@@ -614,70 +536,6 @@ def _read_secret_files(data: dict[str, Any], problems: list[str], reported: set[
             block[key] = content
 
 
-def _read_query_file(data: dict[str, Any], base_dir: Path, problems: list[str], reported: set[str]) -> None:
-    """``his.query_file``: the query in a file of its own, relative to the settings file."""
-    block = data.get("his")
-    if not isinstance(block, dict) or "query_file" not in block:
-        return
-    value = block.pop("query_file")
-    reported.add("his.query")
-    if "query" in block:
-        problems.append(
-            "his.query_file: 不能同时设置 his.query 与 his.query_file / give either his.query or his.query_file, not both"
-        )
-        return
-    if not isinstance(value, str) or not value.strip():
-        problems.append("his.query_file: 应为 SQL 文件路径 / must be the path of a file holding the query")
-        return
-    path = Path(value.strip())
-    if not path.is_absolute():
-        path = base_dir / path
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        problems.append(
-            f"his.query_file: 无法读取 / cannot read {path} ({exc.strerror or type(exc).__name__}); a relative path is "
-            "relative to the settings file's directory, and the service user must be able to read it"
-        )
-        return
-    except UnicodeDecodeError:
-        problems.append(f"his.query_file: {path} 不是 UTF-8 文本 / is not UTF-8 text: save it as UTF-8")
-        return
-    reported.discard("his.query")
-    block["query"] = text
-
-
-# The example settings (deploy/settings.prod.example.yaml) write "<填写 ...>" where only the
-# hospital knows the value: loading the file unedited names each one.
-_PLACEHOLDER = re.compile(r"^\s*<\s*填写.*>\s*$", re.DOTALL)
-
-
-def _placeholders(value: Any, where: str) -> list[str]:
-    if isinstance(value, dict):
-        return [p for k, v in value.items() for p in _placeholders(v, f"{where}.{k}" if where else str(k))]
-    if isinstance(value, list):
-        return [p for i, v in enumerate(value) for p in _placeholders(v, f"{where}[{i}]")]
-    if isinstance(value, str) and _PLACEHOLDER.match(value):
-        return [f"{where}: 仍是示例中的占位符 / still the example's placeholder {value.strip()}: write the real value"]
-    return []
-
-
-def _warn_deprecated(data: dict[str, Any]) -> None:
-    retry = data.get("retry")
-    if isinstance(retry, dict) and "give_up_after_h" in retry:
-        warnings.warn(
-            "retry.give_up_after_h: 已不再使用，记录不会因平台故障被放弃，请删除此项 / no longer used: no record is given "
-            "up because of the platform any more (it is retried with back-off until it is sent; see the README's "
-            "settings table, retry); delete this line",
-            DeprecatedSettingWarning,
-            stacklevel=2,
-        )
-
-
-class DeprecatedSettingWarning(UserWarning):
-    """A setting that no longer does anything is still in the settings file."""
-
-
 class SecretFileWarning(UserWarning):
     """A secret file is readable by users other than its owner."""
 
@@ -728,12 +586,3 @@ def _describe(exc: ValidationError) -> list[tuple[str, str]]:
 def _looks_secret(loc: tuple[int | str, ...]) -> bool:
     # The last part names the field: `upstream.password`, `his.url`; `upstream.base_url` is no secret.
     return bool(loc) and str(loc[-1]) in {"password", "app_key", "url", "username"}
-
-
-def start_from_default(today: date | None = None) -> datetime:
-    """The first run back-fills 31 days unless ``his.start_from`` says otherwise."""
-    from datetime import timedelta
-
-    base = today or date.today()
-    d = base - timedelta(days=31)
-    return datetime(d.year, d.month, d.day)

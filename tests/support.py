@@ -18,12 +18,10 @@ import structlog
 import yaml
 from structlog.testing import LogCapture
 
+from sync import idcard
 from sync import settings as settings_mod
 from sync.settings import Settings
 from sync.upstream.simulator import TEST_APP_KEY, TEST_PASSWORD, TEST_USERNAME
-
-_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-_CHECK = "10X98765432"
 
 his_meta = sa.MetaData()
 # Column names differ from the canonical ones, as in a real HIS; the query aliases them.
@@ -60,9 +58,7 @@ WHERE changed >= :since AND changed < :until
 
 def id_number(rng: random.Random) -> str:
     born = date(1950, 1, 1) + timedelta(days=rng.randrange(0, 365 * 60))
-    body = f"510104{born:%Y%m%d}{rng.randrange(0, 999):03d}"
-    total = sum(int(c) * w for c, w in zip(body, _WEIGHTS, strict=True))
-    return body + _CHECK[total % 11]
+    return idcard.make("510104", born, rng.randrange(0, 999))
 
 
 def make_visit(n: int, *, changed: datetime, rng: random.Random | None = None, **over: Any) -> dict[str, Any]:

@@ -13,52 +13,41 @@ What the platform demands and this module keeps:
   but lost its answer is retried by the outbox, and the upsert by ``lsh`` makes
   that harmless;
 - one call never takes longer than ``upstream.timeout_s`` in total, even
-  against a server that trickles its answer a byte at a time.
+  against a server that trickles its answer a byte at a time (transport.py).
 """
 
 from __future__ import annotations
 
 import collections
 import copy
-import heapq
-import itertools
 import json
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
-import requests
 import structlog
-from requests.adapters import HTTPAdapter
-from requests.hooks import default_hooks
-from requests.structures import CaseInsensitiveDict
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.poolmanager import PoolManager
 
 from sync.crashpoints import crash_point
-from sync.errors import ConfigError, PlatformUnavailable, SyncError, TransientError
+from sync.errors import ConfigError, PlatformUnavailable, SyncError
 from sync.logs import mask_id, register_secret
 from sync.settings import Upstream
-from sync.upstream import neterrors
 from sync.upstream.answers import Answer, Outcome, classify, faq, passed_app_key, refuses_app_key, to_error
 from sync.upstream.keyform import FORM_NAMES, KeyFormMemory, KeyFormState, KeySigner
+from sync.upstream.person import Person, parse_person
 from sync.upstream.signing import EHRKEY_HEADER, ENDPOINTS, EndpointName, KeyForm, app_key_texts, event_code
 from sync.upstream.tokens import Token, TokenStore
+from sync.upstream.transport import NETWORK_FIX, Transport
 
 log = structlog.get_logger(__name__)
 
 # The platform refuses time stamps this far from its own clock with "(401) 未经授权" (FAQ 12).
 CLOCK_SKEW_WARN_S = 300.0
 CLOCK_SKEW_WARN_EVERY_S = 600.0
-_READ_CHUNK = 4096
 # After a failed login, no other login for this long (doubling per failure up to the cap):
 # however many records are waiting for a token, one login per step reaches the platform.
 # Short: across cycles the pipeline's probes of an unreachable platform space the logins
@@ -69,50 +58,9 @@ LOGIN_BACKOFF_MAX_S = 10.0
 # the same account: stop and say so, instead of pushing each other out for ever.
 KICKS_TO_PAUSE = 3
 KICK_WINDOW_S = 600.0
-_NETWORK_FIX = (
-    "请检查网络、防火墙与 upstream.base_url；稍后自动重试 / "
-    "check the network, firewall and upstream.base_url: retried later"
-)
 
 
 # ---------------------------------------------------------------- values
-
-
-@dataclass(frozen=True, kw_only=True)
-class Label:
-    code: str
-    name: str
-    remark: str | None
-    attr1: str | None  # "1": the person is on the credit-constraint list
-    attr2: str | None
-
-
-@dataclass(frozen=True, kw_only=True)
-class Person:
-    name: str | None
-    id_number: str
-    household_county: str | None  # hjdQh: the platform's county code (document section 5)
-    household_county_name: str | None
-    residence_county: str | None
-    residence_county_name: str | None
-    insured: bool | None
-    demographic: tuple[Label, ...]
-    socio_economic: tuple[Label, ...]
-    health: tuple[Label, ...]
-    management: tuple[Label, ...]
-
-    @property
-    def labels(self) -> tuple[Label, ...]:
-        return self.demographic + self.socio_economic + self.health + self.management
-
-    @property
-    def credit_constrained(self) -> bool:
-        return any(label.attr1 == "1" for label in self.labels)
-
-    @property
-    def is_key_population(self) -> bool:
-        # FAQ 15: a person imported without labels is not recognised as key population.
-        return bool(self.labels)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,269 +74,6 @@ class UploadResult:
     created: bool  # 新增成功 (True) or 修改成功 (False)
     message: str
     http_status: int
-
-
-def _opt_str(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = str(value).strip()
-    return text or None
-
-
-def _labels(value: Any) -> tuple[Label, ...]:
-    if not isinstance(value, list):
-        return ()
-    return tuple(
-        Label(
-            code=str(item.get("code") or ""),
-            name=str(item.get("name") or ""),
-            remark=_opt_str(item.get("remark")),
-            attr1=_opt_str(item.get("attr1")),
-            attr2=_opt_str(item.get("attr2")),
-        )
-        for item in value
-        if isinstance(item, Mapping)
-    )
-
-
-def parse_person(data: Mapping[str, Any] | None) -> Person | None:
-    """The rybq answer's ``data`` object as a Person; None when the platform says null."""
-    if not isinstance(data, Mapping):
-        return None
-    insured = _opt_str(data.get("ylbx"))
-    return Person(
-        name=_opt_str(data.get("xm")),
-        id_number=_opt_str(data.get("zjhm")) or "",
-        household_county=_opt_str(data.get("hjdQh")),
-        household_county_name=_opt_str(data.get("hjdQhName")),
-        residence_county=_opt_str(data.get("xjdQh")),
-        residence_county_name=_opt_str(data.get("xjdQhName")),
-        insured={"1": True, "0": False}.get(insured or ""),
-        demographic=_labels(data.get("rkxBq")),
-        socio_economic=_labels(data.get("jjxBq")),
-        health=_labels(data.get("jkBq")),
-        management=_labels(data.get("glztBq")),
-    )
-
-
-# ---------------------------------------------------------------- rate limit
-
-
-class RateLimiter:
-    """Token bucket shared by every call of one Client.
-
-    Over any second the requests let through never exceed ``rate`` by more than
-    ``burst`` (one by default). Callers reserve their slot under the lock and
-    sleep outside it, so waiting threads are served in arrival order.
-    """
-
-    def __init__(
-        self,
-        rate_per_s: float,
-        *,
-        burst: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        if rate_per_s <= 0 or burst < 1:
-            raise ValueError("rate_per_s must be > 0 and burst >= 1")
-        self._rate = rate_per_s
-        self._burst = burst
-        self._clock = clock
-        self._sleep = sleep
-        self._lock = threading.Lock()
-        self._tokens = burst
-        self._updated = clock()
-
-    def acquire(self, deadline: float | None = None) -> None:
-        """Wait for a slot; TransientError if it would come after ``deadline`` (same clock)."""
-        with self._lock:
-            now = self._clock()
-            self._tokens = min(self._burst, self._tokens + (now - self._updated) * self._rate)
-            self._updated = now
-            wait = 0.0 if self._tokens >= 1 else (1 - self._tokens) / self._rate
-            if deadline is not None and now + wait > deadline:
-                raise TransientError(
-                    "too many requests queued for upstream.rate_limit_per_s to send this one in time",
-                    hint="raise upstream.rate_limit_per_s or lower upstream.concurrency",
-                )
-            # Reserve now (the balance may go negative): later callers queue behind this one.
-            self._tokens -= 1
-        if wait > 0:
-            self._sleep(wait)
-
-
-# ---------------------------------------------------------------- total deadline
-
-# requests' read timeout restarts with every byte received, so a server that
-# trickles its answer would hold a call for ever. Each call therefore arms a
-# timer that shuts down the socket in use when the deadline passes; the
-# connection classes below tell the call which socket that is.
-
-
-class _Guard:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._conn: HTTPConnection | None = None
-        self._done = False
-        self.fired = False
-
-    def attach(self, conn: HTTPConnection) -> None:
-        with self._lock:
-            self._conn = conn
-
-    def cut(self) -> None:
-        with self._lock:
-            if self._done:
-                return
-            self.fired = True
-            sock = self._conn.sock if self._conn is not None else None
-        if sock is not None:
-            with suppress(OSError):  # already closed: nothing left to cut
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def finish(self) -> None:
-        with self._lock:
-            self._done = True
-
-
-_current = threading.local()
-
-
-def _attach(conn: HTTPConnection) -> None:
-    guard: _Guard | None = getattr(_current, "guard", None)
-    if guard is not None:
-        guard.attach(conn)
-
-
-class _GuardedHTTPConnection(HTTPConnection):
-    def connect(self) -> None:
-        _attach(self)
-        super().connect()
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        # Reused keep-alive connections skip connect(): register them here too.
-        _attach(self)
-        super().request(*args, **kwargs)
-
-
-class _GuardedHTTPSConnection(HTTPSConnection):
-    def connect(self) -> None:
-        _attach(self)
-        super().connect()
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _attach(self)
-        super().request(*args, **kwargs)
-
-
-class _GuardedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _GuardedHTTPConnection
-
-
-class _GuardedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _GuardedHTTPSConnection
-
-
-def _guard_pools(manager: PoolManager) -> None:
-    manager.pool_classes_by_scheme = {"http": _GuardedHTTPPool, "https": _GuardedHTTPSPool}
-
-
-class _Adapter(HTTPAdapter):
-    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
-        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
-        _guard_pools(self.poolmanager)
-
-    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
-        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
-        if isinstance(manager, PoolManager):
-            _guard_pools(manager)
-        return manager
-
-
-class _Watchdog:
-    """One thread cuts every call whose deadline has passed.
-
-    A timer thread per call would start and stop a thread for every request: at a few
-    hundred uploads per second that is a sizeable share of the process's CPU and GIL.
-    Finished guards stay in the heap until their deadline comes and are skipped then.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, _Guard]] = []
-        self._seq = itertools.count()
-        self._thread: threading.Thread | None = None
-
-    def arm(self, guard: _Guard, seconds: float) -> None:
-        with self._cond:
-            heapq.heappush(self._heap, (time.monotonic() + max(seconds, 0.0), next(self._seq), guard))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="upstream-deadlines", daemon=True)
-                self._thread.start()
-            elif self._heap[0][2] is guard:
-                self._cond.notify()  # earlier than what the thread sleeps towards
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while True:
-                    wait_s = self._heap[0][0] - time.monotonic() if self._heap else None
-                    if wait_s is not None and wait_s <= 0:
-                        break
-                    self._cond.wait(wait_s)
-                _, _, guard = heapq.heappop(self._heap)
-            guard.cut()  # a finished guard ignores it
-
-
-_watchdog = _Watchdog()
-
-
-@contextmanager
-def _deadline_guard(seconds: float) -> Iterator[_Guard]:
-    guard = _Guard()
-    _current.guard = guard
-    _watchdog.arm(guard, seconds)
-    try:
-        yield guard
-    finally:
-        guard.finish()
-        _current.guard = None
-
-
-# ---------------------------------------------------------------- client
-
-
-def _prepared(
-    session: requests.Session, method: str, url: str, body: bytes | None, headers: dict[str, str]
-) -> requests.PreparedRequest:
-    """The request ``Session.request`` would prepare, built directly: the URL is already
-    percent-encoded by signing, and parsing and re-quoting it in requests (before urllib3
-    parses it again) was the largest single share of an upload's CPU time."""
-    req = requests.PreparedRequest()
-    req.method = method
-    req.url = url
-    merged: CaseInsensitiveDict[str] = CaseInsensitiveDict(
-        {k: v if isinstance(v, str) else v.decode("latin-1") for k, v in session.headers.items()}
-    )
-    merged.update(headers)
-    if body is not None:
-        merged["Content-Length"] = str(len(body))
-    req.headers = merged
-    req.body = body
-    req.hooks = default_hooks()
-    if session.cookies:
-        req.prepare_cookies(session.cookies)
-    return req
-
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Raw:
-    status: int
-    body: bytes
-    content_type: str | None
-    date: str | None
 
 
 class Client:
@@ -407,10 +92,6 @@ class Client:
         register_secret(*app_key_texts(raw_key), upstream.password.get_secret_value())
         self._signer = KeySigner(raw_key, upstream.app_key_form, key_forms)
         self._codes = {name: event_code(upstream.env, name, upstream.event_codes) for name in ENDPOINTS}
-        self._verify: bool | str = upstream.ca_bundle or upstream.verify_tls
-        self._limiter = RateLimiter(upstream.rate_limit_per_s)
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
         self._skew: float | None = None
         self._skew_warned_at: float | None = None
@@ -427,6 +108,7 @@ class Client:
         self.counters: collections.Counter[str] = collections.Counter()
         # Called with (endpoint, seconds) for every request the platform answered (metrics).
         self.on_answer: Callable[[str, float], None] | None = None
+        self._transport = Transport(upstream, count=self._count)
 
     # -- public calls
 
@@ -449,7 +131,7 @@ class Client:
             # Whatever else a login answers (an outage, 中间请求异常, no token), it says nothing
             # about any record: sending waits for the platform.
             raise PlatformUnavailable(
-                f"login failed: {error.message}", hint=error.hint or _NETWORK_FIX, http_status=answer.http_status,
+                f"login failed: {error.message}", hint=error.hint or NETWORK_FIX, http_status=answer.http_status,
                 platform_message=error.platform_message,
             )
         register_secret(token_value)
@@ -498,10 +180,7 @@ class Client:
 
     def close(self) -> None:
         self._signer.save_pending()
-        with self._lock:
-            sessions, self._sessions = self._sessions, []
-        for session in sessions:
-            session.close()
+        self._transport.close()
 
     def __enter__(self) -> Client:
         return self
@@ -600,33 +279,6 @@ class Client:
 
     # -- HTTP
 
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            # Retries belong to the outbox: an upload retried here could hide a lost answer.
-            adapter = _Adapter(pool_connections=1, pool_maxsize=self._up.concurrency, max_retries=0)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            # Proxies and CA bundle from the environment (HTTPS_PROXY, NO_PROXY,
-            # REQUESTS_CA_BUNDLE) are read once here: requests would otherwise walk the
-            # whole environment on every call, a sizeable share of an upload's CPU time.
-            env = session.merge_environment_settings(self._up.base_url, {}, None, self._verify, None)
-            session.proxies.update(env["proxies"])
-            session.verify = env["verify"]
-            if isinstance(session.verify, str) and self._up.base_url.lower().startswith("http://") and not session.proxies:
-                # Nothing to verify over plain HTTP, and a path here (REQUESTS_CA_BUNDLE) costs a
-                # stat() of it on every call.
-                session.verify = True
-            session.trust_env = False
-            # The URL is built here and sent prepared (see _prepared): check it once the way
-            # requests would, so that a malformed base_url is still a configuration error.
-            requests.PreparedRequest().prepare_url(self._up.base_url, None)
-            self._local.session = session
-            with self._lock:
-                self._sessions.append(session)
-        return session
-
     def _count(self, name: str) -> None:
         with self._lock:
             self.counters[name] += 1
@@ -668,8 +320,7 @@ class Client:
         self, endpoint: EndpointName, form: KeyForm, *, suffix: str, body: bytes | None, token: str | None
     ) -> Answer:
         spec = ENDPOINTS[endpoint]
-        deadline = time.monotonic() + self._up.timeout_s
-        self._limiter.acquire(deadline)
+        deadline = self._transport.slot()
         query = self._signer.query(form, self._codes[endpoint], int(self._wall() * 1000))
         url = f"{self._up.base_url}{spec.path}{suffix}?{query}"
         headers = {"Accept": "application/json"}
@@ -681,62 +332,11 @@ class Client:
             headers["accesstoken"] = token
         self._count("requests")
         started = time.monotonic()
-        raw = self._exchange(spec.method, url, body, headers, deadline, endpoint)
+        raw = self._transport.exchange(spec.method, url, body, headers, deadline=deadline, endpoint=endpoint)
         if self.on_answer is not None:
             self.on_answer(endpoint, time.monotonic() - started)
         self._note_clock(raw.date)
         return classify(raw.status, raw.body, raw.content_type, endpoint=endpoint)
-
-    def _exchange(
-        self, method: str, url: str, body: bytes | None, headers: dict[str, str], deadline: float, endpoint: str
-    ) -> _Raw:
-        remaining = deadline - time.monotonic()
-        timeout_s = self._up.timeout_s
-        with _deadline_guard(remaining) as guard:
-            try:
-                session = self._session()
-                response = session.send(
-                    _prepared(session, method, url, body, headers), stream=True, allow_redirects=False,
-                    timeout=(min(self._up.connect_timeout_s, max(remaining, 0.001)), max(remaining, 0.001)),
-                    verify=session.verify, proxies=session.proxies, cert=None,
-                )
-                try:
-                    chunks: list[bytes] = []
-                    for chunk in response.iter_content(_READ_CHUNK):
-                        chunks.append(chunk)
-                        if time.monotonic() > deadline:
-                            guard.fired = True
-                            raise TransientError("deadline")
-                    return _Raw(
-                        status=response.status_code, body=b"".join(chunks),
-                        content_type=response.headers.get("Content-Type"), date=response.headers.get("Date"),
-                    )
-                finally:
-                    response.close()
-            except requests.exceptions.SSLError as exc:
-                raise ConfigError(
-                    f"TLS verification of {self._up.base_url} failed ({type(exc).__name__})",
-                    hint="设置 upstream.ca_bundle 为医院/平台的 CA 证书 / set upstream.ca_bundle to the CA "
-                    "certificate file (verify_tls: false only as a last resort)",
-                ) from None
-            except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
-                raise ConfigError(
-                    f"upstream.base_url {self._up.base_url!r} is not a usable URL ({type(exc).__name__})",
-                    hint="e.g. http://11.6.226.2:9091",
-                ) from None
-            except (requests.exceptions.RequestException, OSError, TransientError) as exc:
-                # Never chain the original: its text holds the signed URL.
-                if guard.fired or time.monotonic() >= deadline:
-                    message = (
-                        f"{endpoint}: {neterrors.host_of(self._up.base_url)} 在 upstream.timeout_s={timeout_s:g}s 内未完整应答 "
-                        f"/ no complete answer within upstream.timeout_s={timeout_s:g}s"
-                    )
-                else:
-                    message = f"{endpoint}: 无法连接 / cannot reach {neterrors.describe(exc, self._up.base_url)}"
-                self._count("network_errors")
-                log.warning("upstream_error", endpoint=endpoint, outcome="transient", http_status=None,
-                            error=message)
-                raise PlatformUnavailable(message, hint=_NETWORK_FIX) from None
 
     def _note_clock(self, date_header: str | None) -> None:
         if not date_header:
@@ -785,10 +385,6 @@ def _again(exc: SyncError) -> SyncError:
 
 __all__ = [
     "Client",
-    "Label",
     "LookupResult",
-    "Person",
-    "RateLimiter",
     "UploadResult",
-    "parse_person",
 ]

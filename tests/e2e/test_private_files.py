@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from sync.app import make_pipeline
 from sync.logs import configure
 from sync.outbox.store import Store
-from sync.pipeline import Pipeline
-from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
 from tests.e2e.test_cli import crowd_sync
 from tests.support import His, his_now, make_visit, write_settings
@@ -53,7 +52,7 @@ def test_the_outbox_its_journal_and_lock_are_private_under_umask_022(tmp_path: P
         try:
             store.ensure_schema()
             with store.instance_lock(command="once"):
-                store.set_config_error(message="m", hint="h", now=datetime(2026, 1, 1))
+                store.state.set_config_error(message="m", hint="h", now=datetime(2026, 1, 1))
                 data = tmp_path / "var" / "data"
                 wal, shm = data / "outbox.db-wal", data / "outbox.db-shm"
                 assert wal.exists() and shm.exists()  # WAL mode: both live while the outbox is open
@@ -95,7 +94,7 @@ def test_a_debug_log_shows_no_sql_parameters_and_the_label_cache_no_name(tmp_pat
     store = Store(settings.outbox.url.get_secret_value())
     try:
         store.ensure_schema()
-        pipeline = Pipeline(settings, store=store, client=Client(settings.upstream, store.token_store()))
+        pipeline = make_pipeline(settings, store)
         try:
             stats = pipeline.cycle()
         finally:

@@ -14,8 +14,9 @@ from alembic import command
 from alembic.config import Config
 
 import migrations
+from sync.outbox.migrate import current_revision, render_offline
 from sync.outbox.schema import sync_outbox
-from sync.outbox.store import Store, current_revision, render_offline
+from sync.outbox.store import Store
 
 VIEWS = ("sync_problem_records", "sync_daily_counts", "sync_pending_age")
 # Outbox times are UTC; the daily counts are by the day of schedule.timezone (China, +08:00).

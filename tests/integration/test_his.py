@@ -20,9 +20,9 @@ import sqlalchemy as sa
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
+from sync.columns import Unreadable
 from sync.errors import ConfigError, TransientError
 from sync.his import HisSource, clock_sql, window_sql
-from sync.records import Unreadable
 from sync.settings import His
 
 metadata = sa.MetaData()

@@ -14,11 +14,10 @@ from urllib.parse import quote
 import pytest
 
 from sync import cli
+from sync.app import make_pipeline
 from sync.doctor import run_checks
 from sync.outbox.store import Store
-from sync.pipeline import Pipeline
 from sync.settings import Settings
-from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
 from tests.support import His, capture_all_logs, his_now, make_visit, write_settings
 
@@ -42,7 +41,7 @@ class Site:
         self.path = tmp / f"{name}.yaml"
         self.store = Store(self.settings.outbox.url.get_secret_value())
         self.store.ensure_schema()
-        self.pipeline = Pipeline(self.settings, store=self.store, client=Client(self.settings.upstream, self.store.token_store()))
+        self.pipeline = make_pipeline(self.settings, self.store)
 
     def check(self) -> str:
         out = io.StringIO()
@@ -156,7 +155,7 @@ def test_a_cursor_ahead_of_the_his_clock_is_rewound_and_no_visit_lost(
     jumped = Site(tmp_path, with_init(mariadb_url, "SET timestamp = UNIX_TIMESTAMP() + 86400"), sim, name="jumped")
     try:
         assert jumped.pipeline.cycle().sent == 3
-        cursor = jumped.store.get_cursor()
+        cursor = jumped.store.queue.get_cursor()
         assert cursor is not None and cursor[0] > his_now() + timedelta(hours=12)
     finally:
         jumped.close()
@@ -166,7 +165,7 @@ def test_a_cursor_ahead_of_the_his_clock_is_rewound_and_no_visit_lost(
     try:
         with capture_all_logs() as logs:
             stats = site.pipeline.cycle()
-        cursor = site.store.get_cursor()
+        cursor = site.store.queue.get_cursor()
     finally:
         site.close()
     assert stats.sent == 3, stats

@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from sync.app import make_client, make_pipeline
 from sync.errors import TransientError
 from sync.outbox.schema import sync_outbox, sync_run
 from sync.outbox.store import Store
-from sync.pipeline import Pipeline
-from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
 from tests.support import HIS_QUERY, His, capture_all_logs, expected_payload, his_now, make_visit, write_settings
 
@@ -46,8 +45,8 @@ class Setup:
         )
         self.store = Store(self.settings.outbox.url.get_secret_value(), lease_s=60)
         self.store.ensure_schema()
-        self.client = Client(self.settings.upstream, self.store.token_store())
-        self.pipeline = Pipeline(self.settings, store=self.store, client=self.client)
+        self.client = make_client(self.settings, self.store)
+        self.pipeline = make_pipeline(self.settings, self.store, client=self.client)
         # The DBA's own session: excluded from every KILL by CONNECTION_ID().
         self.admin = sa.create_engine(his_url, isolation_level="AUTOCOMMIT")
         self.base = his_now() - timedelta(minutes=50)
@@ -162,7 +161,7 @@ def test_a_session_killed_mid_poll_fails_that_cycle_only_and_nothing_is_sent_twi
     recorded = s.outbox_rows()
     assert 100 <= recorded < 300, f"{recorded} rows recorded before the kill"
     # The cursor covers exactly what was recorded, not the window the cycle meant to read.
-    assert s.store.get_cursor() == (at, f"LSH{recorded:06d}"), (s.store.get_cursor(), recorded)
+    assert s.store.queue.get_cursor() == (at, f"LSH{recorded:06d}"), (s.store.queue.get_cursor(), recorded)
 
     # No operator action: the next cycle reconnects, reads the rest and sends each visit once.
     s.fast()

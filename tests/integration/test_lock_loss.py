@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from sync.app import make_pipeline
 from sync.daemon import Daemon
 from sync.outbox.lock import AlreadyRunning, InstanceLock, advisory_key
 from sync.outbox.store import Store
-from sync.pipeline import Pipeline
-from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
 from tests.support import His, capture_all_logs, his_now, make_visit, write_settings
 
@@ -64,7 +63,7 @@ class Instance:
         self.store = Store(outbox_url)
         self.lock = self.store.instance_lock(command="run")
         self.lock.acquire()
-        self.pipeline = Pipeline(self.settings, store=self.store, client=Client(self.settings.upstream, self.store.token_store()))
+        self.pipeline = make_pipeline(self.settings, self.store)
         self.daemon = Daemon(self.settings, self.pipeline, lock=self.lock)
 
     def close(self) -> None:

@@ -21,10 +21,13 @@ from alembic import command
 from alembic.config import Config
 
 import migrations
+from sync.app import make_pipeline
 from sync.errors import ConfigError
 from sync.outbox.lock import AlreadyRunning
+from sync.outbox.migrate import current_revision, head_revision
+from sync.outbox.model import Incoming, Parked, Sent, Status
 from sync.outbox.schema import sync_outbox
-from sync.outbox.store import Incoming, Status, Store, current_revision, head_revision
+from sync.outbox.store import Store
 from sync.upstream.tokens import Token
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,28 +101,27 @@ def test_an_empty_server_database_asks_for_migrate(server_url: str) -> None:
 
 def test_rows_round_trip_with_chinese_text_and_microseconds(store: Store) -> None:
     items = [item(f"L{i:04d}") for i in range(700)]  # more than one IN chunk
-    assert store.enqueue(items, now=T0, cursor=(T0, "L0699")).inserted == 700
-    assert store.enqueue(items, now=T0 + timedelta(hours=1)).unchanged == 700
-    assert store.get_cursor() == (T0, "L0699")
-    claims = store.claim_due(now=T0, limit=3, owner="w")
+    assert store.queue.enqueue(items, now=T0, cursor=(T0, "L0699")).inserted == 700
+    assert store.queue.enqueue(items, now=T0 + timedelta(hours=1)).unchanged == 700
+    assert store.queue.get_cursor() == (T0, "L0699")
+    claims = store.leases.claim_due(now=T0, limit=3, owner="w")
     assert [c.lsh for c in claims] == ["L0000", "L0001", "L0002"]
     assert json.loads(claims[0].payload_json)["icdName"] == "肺结核"
-    assert store.mark_sent(claims[0], sent_json=claims[0].payload_json, key_crowd="1", answer="修改成功",
-                           http_status=200, now=T0)
-    store.mark_invalid(claims[1], error="参数校验错误: 证件号码格式不正确", http_status=200, now=T0)
-    store.enqueue([item("L0000", "v2")], now=T0 + timedelta(hours=2))
+    assert store.leases.record([Sent(claimed=claims[0], body=claims[0].payload_json, key_crowd="1", answer="修改成功", http_status=200, at=T0)])[0]
+    store.leases.record([Parked(claimed=claims[1], status=Status.INVALID, error="参数校验错误: 证件号码格式不正确", http_status=200, at=T0)])
+    store.queue.enqueue([item("L0000", "v2")], now=T0 + timedelta(hours=2))
     with store.engine.connect() as conn:
         r = conn.execute(sa.select(sync_outbox).where(sync_outbox.c.lsh == "L0000")).mappings().one()
         bad = conn.execute(sa.select(sync_outbox.c.last_error).where(sync_outbox.c.lsh == "L0001")).scalar()
     assert (r["status"], r["last_answer"], r["first_seen_at"]) == ("pending", "修改成功", T0)
     assert bad == "参数校验错误: 证件号码格式不正确"
-    assert store.requeue(now=T0, statuses=[Status.INVALID]) == 1
+    assert store.queue.requeue(now=T0, statuses=[Status.INVALID]) == 1
     s = store.summary(now=T0)
     assert (s.counts["pending"], s.counts["sent"], s.counts["invalid"]) == (700, 0, 0)
 
 
 def test_two_concurrent_claimers_never_get_the_same_row(store: Store) -> None:
-    store.enqueue([item(f"L{i:04d}") for i in range(300)], now=T0)
+    store.queue.enqueue([item(f"L{i:04d}") for i in range(300)], now=T0)
     got: dict[str, list[str]] = {"a": [], "b": []}
     barrier = threading.Barrier(2)
 
@@ -128,7 +130,7 @@ def test_two_concurrent_claimers_never_get_the_same_row(store: Store) -> None:
         deadline = time.monotonic() + 20
         # An empty claim only means the other claimer holds the rows right now.
         while len(got["a"]) + len(got["b"]) < 300 and time.monotonic() < deadline:
-            got[owner].extend(c.lsh for c in store.claim_due(now=T0, limit=7, owner=owner))
+            got[owner].extend(c.lsh for c in store.leases.claim_due(now=T0, limit=7, owner=owner))
 
     threads = [threading.Thread(target=claimer, args=(o,)) for o in got]
     for t in threads:
@@ -199,7 +201,8 @@ def test_token_renewal_is_single_flight_across_processes(store: Store, tmp_path:
 def _lock_script(url: str, command_name: str, hold: bool) -> str:
     return textwrap.dedent(f"""
         import sys, time
-        from sync.outbox.store import AlreadyRunning, Store
+        from sync.outbox.lock import AlreadyRunning
+        from sync.outbox.store import Store
         store = Store({url!r})
         lock = store.instance_lock(command={command_name!r})
         try:
@@ -256,34 +259,34 @@ def test_one_instance_per_outbox_and_the_lock_dies_with_its_process(store: Store
 
 
 def test_crash_recovery_requeue_of_skipped_and_the_unreachable_platform_on_every_database(store: Store) -> None:
-    store.enqueue([item(f"L{i}") for i in range(6)], now=T0)
-    dead = store.claim_due(now=T0, limit=2, owner="host:1:dead")
-    mine = store.claim_due(now=T0, limit=2, owner="host:2:me")
+    store.queue.enqueue([item(f"L{i}") for i in range(6)], now=T0)
+    dead = store.leases.claim_due(now=T0, limit=2, owner="host:1:dead")
+    mine = store.leases.claim_due(now=T0, limit=2, owner="host:2:me")
     # The instance-lock holder takes back every lease but its own.
-    assert store.release_other_leases("host:2:me") == len(dead)
+    assert store.leases.release_other_leases("host:2:me") == len(dead)
     with store.engine.connect() as conn:
         owners = dict(conn.execute(sa.select(sync_outbox.c.lsh, sync_outbox.c.lease_owner)).all())
     assert {owners[c.lsh] for c in dead} == {None} and {owners[c.lsh] for c in mine} == {"host:2:me"}
 
     # A skipped visit requeued: its card is forgotten by the label cache, so the API is asked afresh.
-    store.cache_put({"510100198506020036": None}, now=T0)
-    store.mark_skipped(mine[0], reason="label API: not in the key population", now=T0)
-    assert store.cache_get(["510100198506020036"], now=T0, ttl_s=3600)
-    assert store.requeue(now=T0, statuses=[Status.SKIPPED]) == 1
-    assert store.cache_get(["510100198506020036"], now=T0, ttl_s=3600) == {}
+    store.labels.put({"510100198506020036": None}, now=T0)
+    store.leases.record([Parked(claimed=mine[0], status=Status.SKIPPED, error="label API: not in the key population", at=T0, http_status=None, key_crowd="0")])
+    assert store.labels.get(["510100198506020036"], now=T0, ttl_s=3600)
+    assert store.queue.requeue(now=T0, statuses=[Status.SKIPPED]) == 1
+    assert store.labels.get(["510100198506020036"], now=T0, ttl_s=3600) == {}
 
     # A probe that failed goes to the back: due only at the next probe.
     later = T0 + timedelta(seconds=30)
-    store.postpone([mine[0].lsh], until=later)
-    assert mine[0].lsh not in [c.lsh for c in store.claim_due(now=T0, limit=10, owner="host:2:me")]
+    store.leases.postpone([mine[0].lsh], until=later)
+    assert mine[0].lsh not in [c.lsh for c in store.leases.claim_due(now=T0, limit=10, owner="host:2:me")]
 
-    assert store.get_platform_down() is None
-    first = store.set_platform_down(reason="upload: network error", now=T0, next_probe_at=later)
-    again = store.set_platform_down(reason="login failed", now=later, next_probe_at=later + timedelta(seconds=10))
+    assert store.state.get_platform_down() is None
+    first = store.state.set_platform_down(reason="upload: network error", now=T0, next_probe_at=later)
+    again = store.state.set_platform_down(reason="login failed", now=later, next_probe_at=later + timedelta(seconds=10))
     assert (first["probes"], again["probes"], again["since"]) == (0, 1, first["since"])
     assert store.summary(now=later).platform_down == again
-    store.clear_platform_down()
-    assert store.get_platform_down() is None and store.summary(now=later).platform_down is None
+    store.state.clear_platform_down()
+    assert store.state.get_platform_down() is None and store.summary(now=later).platform_down is None
 
 
 # -- lsh is case-sensitive on every dialect ---------------------------------------------------
@@ -302,8 +305,6 @@ def test_visits_whose_lsh_differ_only_in_case_are_two_rows_on_a_case_insensitive
 ) -> None:
     """MariaDB's default collation utf8mb4_general_ci: ZY001a and ZY001A were one key, the second
     a duplicate on every poll, and the visits behind them never enqueued."""
-    from sync.pipeline import Pipeline
-    from sync.upstream.client import Client
     from sync.upstream.simulator import SimConfig, Simulator
     from tests.support import His, make_visit, write_settings
 
@@ -322,7 +323,7 @@ def test_visits_whose_lsh_differ_only_in_case_are_two_rows_on_a_case_insensitive
             "WHERE table_schema = DATABASE() AND column_name = 'lsh'"
         ).all())
     assert (collations["sync_outbox"], collations["sync_cursor"]) == ("utf8mb4_bin", "utf8mb4_bin")
-    assert store.enqueue([item("ZY000A"), item("ZY000a")], now=T0).inserted == 1  # ZY000a was there already
+    assert store.queue.enqueue([item("ZY000A"), item("ZY000a")], now=T0).inserted == 1  # ZY000a was there already
 
     his = His(f"sqlite:///{tmp_path / 'his.db'}")
     changed = datetime(2026, 3, 1, 9, 0, 0)
@@ -337,7 +338,7 @@ def test_visits_whose_lsh_differ_only_in_case_are_two_rows_on_a_case_insensitive
             tmp_path / "settings.yaml", his_url=f"sqlite:///{tmp_path / 'his.db'}",
             outbox_url=mariadb_general_ci_url, base_url=sim.url, overrides={"his": {"start_from": "2026-03-01"}},
         )
-        pipeline = Pipeline(settings, store=store, client=Client(settings.upstream, store.token_store()))
+        pipeline = make_pipeline(settings, store)
         try:
             first = pipeline.cycle()
             again = pipeline.cycle()

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from sync.app import make_pipeline
 from sync.outbox.store import Store
 from sync.pipeline import Pipeline
-from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
 from tests.support import His, expected_payload, make_visit, write_settings
 
@@ -37,7 +37,7 @@ def setup(tmp_path: Path, server_url: str) -> Iterator[tuple[His, Pipeline, Simu
         )
         store = Store(settings.outbox.url.get_secret_value(), lease_s=60)
         store.migrate()
-        pipeline = Pipeline(settings, store=store, client=Client(settings.upstream, store.token_store()))
+        pipeline = make_pipeline(settings, store)
         try:
             yield his, pipeline, sim, store
         finally:

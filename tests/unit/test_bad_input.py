@@ -19,11 +19,11 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
+from sync.app import make_pipeline
+from sync.columns import COLUMNS
 from sync.logs import mask_id
 from sync.outbox.store import Store
 from sync.pipeline import Pipeline
-from sync.records import COLUMNS
-from sync.upstream.client import Client
 from sync.upstream.simulator import TEST_IDS, SimConfig, Simulator
 from tests.support import his_now, write_settings
 
@@ -205,7 +205,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
         )
         store = Store(settings.outbox.url.get_secret_value(), lease_s=60)
         store.ensure_schema()
-        pipeline = Pipeline(settings, store=store, client=Client(settings.upstream, store.token_store()))
+        pipeline = make_pipeline(settings, store)
         try:
             yield Site(sim, store, pipeline, his, his_now() - timedelta(minutes=30))
         finally:

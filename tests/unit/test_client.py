@@ -17,7 +17,7 @@ import pytest
 from sync.errors import AuthError, ConfigError, InvalidRecord, TransientError
 from sync.logs import configure
 from sync.settings import EventCodes, Upstream
-from sync.upstream.client import Client, RateLimiter, UploadResult, parse_person
+from sync.upstream.client import Client, UploadResult
 from sync.upstream.simulator import (
     TEST_APP_KEY,
     TEST_IDS,
@@ -327,31 +327,3 @@ def _log_everything_against(sim: Simulator, log_text: io.StringIO) -> None:
     for id_number in TEST_IDS:
         assert id_number not in text
     assert "510100********0036" in text
-
-
-def test_rate_limiter_never_exceeds_the_rate_by_more_than_one() -> None:
-    now = [0.0]
-    sent: list[float] = []
-
-    def sleep(seconds: float) -> None:
-        now[0] += seconds
-
-    limiter = RateLimiter(10, clock=lambda: now[0], sleep=sleep)
-    for _ in range(100):
-        limiter.acquire()
-        sent.append(now[0])
-    for t in sent:
-        assert sum(1 for s in sent if t <= s < t + 1) <= 11
-    assert sent[-1] == pytest.approx(9.9)
-    with pytest.raises(TransientError):
-        limiter.acquire(deadline=now[0] + 0.01)
-
-
-def test_parse_person_tolerates_missing_parts_and_needs_labels_for_key_population() -> None:
-    assert parse_person(None) is None
-    bare = parse_person({"xm": "王五", "zjhm": "510100199001010011", "ylbx": "0", "jjxBq": None})
-    assert bare is not None
-    assert bare.insured is False
-    assert bare.labels == ()
-    assert not bare.is_key_population  # FAQ 15: imported without labels
-    assert not bare.credit_constrained

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from sync import cli, counties, labels
+from sync import counties, labels
 from sync.settings import CountyCodeWarning, Settings
-from sync.upstream.client import parse_person
+from sync.upstream.person import parse_person
 from sync.upstream.simulator import TEST_IDS, default_people
+from sync.views.person import person_data, render_person
 from tests.support import write_settings
 
 
@@ -74,7 +75,7 @@ def test_his_county_code_is_mapped_to_the_platforms(tmp_path: Path) -> None:
     assert warned == []
     assert s.institution.platform_county_code == "511425"
     person = parse_person(default_people()[TEST_IDS[0]])  # household county 511425 青神县
-    d = cli._person_dict(person, TEST_IDS[0], s)
+    d = person_data(person, TEST_IDS[0], s.institution)
     assert d["own_county"] == "511425" and d["own_county_name"] == "青神县"
     assert d["in_own_county"] is True
 
@@ -85,27 +86,27 @@ def test_unknown_county_codes_warn_but_load(tmp_path: Path) -> None:
     assert any(w.startswith("institution.county_code: '519999'") and "county_map" in w for w in warned)
     assert any(w.startswith("institution.county_map.HIS7: '518888'") for w in warned)
     # A code the platform does not use cannot be compared: "unknown", never a false "no".
-    d = cli._person_dict(parse_person(default_people()[TEST_IDS[0]]), TEST_IDS[0], s)
+    d = person_data(parse_person(default_people()[TEST_IDS[0]]), TEST_IDS[0], s.institution)
     assert d["in_own_county"] is None and d["own_county_name"] is None
-    assert "519999 is not a platform county code" in cli._render_person(d)
+    assert "519999 is not a platform county code" in render_person(d)
 
 
 def test_no_county_code_means_unknown_not_no(tmp_path: Path) -> None:
     s, warned = _settings(tmp_path, county_code=None)
     assert warned == []
-    d = cli._person_dict(parse_person(default_people()[TEST_IDS[0]]), TEST_IDS[0], s)
+    d = person_data(parse_person(default_people()[TEST_IDS[0]]), TEST_IDS[0], s.institution)
     assert d["in_own_county"] is None
-    assert "institution.county_code is not set" in cli._render_person(d)
+    assert "institution.county_code is not set" in render_person(d)
 
 
 def test_household_county_name_is_checked_against_the_table(tmp_path: Path) -> None:
     s, _ = _settings(tmp_path, county_code="511425")
     data = default_people()[TEST_IDS[0]]
     # The platform spells the county its own way: both names are shown.
-    d = cli._person_dict(parse_person({**data, "hjdQhName": "眉山市青神县"}), TEST_IDS[0], s)
+    d = person_data(parse_person({**data, "hjdQhName": "眉山市青神县"}), TEST_IDS[0], s.institution)
     assert (d["household_county_name"], d["household_county_table_name"]) == ("眉山市青神县", "青神县")
-    assert "511425 眉山市青神县 (区划表 county table: 青神县)" in cli._render_person(d)
+    assert "511425 眉山市青神县 (区划表 county table: 青神县)" in render_person(d)
     # A code missing from section 5: shown as sent, flagged, and still compared.
-    d = cli._person_dict(parse_person({**data, "hjdQh": "510199X", "hjdQhName": None}), TEST_IDS[0], s)
+    d = person_data(parse_person({**data, "hjdQh": "510199X", "hjdQhName": None}), TEST_IDS[0], s.institution)
     assert d["household_county_table_name"] is None and d["in_own_county"] is False
-    assert "510199X (不在区划表中 / not in the county table" in cli._render_person(d)
+    assert "510199X (不在区划表中 / not in the county table" in render_person(d)

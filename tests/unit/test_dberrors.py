@@ -11,7 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 from sync.errors import ConfigError, TransientError
-from sync.outbox.store import Store, describe_error
+from sync.outbox.engine import describe_error
+from sync.outbox.store import Store
 
 
 def _error_of(url: str, statement: str = "SELECT 1") -> Exception:

@@ -15,9 +15,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from sync.outbox.model import Failed, Incoming, Sent, Status
 from sync.outbox.schema import sync_outbox
-from sync.outbox.store import Incoming, Outcome, Status, Store
-from sync.pipeline import _Recorder
+from sync.outbox.store import Store
+from sync.outcomes import Recorder
 from sync.settings import Upstream
 from sync.upstream.client import Client
 from sync.upstream.simulator import TEST_APP_KEY, TEST_IDS, TEST_PASSWORD, TEST_USERNAME, Simulator
@@ -53,14 +54,14 @@ def store(url: str) -> Iterator[Store]:
 
 
 def test_outcomes_written_together_each_keep_the_row_only_if_still_ours_and_unchanged(store: Store) -> None:
-    store.enqueue([item("L1"), item("L2"), item("L3")], now=T0)
-    c1, c2, c3 = store.claim_due(now=T0, limit=10, owner="w")
-    store.enqueue([item("L2", "v2")], now=T0 + timedelta(seconds=1))  # re-settled while uploading
+    store.queue.enqueue([item("L1"), item("L2"), item("L3")], now=T0)
+    c1, c2, c3 = store.leases.claim_due(now=T0, limit=10, owner="w")
+    store.queue.enqueue([item("L2", "v2")], now=T0 + timedelta(seconds=1))  # re-settled while uploading
     later = T0 + timedelta(seconds=2)
-    written = store.record([
-        store.sent_outcome(c1, sent_json=c1.payload_json, key_crowd="1", answer="新增成功", http_status=200, now=later),
-        store.sent_outcome(c2, sent_json=c2.payload_json, key_crowd="1", answer="新增成功", http_status=200, now=later),
-        store.failed_outcome(c3, error="504", http_status=504, now=later, next_attempt_at=later, generic=False),
+    written = store.leases.record([
+        Sent(claimed=c1, body=c1.payload_json, key_crowd="1", answer="新增成功", http_status=200, at=later),
+        Sent(claimed=c2, body=c2.payload_json, key_crowd="1", answer="新增成功", http_status=200, at=later),
+        Failed(claimed=c3, error="504", http_status=504, at=later, retry_at=later, generic=False),
     ])
     assert written == [True, False, True]
     r = rows(store)
@@ -71,17 +72,15 @@ def test_outcomes_written_together_each_keep_the_row_only_if_still_ours_and_unch
 
 
 def test_a_record_the_database_refuses_does_not_cost_the_rest_of_its_group(store: Store) -> None:
-    store.enqueue([item(f"L{i}") for i in range(5)], now=T0)
-    claims = store.claim_due(now=T0, limit=10, owner="w")
-    recorder = _Recorder(store)
+    store.queue.enqueue([item(f"L{i}") for i in range(5)], now=T0)
+    claims = store.leases.claim_due(now=T0, limit=10, owner="w")
+    recorder = Recorder(store)
     for c in claims:
         if c.lsh == "L2":
             # NOT NULL violated: the group's transaction fails as a whole.
-            recorder.put(Outcome(claimed=c, values={"status": None}))
+            recorder.put(Sent(claimed=c, body=None, key_crowd="1", answer="修改成功", http_status=200, at=T0))  # type: ignore[arg-type]
         else:
-            recorder.put(store.sent_outcome(
-                c, sent_json=c.payload_json, key_crowd="1", answer="修改成功", http_status=200, now=T0
-            ))
+            recorder.put(Sent(claimed=c, body=c.payload_json, key_crowd="1", answer="修改成功", http_status=200, at=T0))
     recorder.close()
     r = rows(store)
     assert {lsh: row["status"] for lsh, row in r.items()} == {
@@ -89,7 +88,7 @@ def test_a_record_the_database_refuses_does_not_cost_the_rest_of_its_group(store
     }
     # The refused one is free again, due to be sent again.
     assert r["L2"]["lease_owner"] is None
-    assert [c.lsh for c in store.claim_due(now=T0, limit=10, owner="w2")] == ["L2"]
+    assert [c.lsh for c in store.leases.claim_due(now=T0, limit=10, owner="w2")] == ["L2"]
 
 
 def _record(lsh: str) -> str:

@@ -15,10 +15,13 @@ import pytest
 import sqlalchemy as sa
 
 from sync import records
+from sync.app import make_pipeline
+from sync.columns import normalize_row
+from sync.outbox.model import EnqueueResult, Incoming, Status
+from sync.outbox.queue import Queue
 from sync.outbox.schema import sync_outbox
-from sync.outbox.store import EnqueueResult, Incoming, Status, Store
-from sync.pipeline import CycleStats, Pipeline
-from sync.upstream.client import Client
+from sync.outbox.store import Store
+from sync.stats import CycleStats
 from sync.upstream.simulator import SimConfig, Simulator
 from tests.support import His, his_now, make_visit, write_settings
 
@@ -78,18 +81,18 @@ def test_rows_with_upper_case_keys_still_build_the_same_payload() -> None:
     oracle = {f" {k.upper()} ": v for k, v in canonical.items()}
     today = datetime(2024, 6, 1).date()
     assert records.build(oracle, today=today) == records.build(canonical, today=today)
-    copy = records.normalize_row(canonical)
+    copy = normalize_row(canonical)
     copy["lsh"] = "changed"
     assert canonical["lsh"] == visit["serial_no"]  # normalize_row never hands back the caller's dict
 
 
-class FailingStore(Store):
+class FailingQueue(Queue):
     """The outbox database failing on the n-th batch (a full disk, a lost server)."""
 
     fail_on = 3
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
+    def __init__(self, engine: sa.Engine) -> None:
+        super().__init__(engine)
         self.calls = 0
 
     def enqueue(
@@ -110,9 +113,10 @@ def test_a_failing_batch_stops_the_poll_with_earlier_batches_and_cursor_recorded
         his = His(settings.his.url.get_secret_value())
         start = his_now() - timedelta(hours=2)
         his.insert(make_visit(n, changed=start + timedelta(seconds=n)) for n in range(1, 51))
-        store = FailingStore(settings.outbox.url.get_secret_value())
+        store = Store(settings.outbox.url.get_secret_value())
         store.ensure_schema()
-        pipeline = Pipeline(settings, store=store, client=Client(settings.upstream, store.token_store()))
+        store.queue = failing = FailingQueue(store.engine)
+        pipeline = make_pipeline(settings, store)
         try:
             with pytest.raises(sa.exc.OperationalError):
                 pipeline.poll(CycleStats())
@@ -120,8 +124,8 @@ def test_a_failing_batch_stops_the_poll_with_earlier_batches_and_cursor_recorded
                 lshs = sorted(conn.scalars(sa.select(sync_outbox.c.lsh)))
             # Batches 1 and 2 (visits 1-20) are recorded, and the cursor stands at their end.
             assert lshs == sorted(f"LSH{n:06d}" for n in range(1, 21))
-            assert store.get_cursor() == (start + timedelta(seconds=20), "LSH000020")
-            store.fail_on = 0
+            assert store.queue.get_cursor() == (start + timedelta(seconds=20), "LSH000020")
+            failing.fail_on = 0
             stats = pipeline.cycle()
             with store.engine.connect() as conn:
                 assert conn.scalar(sa.select(sa.func.count()).select_from(sync_outbox)) == 50
@@ -132,7 +136,7 @@ def test_a_failing_batch_stops_the_poll_with_earlier_batches_and_cursor_recorded
             his.dispose()
 
 
-class SqlAlchemyInsertStore(Store):
+class SqlAlchemyInsertQueue(Queue):
     """The outbox writing new rows through SQLAlchemy's own executemany, as every
     database other than SQLite does: the reference for SQLite's driver-level INSERT."""
 
@@ -176,13 +180,14 @@ def stored_text(store: Store) -> list[tuple[Any, ...]]:
 
 def test_sqlite_driver_insert_stores_exactly_what_sqlalchemy_would(tmp_path: Path) -> None:
     now = datetime(2024, 5, 6, 7, 8, 9)  # whole seconds as well as fractions below: both stored alike
-    fast, reference = Store(f"sqlite:///{tmp_path / 'fast.db'}"), SqlAlchemyInsertStore(f"sqlite:///{tmp_path / 'ref.db'}")
+    fast, reference = Store(f"sqlite:///{tmp_path / 'fast.db'}"), Store(f"sqlite:///{tmp_path / 'ref.db'}")
+    reference.queue = SqlAlchemyInsertQueue(reference.engine)
     try:
         for store in (fast, reference):
             store.ensure_schema()
-            result = store.enqueue(awkward_items(now), now=now, cursor=(now, "L0029"))
+            result = store.queue.enqueue(awkward_items(now), now=now, cursor=(now, "L0029"))
             assert (result.inserted, result.invalid, result.skipped) == (30, 10, 10)
-        assert fast._raw_insert is not None  # the driver path really ran
+        assert fast.queue._raw_insert is not None  # the driver path really ran
         rows = outbox_rows(fast)
         assert rows == outbox_rows(reference)
         assert stored_text(fast) == stored_text(reference)
@@ -192,24 +197,9 @@ def test_sqlite_driver_insert_stores_exactly_what_sqlalchemy_would(tmp_path: Pat
         assert rows[5]["source_changed_at"] == (now - timedelta(hours=5, microseconds=5)).replace(tzinfo=None)
         assert len(rows[29]["card_no"]) == 64 and rows[0]["card_type"] == "12345678"
         # Idempotent on the hash: the same batch again writes nothing.
-        again = fast.enqueue(awkward_items(now), now=now + timedelta(minutes=1))
+        again = fast.queue.enqueue(awkward_items(now), now=now + timedelta(minutes=1))
         assert (again.inserted, again.changed, again.unchanged) == (0, 0, 30)
         assert outbox_rows(fast) == rows
     finally:
         fast.dispose()
         reference.dispose()
-
-
-def test_resident_id_check_digit_is_the_same_by_bytes_and_by_int() -> None:
-    rng = random.Random(11)
-    for _ in range(2000):
-        body = "".join(rng.choice("0123456789") for _ in range(17))
-        total = sum(int(c) * w for c, w in zip(body, records._ID_WEIGHTS, strict=True))
-        good = body + records._ID_CHECK[total % 11]
-        assert records.check_resident_id(good.lower()) == good
-        wrong = body + records._ID_CHECK[(total + 1) % 11]
-        with pytest.raises(ValueError, match="wrong check digit"):
-            records.check_resident_id(wrong)
-    # Digits of other scripts (\d matches them) are judged by their value, as before.
-    arabic = "".join(chr(0x660 + int(c)) for c in "51010019850602003") + "6"  # 510100198506020036
-    assert records.check_resident_id(arabic) == arabic

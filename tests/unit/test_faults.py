@@ -18,11 +18,11 @@ import sqlalchemy as sa
 import structlog
 
 from sync import cli
+from sync.app import make_client, make_pipeline
 from sync.outbox.schema import sync_outbox
 from sync.outbox.store import Store
-from sync.pipeline import CycleStats, Pipeline
 from sync.settings import Settings
-from sync.upstream.client import Client
+from sync.stats import CycleStats
 from sync.upstream.simulator import SimConfig, Simulator
 from tests.support import His, capture_all_logs, expected_payload, his_now, make_visit, write_settings
 
@@ -60,11 +60,11 @@ class World:
         )
         self.store = Store(self.settings.outbox.url.get_secret_value(), lease_s=60)
         self.store.ensure_schema()
-        self.client = Client(self.settings.upstream, self.store.token_store())
+        self.client = make_client(self.settings, self.store)
         if clock is None:
-            self.pipeline = Pipeline(self.settings, store=self.store, client=self.client)
+            self.pipeline = make_pipeline(self.settings, self.store, client=self.client)
         else:
-            self.pipeline = Pipeline(self.settings, store=self.store, client=self.client, clock=clock)
+            self.pipeline = make_pipeline(self.settings, self.store, client=self.client, clock=clock)
 
     def rows(self) -> dict[str, dict[str, Any]]:
         with self.store.engine.connect() as conn:
@@ -215,7 +215,7 @@ def test_trickled_answer_is_cut_at_the_deadline_then_sent_when_the_server_recove
         assert 2 <= tries <= 4 and took <= tries * (2 + 0.5), f"{tries} tries held the cycle {took:.1f} s"
         assert stats.unreachable and "timeout_s" in stats.unreachable, stats
         assert (row["status"], row["attempts"], row["lease_owner"]) == ("pending", 0, None), row
-        assert w.store.get_platform_down() is not None
+        assert w.store.state.get_platform_down() is not None
 
         sim.faults.trickle_s = 0.0
         next_probe = w.pipeline.next_probe_at
@@ -225,7 +225,7 @@ def test_trickled_answer_is_cut_at_the_deadline_then_sent_when_the_server_recove
 
         assert stats.sent == 1 and w.rows()["LSH000001"]["status"] == "sent"
         assert sim.records["LSH000001"] == expected_payload(visit)
-        assert w.store.get_platform_down() is None
+        assert w.store.state.get_platform_down() is None
     finally:
         w.close()
 
@@ -275,7 +275,7 @@ def test_hours_of_downtime_charge_no_record_probe_politely_and_drain_when_back(
         assert stats.sent == len(visits) and w.waiting() == 0, stats
         assert (clock.now - recovered).total_seconds() <= 60
         assert all(sim.records[v["serial_no"]] == expected_payload(v) for v in visits)
-        assert w.store.get_platform_down() is None
+        assert w.store.state.get_platform_down() is None
         print(f"6 h down: {len(gaps)} probes, {made} requests, {len(visits)} records drained at the first probe after")
     finally:
         w.close()
@@ -298,7 +298,7 @@ def test_dead_rows_of_earlier_versions_come_back_on_retry(
 
         assert cli.main(["retry", "--status", "dead", "--config", str(w.settings_path)]) == 0
         assert f"requeued {len(visits)} record(s)" in capsys.readouterr().out
-        w.store.clear_platform_down()
+        w.store.state.clear_platform_down()
         stats = w.pipeline.cycle()
 
         assert stats.sent == len(visits) and w.counts()["sent"] == len(visits)
@@ -348,7 +348,7 @@ def test_revoked_app_key_mid_run_pauses_at_once_without_burning_attempts_then_re
         }
         assert all(r["lease_owner"] is None for r in rows.values()), "leases left behind by the pause"
 
-        error = w.store.get_config_error()
+        error = w.store.state.get_config_error()
         assert error is not None and "app_key" in error["hint"], error
         paused = [e for e in logged if e["event"] == "sending_paused"]
         assert len(paused) == 1 and "app_key" in paused[0]["fix"], paused
@@ -367,7 +367,7 @@ def test_revoked_app_key_mid_run_pauses_at_once_without_burning_attempts_then_re
         stats = w.pipeline.cycle()
 
         assert stats.sent == len(left) and stats.paused is None, stats
-        assert w.store.get_config_error() is None
+        assert w.store.state.get_config_error() is None
         assert w.counts()["sent"] == len(visits)
         assert all(sim.records[v["serial_no"]] == expected_payload(v) for v in visits)
         assert sim.counters["logins"] == 1, "the pause must not cost a new login"
@@ -378,8 +378,18 @@ def test_revoked_app_key_mid_run_pauses_at_once_without_burning_attempts_then_re
 # -- 5. a poison payload ----------------------------------------------------------------------------
 
 
+def _next_due_at(w: World) -> datetime | None:
+    """When the next pending or failed row falls due (a leased one: not before its lease ends)."""
+    o = sync_outbox
+    due_at = sa.case((o.c.lease_until > o.c.next_attempt_at, o.c.lease_until), else_=o.c.next_attempt_at)
+    with w.store.engine.connect() as conn:
+        value = conn.execute(sa.select(sa.func.min(due_at)).where(o.c.status.in_(["pending", "failed"]))).scalar()
+    assert value is None or isinstance(value, datetime)
+    return value
+
+
 def _advance_to_next_due(w: World, clock: FakeClock) -> None:
-    nxt = w.store.next_due_at()
+    nxt = _next_due_at(w)
     assert nxt is not None
     clock.now = max(clock.now, nxt)
 
@@ -408,10 +418,10 @@ def test_a_payload_that_crashes_the_upload_is_parked_invalid_after_three_crashes
         assert row["status"] == "invalid", row
         assert row["crashes"] == 3 and row["attempts"] == 3
         assert "JSONDecodeError" in str(row["last_error"]) and "crowd-sync retry --lsh" in str(row["last_error"])
-        assert w.store.next_due_at() is None  # nothing left to crash on
+        assert _next_due_at(w) is None  # nothing left to crash on
 
         # Requeued (after a correction), it starts over with a fresh count.
-        assert w.store.requeue(now=clock.now, lshs=["LSH000001"]) == 1
+        assert w.store.queue.requeue(now=clock.now, lshs=["LSH000001"]) == 1
         assert w.rows()["LSH000001"]["crashes"] == 0
     finally:
         w.close()

@@ -43,7 +43,7 @@ def test_a_colon_word_in_a_literal_or_a_comment_is_left_alone(tmp_path: Path) ->
 
 
 def test_only_parameters_outside_literals_and_comments_count() -> None:
-    from sync.settings import escape_literal_colons, query_parameters
+    from sync.sqltext import escape_literal_colons, query_parameters
 
     assert query_parameters(QUERY_WITH_COLONS) == ["since", "until"]
     assert query_parameters("SELECT 1 -- :a\nWHERE x = :since # :b", "mysql") == ["since"]

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from sync.outbox.model import Failed, Incoming, Parked, Sent, Status
 from sync.outbox.schema import sync_attempt, sync_run
-from sync.outbox.store import Incoming, Status, Store
+from sync.outbox.store import Store
 
 T0 = datetime(2026, 3, 1, 8, 0, 0)
 CARD = "510100198506020036"
@@ -36,17 +37,18 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 def test_each_outcome_leaves_an_attempt_in_the_same_transaction(store: Store) -> None:
-    store.enqueue(
+    store.queue.enqueue(
         [item("A"), item("B"), item("C"), item("BAD", status=Status.INVALID, reason=f"cardNo {CARD}: wrong")],
         now=T0,
     )
-    a, b, c = store.claim_due(now=T0, limit=10, owner="w")
-    store.record([
-        store.sent_outcome(a, sent_json=a.payload_json, key_crowd="1", answer="新增成功", http_status=200,
-                           now=T0 + timedelta(seconds=1)),
-        store.invalid_outcome(b, error=f"参数校验错误：证件号码 {CARD} 不正确", http_status=200, now=T0 + timedelta(seconds=2)),
-        store.failed_outcome(c, error="unexplained", http_status=500, now=T0 + timedelta(seconds=3),
-                             next_attempt_at=T0 + timedelta(minutes=1), generic=True),
+    a, b, c = store.leases.claim_due(now=T0, limit=10, owner="w")
+    store.leases.record([
+        Sent(claimed=a, body=a.payload_json, key_crowd="1", answer="新增成功", http_status=200,
+             at=T0 + timedelta(seconds=1)),
+        Parked(claimed=b, status=Status.INVALID, error=f"参数校验错误：证件号码 {CARD} 不正确", http_status=200,
+               at=T0 + timedelta(seconds=2)),
+        Failed(claimed=c, error="unexplained", http_status=500, at=T0 + timedelta(seconds=3),
+               retry_at=T0 + timedelta(minutes=1), generic=True),
     ])
     assert [(x["kind"], x["outcome"], x["http_status"], x["answer"]) for x in store.attempts("A")] == [
         ("upload", "sent", 200, "新增成功")
@@ -59,13 +61,13 @@ def test_each_outcome_leaves_an_attempt_in_the_same_transaction(store: Store) ->
     assert (parked["kind"], parked["outcome"]) == ("check", "invalid") and CARD not in parked["error"]
 
     # A failing history insert takes the outcomes with it: they are written together or not at all.
-    (c2,) = store.claim_due(now=T0 + timedelta(minutes=2), limit=10, owner="w")
+    (c2,) = store.leases.claim_due(now=T0 + timedelta(minutes=2), limit=10, owner="w")
     with store.engine.begin() as conn:
         conn.execute(sa.text("DROP INDEX ix_sync_attempt_at"))
         conn.execute(sa.text("ALTER TABLE sync_attempt RENAME TO sync_attempt_gone"))
     with pytest.raises(sa.exc.OperationalError):
-        store.record([store.sent_outcome(c2, sent_json=c2.payload_json, key_crowd="1", answer="新增成功",
-                                         http_status=200, now=T0 + timedelta(minutes=2))])
+        store.leases.record([Sent(claimed=c2, body=c2.payload_json, key_crowd="1", answer="新增成功",
+                                  http_status=200, at=T0 + timedelta(minutes=2))])
     with store.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT status FROM sync_outbox WHERE lsh = 'C'")).scalar() == "failed"
 

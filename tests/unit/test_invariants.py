@@ -40,11 +40,11 @@ import sqlalchemy as sa
 import structlog
 
 from sync import cli
+from sync.app import make_client, make_pipeline
 from sync.outbox.schema import sync_outbox
 from sync.outbox.store import Store
 from sync.pipeline import Pipeline
 from sync.settings import Settings
-from sync.upstream.client import Client
 from sync.upstream.signing import ENDPOINTS
 from sync.upstream.simulator import TEST_IDS, SimConfig, Simulator
 from tests.support import His, expected_payload, his_now, id_number, make_visit, write_settings
@@ -123,8 +123,8 @@ class Run:
     def start(self) -> None:
         self.store = Store(self.settings.outbox.url.get_secret_value(), lease_s=300)
         self.store.ensure_schema()
-        client = Client(self.settings.upstream, self.store.token_store())
-        self.pipeline = Pipeline(self.settings, store=self.store, client=client, sole_sender=True)
+        client = make_client(self.settings, self.store)
+        self.pipeline = make_pipeline(self.settings, self.store, client=client, sole_sender=True)
 
     def cycle(self) -> None:
         assert self.pipeline is not None
@@ -144,8 +144,7 @@ class Run:
         with contextlib.suppress(Exception):  # the process is dead, whatever it was doing
             doomed.cycle()
         # Its uploads in flight reached the platform (or not); its outcomes die with it.
-        doomed._pool.shutdown(wait=True)
-        doomed._recorder.close()
+        doomed.dispatcher.close()
         doomed.client.close()
         store.dispose()
         self.crashes += 1

@@ -20,10 +20,9 @@ import pytest
 import sqlalchemy as sa
 
 from sync import cli
+from sync.app import make_client, make_pipeline
 from sync.outbox.store import Store
-from sync.pipeline import Pipeline
 from sync.settings import Settings
-from sync.upstream.client import Client
 from sync.upstream.keyform import KeySigner, MemoryKeyForm
 from sync.upstream.signing import KEY_FORMS
 from sync.upstream.simulator import TEST_APP_KEY, TEST_APP_KEY_ENCODED, TEST_IDS, SimConfig, Simulator
@@ -53,8 +52,8 @@ class Site:
         )
         self.store = Store(self.settings.outbox.url.get_secret_value(), lease_s=60)
         self.store.ensure_schema()
-        self.client = Client(self.settings.upstream, self.store.token_store(), key_forms=self.store.key_form_memory())
-        self.pipeline = Pipeline(self.settings, store=self.store, client=self.client)
+        self.client = make_client(self.settings, self.store)
+        self.pipeline = make_pipeline(self.settings, self.store, client=self.client)
 
     def visits(self, first: int, count: int) -> list[dict[str, Any]]:
         """``count`` visits of key-population patients (labelled upstream) and one of a patient
@@ -119,7 +118,7 @@ def test_the_whole_flow_against_each_kind_learns_the_reading_within_one_extra_lo
         assert login_posts(sim) == 1 + extra
         assert sim.counters["logins"] == 1
         assert sim.counters["gateway_rejections"] == extra
-        assert site.store.get_key_form() == kind
+        assert site.store.state.get_key_form() == kind
         assert all(r["attempts"] == 0 for r in site.rows().values()), "a refusal of the key counted against a record"
     finally:
         site.close()
@@ -156,7 +155,7 @@ def test_a_remembered_reading_that_starts_being_refused_switches_once(tmp_path: 
         try:
             site.visits(1, 3)
             assert site.pipeline.cycle().sent == 3
-            assert site.store.get_key_form() == "as_printed"
+            assert site.store.state.get_key_form() == "as_printed"
             logins = sim.counters["logins"]
 
             sim.config.key_form = "decoded"  # the platform now reads the key the other way
@@ -168,7 +167,7 @@ def test_a_remembered_reading_that_starts_being_refused_switches_once(tmp_path: 
             concurrency = site.settings.upstream.concurrency
             rejected = sim.counters["gateway_rejections"]
             assert 1 <= rejected <= concurrency, f"{rejected} requests refused before the switch"
-            assert site.store.get_key_form() == "decoded"
+            assert site.store.state.get_key_form() == "decoded"
             assert sim.counters["logins"] == logins, "the token does not depend on the reading"
             assert all(r["attempts"] == 0 for r in site.rows().values()), "a refusal of the key counted against a record"
             refused = [e for e in logged if e["event"] == "app_key_form_refused"]
@@ -193,13 +192,13 @@ def test_an_outbox_from_a_version_that_signed_decoded_only_switches_without_a_ne
 
         site = Site(tmp_path, sim)
         try:
-            assert site.store.get_key_form() is None
+            assert site.store.state.get_key_form() is None
             site.visits(10, 6)
             stats = site.pipeline.cycle()
             assert stats.sent == 6 and stats.paused is None, stats
             assert 1 <= sim.counters["gateway_rejections"] <= site.settings.upstream.concurrency
             assert login_posts(sim) == 1, "the stored token serves both readings"
-            assert site.store.get_key_form() == "decoded"
+            assert site.store.state.get_key_form() == "decoded"
             assert all(r["attempts"] == 0 for r in site.rows().values())
         finally:
             site.close()
@@ -222,13 +221,13 @@ def test_a_platform_refusing_both_readings_pauses_sending_and_burns_no_attempt(
         assert sim.records == {}
         rows = site.rows()
         assert all(r["status"] == "pending" and r["attempts"] == 0 for r in rows.values()), rows
-        error = site.store.get_config_error()
+        error = site.store.state.get_config_error()
         assert error is not None
         assert "both readings" in error["message"]
         assert error["message"].count(APP_KEY_REFUSED) == 2
         assert "as_printed" in error["message"] and "decoded" in error["message"]
         assert "app_key" in error["hint"]
-        assert site.store.get_key_form() is None
+        assert site.store.state.get_key_form() is None
 
         assert cli.main(["status", "--config", str(site.settings_path)]) == 0
         out = capsys.readouterr().out
@@ -241,7 +240,7 @@ def test_a_platform_refusing_both_readings_pauses_sending_and_burns_no_attempt(
         site = Site(tmp_path, sim)
         stats = site.pipeline.cycle()
         assert stats.sent == 4 and stats.paused is None, stats
-        assert site.store.get_key_form() == sim.config.key_form
+        assert site.store.state.get_key_form() == sim.config.key_form
     finally:
         site.close()
 
@@ -261,11 +260,11 @@ def test_a_pinned_reading_is_never_tried_the_other_way(tmp_path: Path, sim: Simu
         else:
             assert stats.paused and stats.sent == 0
             assert sim.counters["gateway_rejections"] == login_posts(sim)
-            error = site.store.get_config_error()
+            error = site.store.state.get_config_error()
             assert error is not None and APP_KEY_REFUSED in error["message"]
             assert "both readings" not in error["message"]
             assert all(r["attempts"] == 0 for r in site.rows().values())
-        assert site.store.get_key_form() is None  # nothing learnt, nothing remembered
+        assert site.store.state.get_key_form() is None  # nothing learnt, nothing remembered
     finally:
         site.close()
 
@@ -283,7 +282,7 @@ def test_sixteen_threads_at_the_first_login_spend_one_extra_login_post(tmp_path:
             assert all(pool.map(lookup, range(16)))
         assert sim.counters["logins"] == 1
         assert login_posts(sim) == (1 if kind == KEY_FORMS[0] else 2)
-        assert site.store.get_key_form() == kind
+        assert site.store.state.get_key_form() == kind
     finally:
         site.close()
 

@@ -21,13 +21,13 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
 from sync import __version__
+from sync.app import make_pipeline
 from sync.daemon import Daemon
 from sync.errors import ConfigError
 from sync.metrics import Metrics, MetricsServer
 from sync.outbox.store import Store
-from sync.pipeline import CycleStats, Pipeline
 from sync.settings import Settings
-from sync.upstream.client import Client
+from sync.stats import CycleStats
 from sync.upstream.simulator import TEST_IDS, SimConfig, Simulator
 from tests.support import His, his_now, make_visit, write_settings
 
@@ -77,7 +77,7 @@ class Site:
         )
         self.store = Store(self.settings.outbox.url.get_secret_value(), lease_s=60)
         self.store.ensure_schema()
-        self.pipeline = Pipeline(self.settings, store=self.store, client=Client(self.settings.upstream, self.store.token_store()))
+        self.pipeline = make_pipeline(self.settings, self.store)
         self.daemon = Daemon(self.settings, self.pipeline)
         self.server: MetricsServer | None = None
 

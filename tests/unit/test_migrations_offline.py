@@ -6,8 +6,8 @@ import re
 
 import pytest
 
+from sync.outbox.migrate import head_revision, render_offline
 from sync.outbox.schema import sync_outbox
-from sync.outbox.store import head_revision, render_offline
 
 
 @pytest.mark.parametrize("url", ["oracle+oracledb://", "mssql+pymssql://"])

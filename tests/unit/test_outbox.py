@@ -15,8 +15,10 @@ import sqlalchemy as sa
 
 from sync.errors import ConfigError
 from sync.outbox.lock import AlreadyRunning
+from sync.outbox.migrate import current_revision, head_revision
+from sync.outbox.model import Claimed, Failed, Incoming, Parked, Sent, Status
 from sync.outbox.schema import sync_outbox
-from sync.outbox.store import Incoming, Status, Store, current_revision, head_revision
+from sync.outbox.store import Store
 from sync.upstream.tokens import Token
 
 T0 = datetime(2026, 3, 1, 8, 0, 0)
@@ -30,6 +32,11 @@ def item(lsh: str, body: str = "v1", *, status: Status = Status.PENDING, reason:
         key_crowd=key_crowd, reason=reason, source_changed_at=changed or T0, card_type="10",
         card_no="510100198506020036", visit_type="2", settlement_date=date(2026, 3, 1),
     )
+
+
+def accepted(c: Claimed, *, body: str | None = None, at: datetime = T0) -> Sent:
+    """The platform took ``c``: the outcome dispatch hands the store."""
+    return Sent(claimed=c, body=body or c.payload_json, key_crowd="1", answer="新增成功", http_status=200, at=at)
 
 
 def row(store: Store, lsh: str) -> sa.RowMapping:
@@ -86,9 +93,9 @@ def test_password_is_hidden_from_humans() -> None:
 
 def test_enqueue_twice_writes_nothing_the_second_time(store: Store) -> None:
     items = [item(f"L{i}") for i in range(3)]
-    first = store.enqueue(items, now=T0)
+    first = store.queue.enqueue(items, now=T0)
     assert (first.inserted, first.changed, first.unchanged) == (3, 0, 0)
-    again = store.enqueue(items, now=T0 + timedelta(hours=1))
+    again = store.queue.enqueue(items, now=T0 + timedelta(hours=1))
     assert (again.inserted, again.changed, again.unchanged) == (0, 0, 3)
     r = row(store, "L1")
     assert r["updated_at"] == T0
@@ -98,17 +105,17 @@ def test_enqueue_twice_writes_nothing_the_second_time(store: Store) -> None:
 
 
 def test_a_resettled_sent_visit_goes_back_to_pending_with_a_fresh_retry_budget(store: Store) -> None:
-    store.enqueue([item("L1")], now=T0)
-    [c] = store.claim_due(now=T0, limit=10, owner="w1")
-    store.mark_failed(c, error="timeout", http_status=None, now=T0, next_attempt_at=T0, generic=True)
-    [c] = store.claim_due(now=T0 + timedelta(seconds=1), limit=10, owner="w1")
-    assert store.mark_sent(c, sent_json=c.payload_json, key_crowd="1", answer="新增成功", http_status=200, now=T0)
+    store.queue.enqueue([item("L1")], now=T0)
+    [c] = store.leases.claim_due(now=T0, limit=10, owner="w1")
+    store.leases.record([Failed(claimed=c, error="timeout", http_status=None, at=T0, retry_at=T0, generic=True)])
+    [c] = store.leases.claim_due(now=T0 + timedelta(seconds=1), limit=10, owner="w1")
+    assert store.leases.record([accepted(c)])[0]
     sent = row(store, "L1")
     assert sent["status"] == "sent"
     assert sent["last_answer"] == "新增成功"
 
     later = T0 + timedelta(days=1)
-    result = store.enqueue([item("L1", "v2")], now=later)
+    result = store.queue.enqueue([item("L1", "v2")], now=later)
     assert (result.inserted, result.changed) == (0, 1)
     r = row(store, "L1")
     assert r["status"] == "pending"
@@ -119,51 +126,51 @@ def test_a_resettled_sent_visit_goes_back_to_pending_with_a_fresh_retry_budget(s
 
 
 def test_duplicates_in_one_batch_the_last_wins(store: Store) -> None:
-    result = store.enqueue([item("L1", "old"), item("L1", "new")], now=T0)
+    result = store.queue.enqueue([item("L1", "old"), item("L1", "new")], now=T0)
     assert result.inserted == 1
     assert json.loads(row(store, "L1")["payload"])["body"] == "new"
 
 
 def test_skipped_and_invalid_rows_keep_their_reason_and_are_not_due(store: Store) -> None:
-    store.enqueue([
+    store.queue.enqueue([
         item("S", status=Status.SKIPPED, reason="label lookup: not key population", key_crowd="0"),
         item("I", status=Status.INVALID, reason="cardNo: 必填"),
     ], now=T0)
     assert row(store, "S")["last_error"] == "label lookup: not key population"
     assert row(store, "I")["last_error"] == "cardNo: 必填"
     assert row(store, "I")["next_attempt_at"] is None
-    assert store.claim_due(now=T0 + timedelta(days=1), limit=10, owner="w") == []
+    assert store.leases.claim_due(now=T0 + timedelta(days=1), limit=10, owner="w") == []
     # The invalid visit is fixed in the HIS: it arrives re-validated, pending again.
-    store.enqueue([item("I", "fixed")], now=T0)
-    assert [c.lsh for c in store.claim_due(now=T0, limit=10, owner="w")] == ["I"]
+    store.queue.enqueue([item("I", "fixed")], now=T0)
+    assert [c.lsh for c in store.leases.claim_due(now=T0, limit=10, owner="w")] == ["I"]
 
 
 def test_large_batches_are_chunked(store: Store) -> None:
     items = [item(f"L{i:05d}") for i in range(1200)]
-    assert store.enqueue(items, now=T0).inserted == 1200
-    assert store.enqueue(items, now=T0).unchanged == 1200
+    assert store.queue.enqueue(items, now=T0).inserted == 1200
+    assert store.queue.enqueue(items, now=T0).unchanged == 1200
 
 
 # -- cursor ------------------------------------------------------------------------
 
 
 def test_cursor_moves_only_forward(store: Store) -> None:
-    assert store.get_cursor() is None
-    store.enqueue([], now=T0, cursor=(T0, "B"))
-    store.enqueue([], now=T0, cursor=(T0, "A"))  # same instant, smaller lsh: behind
-    assert store.get_cursor() == (T0, "B")
-    store.enqueue([], now=T0, cursor=(T0 - timedelta(minutes=5), "Z"))
-    assert store.get_cursor() == (T0, "B")
-    store.enqueue([], now=T0, cursor=(T0 + timedelta(seconds=1), "A"))
-    assert store.get_cursor() == (T0 + timedelta(seconds=1), "A")
+    assert store.queue.get_cursor() is None
+    store.queue.enqueue([], now=T0, cursor=(T0, "B"))
+    store.queue.enqueue([], now=T0, cursor=(T0, "A"))  # same instant, smaller lsh: behind
+    assert store.queue.get_cursor() == (T0, "B")
+    store.queue.enqueue([], now=T0, cursor=(T0 - timedelta(minutes=5), "Z"))
+    assert store.queue.get_cursor() == (T0, "B")
+    store.queue.enqueue([], now=T0, cursor=(T0 + timedelta(seconds=1), "A"))
+    assert store.queue.get_cursor() == (T0 + timedelta(seconds=1), "A")
 
 
 def test_a_failed_enqueue_leaves_neither_rows_nor_cursor(store: Store) -> None:
-    store.enqueue([item("L0")], now=T0, cursor=(T0, "L0"))
+    store.queue.enqueue([item("L0")], now=T0, cursor=(T0, "L0"))
     bad_cursor = ("not a time", "L9")  # fails after the rows are written, inside the transaction
     with pytest.raises(TypeError):
-        store.enqueue([item("L1"), item("L2")], now=T0, cursor=bad_cursor)  # type: ignore[arg-type]
-    assert store.get_cursor() == (T0, "L0")
+        store.queue.enqueue([item("L1"), item("L2")], now=T0, cursor=bad_cursor)  # type: ignore[arg-type]
+    assert store.queue.get_cursor() == (T0, "L0")
     with store.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(sync_outbox)).scalar() == 1
 
@@ -172,51 +179,48 @@ def test_a_failed_enqueue_leaves_neither_rows_nor_cursor(store: Store) -> None:
 
 
 def test_a_crashed_workers_rows_come_back_when_the_lease_ends(store: Store) -> None:
-    store.enqueue([item("L1"), item("L2")], now=T0)
-    claimed = store.claim_due(now=T0, limit=10, owner="crashed")
+    store.queue.enqueue([item("L1"), item("L2")], now=T0)
+    claimed = store.leases.claim_due(now=T0, limit=10, owner="crashed")
     assert {c.lsh for c in claimed} == {"L1", "L2"}
-    assert store.claim_due(now=T0 + timedelta(seconds=299), limit=10, owner="other") == []
-    assert store.next_due_at() == T0 + timedelta(seconds=300)
-    back = store.claim_due(now=T0 + timedelta(seconds=301), limit=10, owner="other")
+    assert store.leases.claim_due(now=T0 + timedelta(seconds=299), limit=10, owner="other") == []
+    back = store.leases.claim_due(now=T0 + timedelta(seconds=301), limit=10, owner="other")
     assert {c.lsh for c in back} == {"L1", "L2"}
     # The crashed worker wakes up late: its outcome no longer counts.
-    assert not store.mark_sent(claimed[0], sent_json="{}", key_crowd="1", answer="新增成功", http_status=200, now=T0)
+    assert not store.leases.record([accepted(claimed[0], body="{}")])[0]
     assert row(store, claimed[0].lsh)["lease_owner"] == "other"
     assert row(store, claimed[0].lsh)["status"] == "pending"
 
 
 def test_claim_respects_limit_and_due_order(store: Store) -> None:
-    store.enqueue([item("late")], now=T0 + timedelta(seconds=10))
-    store.enqueue([item("early")], now=T0)
-    store.enqueue([item("future")], now=T0 + timedelta(hours=1))
-    assert [c.lsh for c in store.claim_due(now=T0 + timedelta(minutes=1), limit=1, owner="w")] == ["early"]
-    assert [c.lsh for c in store.claim_due(now=T0 + timedelta(minutes=1), limit=5, owner="w")] == ["late"]
+    store.queue.enqueue([item("late")], now=T0 + timedelta(seconds=10))
+    store.queue.enqueue([item("early")], now=T0)
+    store.queue.enqueue([item("future")], now=T0 + timedelta(hours=1))
+    assert [c.lsh for c in store.leases.claim_due(now=T0 + timedelta(minutes=1), limit=1, owner="w")] == ["early"]
+    assert [c.lsh for c in store.leases.claim_due(now=T0 + timedelta(minutes=1), limit=5, owner="w")] == ["late"]
 
 
 def test_mark_sent_with_a_stale_hash_leaves_the_new_payload_pending(store: Store) -> None:
-    store.enqueue([item("L1", "v1")], now=T0)
-    [c] = store.claim_due(now=T0, limit=10, owner="w")
-    store.enqueue([item("L1", "v2")], now=T0 + timedelta(seconds=5))  # re-settled while uploading
-    assert not store.mark_sent(c, sent_json=c.payload_json, key_crowd="1", answer="新增成功", http_status=200,
-                               now=T0 + timedelta(seconds=6))
+    store.queue.enqueue([item("L1", "v1")], now=T0)
+    [c] = store.leases.claim_due(now=T0, limit=10, owner="w")
+    store.queue.enqueue([item("L1", "v2")], now=T0 + timedelta(seconds=5))  # re-settled while uploading
+    assert not store.leases.record([accepted(c, at=T0 + timedelta(seconds=6))])[0]
     r = row(store, "L1")
     assert r["status"] == "pending"
     assert r["sent_at"] is None
     assert json.loads(r["payload"])["body"] == "v2"
     assert r["lease_owner"] is None
-    [again] = store.claim_due(now=T0 + timedelta(seconds=7), limit=10, owner="w")
+    [again] = store.leases.claim_due(now=T0 + timedelta(seconds=7), limit=10, owner="w")
     assert again.payload_hash == item("L1", "v2").payload_hash
 
 
 def test_failures_count_and_the_first_failure_is_kept(store: Store) -> None:
-    store.enqueue([item("L1")], now=T0)
-    [c] = store.claim_due(now=T0, limit=10, owner="w")
-    store.mark_failed(c, error="502", http_status=502, now=T0, next_attempt_at=T0 + timedelta(seconds=30), generic=False)
-    assert store.claim_due(now=T0 + timedelta(seconds=29), limit=10, owner="w") == []
-    [c] = store.claim_due(now=T0 + timedelta(seconds=30), limit=10, owner="w")
+    store.queue.enqueue([item("L1")], now=T0)
+    [c] = store.leases.claim_due(now=T0, limit=10, owner="w")
+    store.leases.record([Failed(claimed=c, error="502", http_status=502, at=T0, retry_at=T0 + timedelta(seconds=30), generic=False)])
+    assert store.leases.claim_due(now=T0 + timedelta(seconds=29), limit=10, owner="w") == []
+    [c] = store.leases.claim_due(now=T0 + timedelta(seconds=30), limit=10, owner="w")
     assert (c.attempts, c.generic_failures, c.first_failed_at) == (1, 0, T0)
-    store.mark_failed(c, error="中间请求异常", http_status=200, now=T0 + timedelta(seconds=31),
-                      next_attempt_at=T0 + timedelta(seconds=90), generic=True)
+    store.leases.record([Failed(claimed=c, error="中间请求异常", http_status=200, at=T0 + timedelta(seconds=31), retry_at=T0 + timedelta(seconds=90), generic=True)])
     r = row(store, "L1")
     assert (r["status"], r["attempts"], r["generic_failures"], r["first_failed_at"]) == ("failed", 2, 1, T0)
     assert r["last_error"] == "中间请求异常"
@@ -224,48 +228,47 @@ def test_failures_count_and_the_first_failure_is_kept(store: Store) -> None:
 
 
 def test_dead_invalid_and_skipped_rows_wait_for_a_person(store: Store) -> None:
-    store.enqueue([item("D"), item("I"), item("S")], now=T0)
-    claims = {c.lsh: c for c in store.claim_due(now=T0, limit=10, owner="w")}
-    store.mark_dead(claims["D"], error="failing for 72 h", http_status=503, now=T0)
-    store.mark_invalid(claims["I"], error="参数校验错误: cardNo", http_status=200, now=T0)
-    store.mark_skipped(claims["S"], reason="not key population (label API)", now=T0)
-    assert store.claim_due(now=T0 + timedelta(days=30), limit=10, owner="w") == []
+    store.queue.enqueue([item("D"), item("I"), item("S")], now=T0)
+    claims = {c.lsh: c for c in store.leases.claim_due(now=T0, limit=10, owner="w")}
+    store.leases.record([Parked(claimed=claims["D"], status=Status.DEAD, error="failing for 72 h", http_status=503, at=T0)])
+    store.leases.record([Parked(claimed=claims["I"], status=Status.INVALID, error="参数校验错误: cardNo", http_status=200, at=T0)])
+    store.leases.record([Parked(claimed=claims["S"], status=Status.SKIPPED, error="not key population (label API)", at=T0, http_status=None, key_crowd="0")])
+    assert store.leases.claim_due(now=T0 + timedelta(days=30), limit=10, owner="w") == []
     assert row(store, "S")["key_crowd"] == "0"
     assert row(store, "I")["last_error"] == "参数校验错误: cardNo"
     assert row(store, "D")["status"] == "dead"
-    assert store.next_due_at() is None
 
-    assert store.requeue(now=T0, statuses=[Status.DEAD, Status.INVALID]) == 2
-    assert {c.lsh for c in store.claim_due(now=T0, limit=10, owner="w")} == {"D", "I"}
+    assert store.queue.requeue(now=T0, statuses=[Status.DEAD, Status.INVALID]) == 2
+    assert {c.lsh for c in store.leases.claim_due(now=T0, limit=10, owner="w")} == {"D", "I"}
     assert row(store, "D")["attempts"] == 0
 
 
 def test_requeue_by_lsh(store: Store) -> None:
-    store.enqueue([item("A"), item("B")], now=T0)
-    for c in store.claim_due(now=T0, limit=10, owner="w"):
-        store.mark_sent(c, sent_json=c.payload_json, key_crowd="1", answer="新增成功", http_status=200, now=T0)
-    assert store.requeue(now=T0 + timedelta(hours=1), lshs=["B", "missing"]) == 1
+    store.queue.enqueue([item("A"), item("B")], now=T0)
+    for c in store.leases.claim_due(now=T0, limit=10, owner="w"):
+        store.leases.record([accepted(c)])
+    assert store.queue.requeue(now=T0 + timedelta(hours=1), lshs=["B", "missing"]) == 1
     assert row(store, "A")["status"] == "sent"
     assert row(store, "B")["status"] == "pending"
     with pytest.raises(ValueError, match="lshs or statuses"):
-        store.requeue(now=T0)
+        store.queue.requeue(now=T0)
 
 
 def test_release_drops_leases_only(store: Store) -> None:
-    store.enqueue([item("A"), item("B")], now=T0)
-    claims = store.claim_due(now=T0, limit=10, owner="w")
-    store.release(claims[:1], now=T0)
-    assert [c.lsh for c in store.claim_due(now=T0, limit=10, owner="x")] == [claims[0].lsh]
-    assert store.release_owner("w") == 1
+    store.queue.enqueue([item("A"), item("B")], now=T0)
+    claims = store.leases.claim_due(now=T0, limit=10, owner="w")
+    store.leases.release(claims[:1], now=T0)
+    assert [c.lsh for c in store.leases.claim_due(now=T0, limit=10, owner="x")] == [claims[0].lsh]
+    assert store.leases.release_owner("w") == 1
     assert row(store, claims[1].lsh)["attempts"] == 0
 
 
 def test_recheck_skipped_asks_the_label_api_again_inside_the_window(store: Store) -> None:
-    store.enqueue([
+    store.queue.enqueue([
         item("old", status=Status.SKIPPED, reason="no label", key_crowd="0", changed=T0 - timedelta(days=40)),
         item("recent", status=Status.SKIPPED, reason="no label", key_crowd="0", changed=T0 - timedelta(days=3)),
     ], now=T0)
-    assert store.recheck_skipped(now=T0, changed_since=T0 - timedelta(days=31)) == 1
+    assert store.queue.recheck_skipped(now=T0, changed_since=T0 - timedelta(days=31)) == 1
     r = row(store, "recent")
     assert (r["status"], r["key_crowd"]) == ("pending", None)
     assert row(store, "old")["status"] == "skipped"
@@ -275,11 +278,10 @@ def test_recheck_skipped_asks_the_label_api_again_inside_the_window(store: Store
 
 
 def test_summary_counts_every_status_and_the_last_runs(store: Store) -> None:
-    store.enqueue([item("A"), item("B"), item("C")], now=T0)
-    claims = {c.lsh: c for c in store.claim_due(now=T0, limit=10, owner="w")}
-    store.mark_sent(claims["A"], sent_json="{}", key_crowd="1", answer="新增成功", http_status=200, now=T0 + timedelta(minutes=1))
-    store.mark_failed(claims["B"], error="timeout", http_status=None, now=T0 + timedelta(minutes=2),
-                      next_attempt_at=T0 + timedelta(minutes=3), generic=False)
+    store.queue.enqueue([item("A"), item("B"), item("C")], now=T0)
+    claims = {c.lsh: c for c in store.leases.claim_due(now=T0, limit=10, owner="w")}
+    store.leases.record([accepted(claims["A"], body="{}", at=T0 + timedelta(minutes=1))])
+    store.leases.record([Failed(claimed=claims["B"], error="timeout", http_status=None, at=T0 + timedelta(minutes=2), retry_at=T0 + timedelta(minutes=3), generic=False)])
     ok = store.start_run("cycle", now=T0)
     store.finish_run(ok, now=T0 + timedelta(minutes=2), rows_read=3, enqueued=3, sent=1, failed=1)
     broken = store.start_run("poll", now=T0 + timedelta(minutes=5))
@@ -298,30 +300,30 @@ def test_summary_counts_every_status_and_the_last_runs(store: Store) -> None:
 
 
 def test_a_configuration_error_is_recorded_until_cleared(store: Store) -> None:
-    store.set_config_error(message="登录失败: 用户名或密码错误", hint="check upstream.username", now=T0)
-    store.set_config_error(message="登录失败: 用户名或密码错误", hint="check upstream.username", now=T0 + timedelta(hours=1))
-    err = store.get_config_error()
+    store.state.set_config_error(message="登录失败: 用户名或密码错误", hint="check upstream.username", now=T0)
+    store.state.set_config_error(message="登录失败: 用户名或密码错误", hint="check upstream.username", now=T0 + timedelta(hours=1))
+    err = store.state.get_config_error()
     assert err is not None
     assert err["message"] == "登录失败: 用户名或密码错误"
     assert err["since"].startswith("2026-03-01T08:00")  # the first occurrence
     assert store.summary(now=T0).config_error == err
-    store.clear_config_error()
-    assert store.get_config_error() is None
+    store.state.clear_config_error()
+    assert store.state.get_config_error() is None
 
 
 # -- label cache ------------------------------------------------------------------------------
 
 
 def test_label_cache_keeps_answers_for_the_ttl_without_storing_id_numbers(store: Store) -> None:
-    store.cache_put({"510100198506020036": '{"rkxBq": [], "jjxBq": [], "jkBq": [{"code": "H01.05"}]}', "510100198506020132": None}, now=T0)
-    got = store.cache_get(["510100198506020036", "510100198506020132", "510100198506020028"], now=T0 + timedelta(hours=23), ttl_s=86400)
+    store.labels.put({"510100198506020036": '{"rkxBq": [], "jjxBq": [], "jkBq": [{"code": "H01.05"}]}', "510100198506020132": None}, now=T0)
+    got = store.labels.get(["510100198506020036", "510100198506020132", "510100198506020028"], now=T0 + timedelta(hours=23), ttl_s=86400)
     assert set(got) == {"510100198506020036", "510100198506020132"}
     assert got["510100198506020132"] == (None,)
     labels = got["510100198506020036"][0]
     assert labels is not None and json.loads(labels)["jkBq"] == [{"code": "H01.05"}]
-    assert store.cache_get(["510100198506020036"], now=T0 + timedelta(hours=25), ttl_s=86400) == {}
-    store.cache_put({"510100198506020036": None}, now=T0 + timedelta(hours=25))
-    assert store.cache_get(["510100198506020036"], now=T0 + timedelta(hours=25), ttl_s=86400) == {"510100198506020036": (None,)}
+    assert store.labels.get(["510100198506020036"], now=T0 + timedelta(hours=25), ttl_s=86400) == {}
+    store.labels.put({"510100198506020036": None}, now=T0 + timedelta(hours=25))
+    assert store.labels.get(["510100198506020036"], now=T0 + timedelta(hours=25), ttl_s=86400) == {"510100198506020036": (None,)}
     with store.engine.connect() as conn:
         dump = " ".join(str(v) for r in conn.exec_driver_sql("SELECT * FROM sync_label_cache") for v in r)
     assert "510100198506020036" not in dump
@@ -336,12 +338,12 @@ def test_label_cache_keeps_label_codes_only(store: Store) -> None:
         "jjxBq": [{"code": "J01.02", "name": "农村低保对象", "remark": "2024年认定", "attr1": "1", "attr2": None}],
         "jkBq": [{"code": "H01.05", "name": "结核病患者", "remark": None, "attr1": "0", "attr2": None}],
     }
-    store.cache_put({"510100198506020036": json.dumps(data, ensure_ascii=False), "510100198506020028": "{}"}, now=T0)
+    store.labels.put({"510100198506020036": json.dumps(data, ensure_ascii=False), "510100198506020028": "{}"}, now=T0)
     with store.engine.connect() as conn:
         dump = " ".join(str(v) for r in conn.exec_driver_sql("SELECT * FROM sync_label_cache") for v in r)
     for private in ("张三", "510100198506020036", "510104", "锦江区", "农村低保对象", "结核病患者", "2024年认定"):
         assert private not in dump, private
-    got = store.cache_get(["510100198506020036", "510100198506020028"], now=T0, ttl_s=60)
+    got = store.labels.get(["510100198506020036", "510100198506020028"], now=T0, ttl_s=60)
     known = json.loads(got["510100198506020036"][0] or "null")
     assert [i["code"] for i in known["jjxBq"]] == ["J01.02"]
     assert [i["code"] for i in known["jkBq"]] == ["H01.05"]
@@ -371,8 +373,8 @@ def test_a_slow_login_holds_up_no_write_to_the_outbox(store: Store) -> None:
     try:
         assert in_login.wait(5)
         started = time.monotonic()
-        assert store.enqueue([item("MZ0001")], now=T0, cursor=(T0, "MZ0001")).inserted == 1
-        store.set_config_error(message="m", hint="h", now=T0)
+        assert store.queue.enqueue([item("MZ0001")], now=T0, cursor=(T0, "MZ0001")).inserted == 1
+        store.state.set_config_error(message="m", hint="h", now=T0)
         took = time.monotonic() - started
     finally:
         release.set()

@@ -14,7 +14,7 @@ import requests
 import urllib3
 
 from sync import cli, display, localtime
-from sync.progress import Progress
+from sync.stats import Progress
 from sync.upstream import neterrors
 
 

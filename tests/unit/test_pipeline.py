@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from sync.app import make_client, make_pipeline
 from sync.outbox.store import Store
-from sync.pipeline import Pipeline
 from sync.settings import Settings
-from sync.upstream.client import Client
 from sync.upstream.simulator import TEST_IDS, SimConfig, Simulator
 from tests.support import His, expected_payload, his_now, make_visit, write_settings
 
@@ -34,8 +33,8 @@ class World:
         )
         self.store = Store(self.settings.outbox.url.get_secret_value(), lease_s=60)
         self.store.ensure_schema()
-        self.client = Client(self.settings.upstream, self.store.token_store())
-        self.pipeline = Pipeline(self.settings, store=self.store, client=self.client)
+        self.client = make_client(self.settings, self.store)
+        self.pipeline = make_pipeline(self.settings, self.store, client=self.client)
 
     def outbox(self) -> dict[str, dict[str, object]]:
         with self.store.engine.connect() as conn:
@@ -236,13 +235,13 @@ def test_configuration_error_pauses_without_burning_attempts_then_resumes(world:
     stats = world.pipeline.cycle()
 
     assert stats.paused and stats.sent == 0
-    assert world.store.get_config_error() is not None
+    assert world.store.state.get_config_error() is not None
     assert all(r["attempts"] == 0 and r["status"] == "pending" for r in world.outbox().values())
 
     world.sim.faults.app_key_revoked = False
     stats = world.pipeline.cycle()
     assert stats.sent == 5
-    assert world.store.get_config_error() is None
+    assert world.store.state.get_config_error() is None
 
 
 def test_a_gateway_timeout_costs_the_record_nothing(world: World) -> None:
@@ -272,7 +271,7 @@ def test_requeued_invalid_record_is_validated_again_not_sent_raw(world: World) -
     world.pipeline.cycle()
     uploads = world.sim.counters["uploads"]
 
-    assert world.store.requeue(now=datetime.now(UTC).replace(tzinfo=None), lshs=["LSH000005"]) == 1
+    assert world.store.queue.requeue(now=datetime.now(UTC).replace(tzinfo=None), lshs=["LSH000005"]) == 1
     stats = world.pipeline.cycle()
 
     row = world.outbox()["LSH000005"]

@@ -4,27 +4,19 @@ or a parked record whose message says every rule it breaks."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, date, datetime, time
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
-from sync.errors import ConfigError, InvalidRecord
+from sync.errors import InvalidRecord
 from sync.records import (
-    COLUMNS,
     FIELDS,
-    REQUIRED_COLUMNS,
     build,
-    card_key,
-    check_columns,
     decode_key_crowd,
-    normalize_row,
-    parse_raw_json,
     payload_hash,
     payload_json,
-    raw_json,
-    resident_id,
 )
 
 TODAY = date(2024, 6, 1)
@@ -85,12 +77,6 @@ def test_a_good_row_becomes_the_documents_payload() -> None:
         "deficientFee": Decimal("670.00"),
         "settlementDate": "2024-01-09",
     }
-
-
-def test_upper_case_columns_from_oracle_are_read() -> None:
-    upper = {key.upper(): value for key, value in row().items()}
-    assert normalize_row(upper) == row()
-    assert build(upper, today=TODAY) == build(row(), today=TODAY)
 
 
 def test_document_example_serialises_as_printed() -> None:
@@ -469,83 +455,3 @@ def test_hash_is_the_same_whatever_types_the_database_returned() -> None:
 
 def test_hash_changes_when_the_visit_changes() -> None:
     assert payload_hash(build(row(), today=TODAY)) != payload_hash(build(row(deficient_fee=0), today=TODAY))
-
-
-def test_raw_json_keeps_an_unbuildable_row_readable() -> None:
-    text = raw_json(row(total_fee=Decimal("12.30"), ins_fee=float("nan"), icd_code=b"\x01\xff", changed_at=datetime(2024, 1, 9, 16, 30)))
-    data = json.loads(text)
-    assert data["total_fee"] == "12.30"
-    assert data["ins_fee"] == "nan"
-    assert data["icd_code"] == "01ff"
-    assert data["changed_at"] == "2024-01-09T16:30:00"
-    assert data["enter_date"] == "2024-01-05"
-    assert data["icd_name"] == "社区获得性肺炎"
-
-
-def test_raw_json_gives_back_exactly_what_the_his_returned() -> None:
-    class Odd:
-        def __str__(self) -> str:
-            return "odd"
-
-    original = row(
-        card_no=b"\x51\x01\x00\x19\x85\x06\x02\x00\x36",  # its hex is a valid ID number: it must stay bytes
-        code=510100198506020036.0,  # a DOUBLE column: the float as it came, digits already lost
-        total_fee=Decimal("12.30"), ins_fee=1.005, deficient_fee=float("inf"), key_crowd=True,
-        enter_date=datetime(2024, 1, 5, 8, 30, 15, 123456, tzinfo=UTC), leave_date=date(2024, 1, 9),
-        visit_type=1, icd_name=None, icd_code=time(8, 30), lsh="ZY1",
-    )
-    back, lost = parse_raw_json(raw_json(original))  # type: ignore[misc]
-    assert lost == {}
-    assert back == original
-    assert [type(back[k]) for k in original] == [type(v) for v in original.values()]
-    # A value of a type it cannot keep is named, and the rest still comes back.
-    back, lost = parse_raw_json(raw_json(row(icd_name=Odd())))  # type: ignore[misc]
-    assert lost == {"icd_name": "unsupported Odd"} and back["total_fee"] == Decimal("3324.00")
-    # Rows parked by earlier versions (no type map) and payloads are not raw rows of this form.
-    assert parse_raw_json('{"lsh":"ZY1","total_fee":"12.30","card_no":"5101"}') is None
-    assert parse_raw_json(payload_json(build(row(), today=TODAY))) is None
-
-
-# --------------------------------------------------------------------------- columns
-
-
-def test_the_contracts_columns_pass_in_any_case() -> None:
-    check_columns(COLUMNS, need_key_crowd=True)
-    check_columns([c.upper() for c in REQUIRED_COLUMNS], need_key_crowd=False)
-
-
-def test_missing_columns_are_named_with_the_fix() -> None:
-    columns = [c for c in COLUMNS if c not in ("total_fee", "key_crowd")]
-    with pytest.raises(ConfigError) as info:
-        check_columns(columns, need_key_crowd=True)
-    error = info.value
-    assert "missing column(s) key_crowd, total_fee" in error.message or "missing column(s) total_fee, key_crowd" in error.message
-    assert "missing column total_fee: add `... AS total_fee` to his.query" in error.problems
-    assert any("key_crowd" in p and "key_crowd.source: lookup" in p for p in error.problems)
-
-
-def test_key_crowd_column_is_only_needed_when_the_source_is_the_column() -> None:
-    check_columns(REQUIRED_COLUMNS, need_key_crowd=False)
-    with pytest.raises(ConfigError, match="key_crowd"):
-        check_columns(REQUIRED_COLUMNS, need_key_crowd=True)
-
-
-def test_unknown_and_repeated_columns_are_named() -> None:
-    with pytest.raises(ConfigError) as info:
-        check_columns([*REQUIRED_COLUMNS, "PATIENT_NAME", "LSH"], need_key_crowd=False)
-    error = info.value
-    assert "unknown column(s) patient_name" in error.message
-    assert "unknown column patient_name: remove or rename it" in error.problems
-    assert any(p.startswith("column lsh appears more than once") for p in error.problems)
-    assert "patient_name" in str(error)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def test_card_key_and_resident_id() -> None:
-    assert card_key(row(card_no="11010519491231002x")) == ("10", "11010519491231002X")
-    assert resident_id(row(CARD_TYPE=10)) == ID
-    assert resident_id(row(card_type="50", card_no="E1234567")) is None
-    assert card_key(row(card_no=BAD_CHECK_ID)) is None
-    assert resident_id(row(card_no=BAD_CHECK_ID)) is None

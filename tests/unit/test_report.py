@@ -21,18 +21,17 @@ from typing import Any
 import pytest
 
 from sync import records
-from sync.outbox.store import Incoming, Status, Store
-from sync.pipeline import Pipeline
+from sync.app import make_pipeline
+from sync.outbox.model import Failed, Incoming, Parked, Sent, Status
+from sync.outbox.store import Store, month_queries
 from sync.report import (
     Uploaded,
     csv_bytes,
     month_bounds,
-    month_queries,
     month_report,
     parse_month,
     render_table,
 )
-from sync.upstream.client import Client
 from sync.upstream.simulator import SimConfig, Simulator
 from tests.support import His, his_now, make_visit, write_settings
 
@@ -118,19 +117,17 @@ def _seed(store: Store) -> None:
         first = Status.PENDING if status in (Status.FAILED, Status.DEAD) else status
         payload = _payload(lsh, kind or "1", settled, total="5.00", ins="1.00", deposit="0.00", owed="0.00")
         items.append(_incoming(lsh, kind, settled, first, payload))
-    store.enqueue(items, now=NOW)
+    store.queue.enqueue(items, now=NOW)
 
-    claims = {c.lsh: c for c in store.claim_due(now=NOW, limit=100, owner="test")}
+    claims = {c.lsh: c for c in store.leases.claim_due(now=NOW, limit=100, owner="test")}
     for lsh, (kind, settled, money) in sent.items():
         key = "0" if lsh == "D1" else "1"
         body = _payload(lsh, kind, settled, key=key, **money)
-        assert store.mark_sent(claims.pop(lsh), sent_json=body, key_crowd=key, answer="新增成功", http_status=200, now=NOW)
+        assert store.leases.record([Sent(claimed=claims.pop(lsh), body=body, key_crowd=key, answer="新增成功", http_status=200, at=NOW)])[0]
     for lsh in ("F1", "F2"):
-        store.mark_failed(
-            claims.pop(lsh), error="504", http_status=504, now=NOW, next_attempt_at=NOW + timedelta(hours=1), generic=False
-        )
-    store.mark_dead(claims.pop("X1"), error="504 for 72 h", http_status=504, now=NOW)
-    store.release(claims.values(), now=NOW)  # P1, P2 stay pending
+        store.leases.record([Failed(claimed=claims.pop(lsh), error="504", http_status=504, at=NOW, retry_at=NOW + timedelta(hours=1), generic=False)])
+    store.leases.record([Parked(claimed=claims.pop("X1"), status=Status.DEAD, error="504 for 72 h", http_status=504, at=NOW)])
+    store.leases.release(claims.values(), now=NOW)  # P1, P2 stay pending
 
 
 @pytest.fixture
@@ -230,7 +227,7 @@ def test_terminal_table_has_chinese_and_english_labels_and_the_figures(seeded: S
 def test_the_month_filter_runs_in_sql_on_the_settlement_date_index(seeded: Store) -> None:
     db = sqlite3.connect(str(seeded.engine.url.database))
     try:
-        for query in month_queries(OCTOBER):
+        for query in month_queries(*month_bounds(OCTOBER)):
             compiled = query.compile(seeded.engine, compile_kwargs={"literal_binds": True})
             plan = " ".join(str(row[-1]) for row in db.execute(f"EXPLAIN QUERY PLAN {compiled}"))
             assert "ix_sync_outbox_settlement_date" in plan, plan
@@ -281,7 +278,7 @@ def test_report_after_a_real_run_matches_what_the_platform_holds(tmp_path: Path)
         )
         store = Store(settings.outbox.url.get_secret_value())
         store.ensure_schema()
-        pipeline = Pipeline(settings, store=store, client=Client(settings.upstream, store.token_store()))
+        pipeline = make_pipeline(settings, store)
         try:
             his.insert(visit(n) for n in range(1, 41))
             his.insert([visit(41, is_key="0"), visit(42, is_key="0"), visit(43, owed=D("99999.00"))])

@@ -602,7 +602,7 @@ def test_the_unedited_production_example_names_each_placeholder(tmp_path: Path) 
 
 
 def test_a_retired_setting_draws_a_deprecation_warning(tmp_path: Path) -> None:
-    from sync.settings import DeprecatedSettingWarning
+    from sync.settings_file import DeprecatedSettingWarning
 
     text = MINIMAL_FILE.replace("  query_file: sql/his-query.sql\n", '  query: "SELECT * FROM v WHERE a >= :since AND a < :until"\n')
     with warnings.catch_warnings(record=True) as caught:

@@ -23,12 +23,14 @@ import pytest
 import sqlalchemy as sa
 import structlog
 
-from sync import cli
+from sync import cli, intake
+from sync.app import make_client, make_pipeline
+from sync.outbox.model import Status
 from sync.outbox.schema import sync_outbox
-from sync.outbox.store import Status, Store
-from sync.pipeline import CycleStats, Pipeline
+from sync.outbox.store import Store
 from sync.settings import Settings
-from sync.upstream.client import KICKS_TO_PAUSE, Client
+from sync.stats import CycleStats
+from sync.upstream.client import KICKS_TO_PAUSE
 from sync.upstream.signing import ENDPOINTS
 from sync.upstream.simulator import TEST_IDS, TEST_USERNAME, SimConfig, Simulator
 from tests.support import His, capture_all_logs, expected_payload, his_now, id_number, make_visit, write_settings
@@ -59,8 +61,8 @@ class World:
         )
         self.store = Store(self.settings.outbox.url.get_secret_value(), lease_s=300)
         self.store.ensure_schema()
-        self.client = Client(self.settings.upstream, self.store.token_store())
-        self.pipeline = Pipeline(self.settings, store=self.store, client=self.client, sole_sender=True)
+        self.client = make_client(self.settings, self.store)
+        self.pipeline = make_pipeline(self.settings, self.store, client=self.client, sole_sender=True)
 
     def rows(self) -> dict[str, dict[str, Any]]:
         with self.store.engine.connect() as conn:
@@ -250,13 +252,13 @@ def test_retry_of_an_invalid_row_validates_the_values_the_his_returned(
             # An ID number from a DOUBLE column: its last digits are already gone.
             "FLOAT1": {**canonical, "lsh": "FLOAT1", "card_no": 510100198506020036.0},
         }
-        items = [w.pipeline.incoming(r, today=today) for r in rows.values()]
+        items = [intake.incoming(r, key_crowd=w.settings.key_crowd, today=today) for r in rows.values()]
         assert {i.status for i in items} == {Status.INVALID}
-        w.store.enqueue(items, now=_utcnow())
+        w.store.queue.enqueue(items, now=_utcnow())
         # A row parked by an earlier version, in the old untyped form (bytes already hex text).
         legacy_json = json.dumps({**{k: str(v) for k, v in canonical.items()}, "lsh": "OLD1",
                                   "card_no": "510100198506020036"})
-        w.store.enqueue([replace(items[0], lsh="OLD1", payload_json=legacy_json, payload_hash="0" * 64)],
+        w.store.queue.enqueue([replace(items[0], lsh="OLD1", payload_json=legacy_json, payload_hash="0" * 64)],
                         now=_utcnow())
         before = {lsh: r["last_error"] for lsh, r in w.rows().items()}
 
@@ -360,7 +362,7 @@ def test_an_outage_pauses_sending_charges_nothing_and_logs_in_once_per_step(
         assert stats.sent == len(visits) and stats.unreachable is None, stats
         assert time.monotonic() - recovered < 3
         assert all(sim.records[v["serial_no"]] == expected_payload(v) for v in visits)
-        assert w.counts()["dead"] == 0 and w.store.get_platform_down() is None
+        assert w.counts()["dead"] == 0 and w.store.state.get_platform_down() is None
         capsys.readouterr()
         assert w.cli("status", "--json") == 0
         assert json.loads(capsys.readouterr().out)["platform_unreachable"] is None
@@ -392,7 +394,7 @@ def test_a_record_the_platform_keeps_refusing_does_not_hold_up_the_others(tmp_pa
         assert rows["LSH000003"]["status"] == "failed" and rows["LSH000003"]["attempts"] >= 2
         assert rows["LSH000007"]["status"] == "invalid" and "业务流水号" in str(rows["LSH000007"]["last_error"])
         assert sum(r["status"] == "sent" for r in rows.values()) == 18
-        assert w.store.get_platform_down() is None and w.counts()["dead"] == 0
+        assert w.store.state.get_platform_down() is None and w.counts()["dead"] == 0
     finally:
         w.close()
 
@@ -419,7 +421,7 @@ def test_the_platform_refusing_everything_pauses_sending(tmp_path: Path, sim: Si
 def test_leases_of_a_pipeline_that_died_mid_dispatch_are_taken_back_at_once(tmp_path: Path, sim: Simulator) -> None:
     w = World(tmp_path, sim)
     dead_store = Store(w.settings.outbox.url.get_secret_value(), lease_s=300)
-    crashed = Pipeline(w.settings, store=dead_store, client=Client(w.settings.upstream, dead_store.token_store()))
+    crashed = make_pipeline(w.settings, dead_store)
     try:
         visits = [make_visit(n, changed=_past(60 - n)) for n in range(1, 41)]
         w.his.insert(visits)
@@ -435,8 +437,7 @@ def test_leases_of_a_pipeline_that_died_mid_dispatch_are_taken_back_at_once(tmp_
 
         with pytest.raises(Exception, match="process killed"):
             crashed.dispatch(CycleStats())
-        crashed._pool.shutdown(wait=True)  # what was in flight reached the platform
-        crashed._recorder.close()
+        crashed.dispatcher.close()  # what was in flight reached the platform; its leases stay
         leased = [r for r in w.rows().values() if r["lease_owner"] == crashed.owner]
         assert leased, "the crash left no leases behind"
 
@@ -456,13 +457,13 @@ def test_only_the_instance_lock_holder_takes_other_leases(tmp_path: Path, sim: S
     try:
         w.his.insert([make_visit(1, changed=_past(10))])
         w.pipeline.poll(CycleStats())
-        claimed = w.store.claim_due(now=_utcnow(), limit=5, owner="elsewhere:1:dead")
+        claimed = w.store.leases.claim_due(now=_utcnow(), limit=5, owner="elsewhere:1:dead")
         assert [c.lsh for c in claimed] == ["LSH000001"]
-        other = Pipeline(w.settings, store=w.store, client=w.client)  # not the lock holder
+        other = make_pipeline(w.settings, w.store, client=w.client)  # not the lock holder
         try:
             other.dispatch(CycleStats())
         finally:
-            other._pool.shutdown()
+            other.dispatcher.close()
         assert w.rows()["LSH000001"]["lease_owner"] == "elsewhere:1:dead"
         stats = CycleStats()
         w.pipeline.dispatch(stats)
@@ -483,7 +484,7 @@ def test_first_production_login_pauses_with_the_web_sites_address(
         sim.config.password_change = {TEST_USERNAME}
         stats = w.pipeline.cycle()
         assert stats.paused and sim.counters["requests_login"] == 1
-        error = w.store.get_config_error()
+        error = w.store.state.get_config_error()
         assert error is not None and "https://ehr.scwjxx.cn/login.html" in error["hint"]
         assert "upstream.password" in error["hint"]
         assert {(r["status"], r["attempts"]) for r in w.rows().values()} == {("pending", 0)}
@@ -493,7 +494,7 @@ def test_first_production_login_pauses_with_the_web_sites_address(
         sim.config.password_change = set()  # the password was changed on the web site
         time.sleep(1.1)  # the client's login back-off
         stats = w.pipeline.cycle()
-        assert stats.sent == 42 and stats.paused is None and w.store.get_config_error() is None
+        assert stats.sent == 42 and stats.paused is None and w.store.state.get_config_error() is None
     finally:
         w.close()
 
@@ -521,7 +522,7 @@ def test_another_program_logging_in_again_and_again_pauses_with_faq_4s_fix(tmp_p
             stats = w.pipeline.cycle()
             took = time.monotonic() - started
         assert stats.paused and "another program" in stats.paused, stats
-        error = w.store.get_config_error()
+        error = w.store.state.get_config_error()
         assert error is not None and "do not let other programs log in" in error["hint"]
         assert sim.counters["logins"] <= KICKS_TO_PAUSE + 1
         assert took < 20

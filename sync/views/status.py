@@ -1,39 +1,32 @@
-"""What `crowd-sync status` knows and how it says it (the demo prints the same).
+"""`crowd-sync status`: what the outbox says as data (``--json``) and as text for a
+terminal, in both languages (the demo prints the same).
 
-``gather`` reads the outbox (counts, runs, pauses, the HIS clock, the instance lock and
-its holder, the service's next jobs); ``render`` lays it out for people in both
-languages; ``--json`` prints what ``gather`` returns. Every time is in schedule.timezone
-with its offset; the HIS's own times (the cursor) are in his.timezone.
+Every time is in schedule.timezone with its offset; the HIS's own times (the cursor) are
+in his.timezone.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sync import clock, display, localtime
-from sync.failures import STATUS_NAMES
-from sync.outbox.lock import holder_alive
+from sync import display, localtime
+from sync.outbox.model import Summary
 from sync.settings import Settings, zone
+from sync.views.failures import STATUS_NAMES
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-def gather(store: Any, settings: Settings, *, now: datetime | None = None) -> dict[str, Any]:
-    """Everything status shows, as JSON-ready values."""
-    now = now or utcnow()
+def status_data(
+    summary: Summary, now: datetime, *, outbox: str, settings: Settings, his_clock: dict[str, Any] | None,
+    holder: dict[str, Any] | None = None, alive: bool | None = None, schedule: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What `status --json` prints: the outbox summary (``Store.summary``), the HIS clock as
+    ``sync.clock.current`` gives it, and the service (``Store.service``: the lock's holder,
+    whether the lock is held, the published schedule). Times for people, with the offset."""
     tz = settings.schedule.tz
-    summary = store.summary(now=now)
-    cursor = store.get_cursor()
-    his_clock = clock.current(store.get_his_clock(), cursor[0] if cursor else None, now_utc=now)
-    holder = store.instance_holder()
-    alive = holder_alive(store.engine)
-    schedule = store.get_schedule()
     data = summary_dict(summary, now, key_form_setting=settings.upstream.app_key_form, tz=tz)
-    data["outbox"] = store.url_for_humans
+    data["outbox"] = outbox
     data["his_clock"] = _his_clock_local(his_clock, tz)
     data["daemon"] = daemon(holder, alive, tz)
     data["schedule"] = next_jobs(settings, data["daemon"], schedule, now=now)
@@ -62,7 +55,7 @@ def summary_dict(summary: Any, now: datetime, *, key_form_setting: str = "auto",
         "platform_unreachable": _local(summary.platform_down, tz),
         "leased": summary.leased,
         "timezone": str(tz),
-        "utc_offset": localtime.local(now, tz).strftime("%z")[:3] + ":" + localtime.local(now, tz).strftime("%z")[3:],
+        "utc_offset": localtime.offset_text(tz, now.replace(tzinfo=UTC)),
     }
 
 
@@ -155,7 +148,7 @@ def next_jobs(
 # -- rendering ------------------------------------------------------------------------------------
 
 
-def render(d: dict[str, Any]) -> str:
+def render_status(d: dict[str, Any]) -> str:
     lines = [f"crowd-sync 状态 / status — outbox {d['outbox']} (时间 times {d.get('timezone')} {d.get('utc_offset')})"]
     names = [f"{zh} {name}" for name, zh in STATUS_NAMES.items()]
     wide = max(display.width(n) for n in names)
@@ -282,8 +275,3 @@ def human_age(seconds: int) -> str:
     if seconds < 172800:
         return f"{seconds // 3600} h"
     return f"{seconds // 86400} d"
-
-
-def day_start_utc(day: date, tz: Any) -> datetime:
-    """Midnight of ``day`` in ``tz``, as naive UTC (for `failures --since`)."""
-    return datetime.combine(day, datetime.min.time(), tzinfo=tz).astimezone(UTC).replace(tzinfo=None)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import date, datetime, tzinfo
+from datetime import UTC, date, datetime, tzinfo
 from decimal import Decimal
 from typing import Any
 
-from sync import display, localtime, records
+from sync import display, intake, localtime, records
 from sync.logs import mask_id, redact
 
 # The statuses people see, in the order `status` lists them.
@@ -124,6 +124,11 @@ def render_failures(
     return "\n".join(lines)
 
 
+def day_start_utc(day: date, tz: tzinfo) -> datetime:
+    """Midnight of ``day`` in ``tz``, as naive UTC (for `failures --since`)."""
+    return datetime.combine(day, datetime.min.time(), tzinfo=tz).astimezone(UTC).replace(tzinfo=None)
+
+
 def _short(text: Any) -> str:
     """``2026-11-05 14:02:03+08:00`` -> ``2026-11-05 14:02:03`` (the offset is in the header)."""
     return str(text)[:19] if text else "-"
@@ -144,7 +149,7 @@ def his_values(payload_json: str) -> tuple[dict[str, Any], str]:
     """The HIS values behind a stored payload, by the contract's column names, and how
     exact they are: a row parked invalid keeps the HIS row exactly as read; a built payload
     holds the same values as crowd-sync validated them (dates as days, amounts to the cent)."""
-    raw = records.parse_raw_json(payload_json)
+    raw = intake.parse_raw_json(payload_json)
     if raw is not None:
         return {k: _plain(v) for k, v in raw[0].items()}, "exact"
     try:

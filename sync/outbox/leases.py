@@ -1,0 +1,259 @@
+"""Out of the queue: due rows leased to one sender, and what became of each.
+
+Rows move ``pending -> sent`` (or ``failed``/``invalid``/``dead``/``skipped``) under a
+lease, so several workers, threads or processes can dispatch from the same outbox
+without sending a row twice at once. An outcome is written only if the row is still
+the sender's and its payload unchanged: a row the HIS changed meanwhile keeps its new
+state and is sent again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+
+from sync.outbox import history
+from sync.outbox.engine import chunks, fit, skip_locked_ok, utc
+from sync.outbox.model import DUE, Claimed, Failed, Outcome, Sent, Status
+from sync.outbox.schema import sync_outbox
+
+log = structlog.get_logger(__name__)
+
+
+class Leases:
+    """Claiming due rows, recording their outcomes, giving them back."""
+
+    def __init__(self, engine: sa.Engine, *, lease_s: int) -> None:
+        self._engine = engine
+        self._dialect = engine.dialect.name
+        self.lease_s = lease_s
+        # SQLite has one writer at a time, and a connection that finds the lock taken polls
+        # it with sleeps of 1 to 100 ms (busy_timeout). The upload threads of this process
+        # queue on this lock instead, so each outcome is recorded as soon as the file is free.
+        self._outcome_lock: threading.Lock | contextlib.nullcontext[None] = (
+            threading.Lock() if self._dialect == "sqlite" else contextlib.nullcontext()
+        )
+
+    def claim_due(self, *, now: datetime, limit: int, owner: str) -> list[Claimed]:
+        """Lease up to ``limit`` due rows to ``owner``, oldest due first.
+
+        Concurrent claimers never get the same row: ``FOR UPDATE SKIP LOCKED`` where
+        the dialect has it, SQLite's BEGIN IMMEDIATE elsewhere, and the UPDATE only
+        takes rows that are still free.
+        """
+        now = utc(now)
+        if limit <= 0:
+            return []
+        o = sync_outbox
+        free = sa.or_(o.c.lease_until.is_(None), o.c.lease_until < now)
+        due = sa.and_(o.c.status.in_(DUE), o.c.next_attempt_at <= now, free)
+        until = now + timedelta(seconds=self.lease_s)
+        with self._claim_connection() as conn, conn.begin():
+            if self._dialect == "oracle":
+                # Oracle refuses FOR UPDATE together with FETCH FIRST (ORA-02014):
+                # pick candidates first, then lock those still free.
+                candidates = conn.scalars(sa.select(o.c.lsh).where(due).order_by(o.c.next_attempt_at).limit(limit)).all()
+                lshs = conn.scalars(
+                    sa.select(o.c.lsh).where(o.c.lsh.in_(candidates), due).with_for_update(skip_locked=True)
+                ).all() if candidates else []
+            else:
+                query = sa.select(o.c.lsh).where(due).order_by(o.c.next_attempt_at, o.c.lsh).limit(limit)
+                if self._dialect != "sqlite":
+                    query = query.with_for_update(skip_locked=skip_locked_ok(self._engine.dialect))
+                lshs = conn.scalars(query).all()
+            if not lshs:
+                return []
+            conn.execute(
+                sa.update(o).where(o.c.lsh.in_(lshs), free).values(lease_owner=owner, lease_until=until)
+            )
+            rows = conn.execute(
+                sa.select(
+                    o.c.lsh, o.c.payload, o.c.payload_hash, o.c.key_crowd, o.c.card_type, o.c.card_no,
+                    o.c.attempts, o.c.generic_failures, o.c.first_failed_at, o.c.next_attempt_at,
+                ).where(o.c.lsh.in_(lshs), o.c.lease_owner == owner)
+            ).all()
+        rows = sorted(rows, key=lambda r: (r.next_attempt_at, r.lsh))
+        claims = [
+            Claimed(
+                lsh=r.lsh, payload_json=r.payload, payload_hash=r.payload_hash, key_crowd=r.key_crowd,
+                card_type=r.card_type, card_no=r.card_no, attempts=r.attempts, generic_failures=r.generic_failures,
+                first_failed_at=r.first_failed_at, lease_owner=owner,
+            )
+            for r in rows
+        ]
+        if claims:
+            log.debug("outbox_claimed", count=len(claims), owner=owner)
+        return claims
+
+    @contextmanager
+    def _claim_connection(self) -> Iterator[sa.Connection]:
+        with self._engine.connect() as conn:
+            if self._dialect in ("mysql", "mariadb"):
+                # InnoDB's default REPEATABLE READ takes gap locks on the scanned
+                # index range, holding up enqueues and other claimers; READ COMMITTED
+                # locks only the rows it returns.
+                conn = conn.execution_options(isolation_level="READ COMMITTED")
+            yield conn
+
+    def record(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        """Write outcomes in one transaction, each as if alone: only if the row is still ours
+        and its payload unchanged; our lease is dropped either way. True per outcome written.
+
+        One commit for many outcomes: the upload threads hand them to one writer instead of
+        each holding its slot through a transaction of its own.
+        """
+        if not outcomes:
+            return []
+        o = sync_outbox
+        written: list[bool] = []
+        columns = [_columns(item) for item in outcomes]
+        # Each attempt stays in the history even when its outcome is dropped: it happened.
+        tried = [history.attempt_row(item.claimed.lsh, values) for item, values in zip(outcomes, columns, strict=True)]
+        with self._outcome_lock, self._engine.begin() as conn:
+            for item, values in zip(outcomes, columns, strict=True):
+                c = item.claimed
+                ours = sa.and_(o.c.lsh == c.lsh, o.c.lease_owner == c.lease_owner)
+                done = conn.execute(
+                    sa.update(o)
+                    .where(ours, o.c.payload_hash == c.payload_hash)
+                    .values(**values, lease_owner=None, lease_until=None)
+                ).rowcount
+                if not done:
+                    # The source changed while uploading (or the lease ran out and the
+                    # row went elsewhere): the row keeps its new state, due as it was.
+                    conn.execute(sa.update(o).where(ours).values(lease_owner=None, lease_until=None))
+                written.append(bool(done))
+            history.insert_attempts(conn, tried)
+        for item, done in zip(outcomes, written, strict=True):
+            if not done:
+                log.info("outbox_outcome_dropped", lsh=item.claimed.lsh, reason="payload changed or lease lost")
+        return written
+
+    def record_crash(
+        self, c: Claimed, *, error: str, now: datetime, next_attempt_at: datetime, limit: int
+    ) -> Status | None:
+        """Uploading ``c`` raised where nothing should (a payload edited into broken JSON, a
+        bug): ``failed`` until its ``limit``-th crash, then ``invalid`` with ``error``, so a
+        poison record stops being tried every cycle. None when the row is no longer ours."""
+        now = utc(now)
+        o = sync_outbox
+        ours = sa.and_(o.c.lsh == c.lsh, o.c.lease_owner == c.lease_owner, o.c.payload_hash == c.payload_hash)
+        with self._outcome_lock, self._engine.begin() as conn:
+            crashes = conn.execute(sa.select(o.c.crashes).where(ours)).scalar()
+            if crashes is None:
+                conn.execute(
+                    sa.update(o).where(o.c.lsh == c.lsh, o.c.lease_owner == c.lease_owner)
+                    .values(lease_owner=None, lease_until=None)
+                )
+                return None
+            crashes = int(crashes) + 1
+            status = Status.INVALID if crashes >= limit else Status.FAILED
+            conn.execute(
+                sa.update(o).where(ours).values(
+                    status=status.value, crashes=crashes, attempts=o.c.attempts + 1, last_error=error,
+                    last_http_status=None, updated_at=now, lease_owner=None, lease_until=None,
+                    next_attempt_at=None if status is Status.INVALID else utc(next_attempt_at),
+                    first_failed_at=sa.func.coalesce(o.c.first_failed_at, now),
+                )
+            )
+            history.insert_attempts(
+                conn, [history.attempt_row(c.lsh, {"status": status.value, "last_error": error, "updated_at": now},
+                                           kind="crash")]
+            )
+        return status
+
+    def release(self, claims: Iterable[Claimed], *, now: datetime) -> None:
+        """Drop leases and change nothing else (configuration pause, shutdown)."""
+        by_owner: dict[str, list[str]] = {}
+        for c in claims:
+            by_owner.setdefault(c.lease_owner, []).append(c.lsh)
+        if not by_owner:
+            return
+        o = sync_outbox
+        with self._engine.begin() as conn:
+            for owner, lshs in by_owner.items():
+                for chunk in chunks(lshs):
+                    conn.execute(
+                        sa.update(o)
+                        .where(o.c.lsh.in_(chunk), o.c.lease_owner == owner)
+                        .values(lease_owner=None, lease_until=None)
+                    )
+
+    def postpone(self, lshs: Sequence[str], *, until: datetime) -> None:
+        """Due rows among ``lshs`` that are free become due only at ``until`` (nothing else
+        changes: no attempt is counted). A failed probe of the platform rotates this way."""
+        until = utc(until)
+        o = sync_outbox
+        with self._engine.begin() as conn:
+            for chunk in chunks(list(lshs)):
+                conn.execute(
+                    sa.update(o)
+                    .where(
+                        o.c.lsh.in_(chunk), o.c.status.in_(DUE), o.c.lease_owner.is_(None),
+                        o.c.next_attempt_at < until,
+                    )
+                    .values(next_attempt_at=until)
+                )
+
+    def release_other_leases(self, owner: str) -> int:
+        """Drop every lease held by anyone but ``owner``.
+
+        Only for the holder of the instance lock: it is the only process sending, so any
+        other lease belongs to a process that died (a crash, SIGKILL, a power cut) and its
+        rows would otherwise wait for ``lease_s``. Their uploads may have reached the
+        platform; sending them again is harmless (upsert by lsh).
+        """
+        o = sync_outbox
+        with self._engine.begin() as conn:
+            return int(
+                conn.execute(
+                    sa.update(o)
+                    .where(o.c.lease_owner.is_not(None), o.c.lease_owner != owner)
+                    .values(lease_owner=None, lease_until=None)
+                ).rowcount
+            )
+
+    def release_owner(self, owner: str) -> int:
+        """Drop every lease ``owner`` holds (a restarted worker reusing its name)."""
+        o = sync_outbox
+        with self._engine.begin() as conn:
+            return int(
+                conn.execute(sa.update(o).where(o.c.lease_owner == owner).values(lease_owner=None, lease_until=None))
+                .rowcount
+            )
+
+
+def _columns(outcome: Outcome) -> dict[str, Any]:
+    """The columns an outcome sets (SQL expressions where it counts on the row's own values)."""
+    o = sync_outbox
+    now = utc(outcome.at)
+    if isinstance(outcome, Sent):
+        new_hash = outcome.payload_hash or outcome.claimed.payload_hash
+        return {
+            "status": Status.SENT.value, "sent_at": now, "sent_hash": new_hash, "payload_hash": new_hash,
+            "payload": outcome.body, "key_crowd": fit(outcome.key_crowd, 1), "last_answer": fit(outcome.answer, 200),
+            "last_http_status": outcome.http_status, "last_error": None, "next_attempt_at": None, "updated_at": now,
+        }
+    if isinstance(outcome, Failed):
+        return {
+            "status": Status.FAILED.value, "last_error": outcome.error, "last_http_status": outcome.http_status,
+            "next_attempt_at": utc(outcome.retry_at), "attempts": o.c.attempts + 1,
+            "generic_failures": o.c.generic_failures + (1 if outcome.generic else 0),
+            "first_failed_at": sa.func.coalesce(o.c.first_failed_at, now), "updated_at": now,
+        }
+    values: dict[str, Any] = {
+        "status": outcome.status.value, "last_error": outcome.error, "last_http_status": outcome.http_status,
+        "next_attempt_at": None, "updated_at": now,
+    }
+    if outcome.status is not Status.SKIPPED:
+        values["attempts"] = o.c.attempts + 1
+    if outcome.key_crowd is not None:
+        values["key_crowd"] = outcome.key_crowd
+    return values

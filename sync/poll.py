@@ -1,0 +1,171 @@
+"""HIS -> outbox: read a window of the HIS and enqueue what each row becomes.
+
+A poll reads from the cursor (minus ``his.lookback_s``) up to the HIS clock minus
+``his.settle_delay_s``; the reconcile reads a window of days. Rows go through
+``intake`` and into the outbox batch by batch, the cursor moving in the same
+transaction as the rows it covers. A cursor found ahead of the HIS clock is rewound.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from datetime import datetime, timedelta
+
+import structlog
+
+from sync import intake
+from sync.clock import ClockWatch, HisClock, cursor_ahead, human_offset
+from sync.crashpoints import crash_point
+from sync.his import HisSource, polling_window
+from sync.outbox.model import Incoming
+from sync.outbox.store import Store
+from sync.settings import Settings
+from sync.stats import CycleStats, Progress
+
+log = structlog.get_logger(__name__)
+
+
+class Poller:
+    """Reads the HIS into the outbox; one per pipeline."""
+
+    def __init__(
+        self, settings: Settings, *, store: Store, his: HisSource, clock: Callable[[], datetime], progress: Progress,
+        stop: threading.Event,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._his = his
+        self._clock = clock
+        self._progress = progress
+        self._stop = stop
+        self.clock_watch = ClockWatch(
+            host_zone=settings.schedule.timezone, probe=lambda c: self._his.probe(c),
+            keep=lambda reading: self._store.state.put_his_clock(reading, now=self._clock()), monotonic=time.monotonic,
+        )
+
+    def poll(self, stats: CycleStats) -> None:
+        """Read what settled since the cursor (minus the lookback), up to the HIS clock minus the settle delay."""
+        cursor = self._store.queue.get_cursor()
+        clock = self._his.clock()
+        db_now = clock.now
+        if cursor is not None and cursor_ahead(cursor[0], clock):
+            cursor = self._rewind(cursor, clock)
+        self.clock_watch.observe(clock, cursor[0] if cursor else None)
+        start = self._settings.his.start_from
+        if start is not None:
+            start_from = datetime(start.year, start.month, start.day)
+        else:
+            d = db_now.date() - timedelta(days=31)
+            start_from = datetime(d.year, d.month, d.day)
+        window = polling_window(
+            cursor[0] if cursor else None,
+            db_now=db_now,
+            start_from=start_from,
+            lookback_s=self._settings.his.lookback_s,
+            settle_delay_s=self._settings.his.settle_delay_s,
+        )
+        if window is None:
+            return
+        since, until = window
+        log.debug("poll_window", since=since.isoformat(), until=until.isoformat())
+        self.read_window(since, until, stats, move_cursor=True)
+
+    def _rewind(self, cursor: tuple[datetime, str], clock: HisClock) -> tuple[datetime, str] | None:
+        """The cursor is ahead of the HIS clock (it jumped forward and back, or his.timezone
+        changed): every poll would read nothing. Go back to the newest visit read that is not
+        in the HIS's future; the lookback re-reads what settled around it, and re-reading is
+        harmless (enqueue skips unchanged rows). None (no visit read yet): back-fill again."""
+        newest = self._store.queue.newest_source_changed_at(not_after=clock.now)
+        to = (newest, "") if newest is not None else None
+        ahead = (cursor[0] - clock.now).total_seconds()
+        log.warning(
+            "his_cursor_ahead", cursor=cursor[0].isoformat(), his_clock=clock.now.isoformat(), zone=clock.zone,
+            ahead=human_offset(ahead), rewound_to=newest.isoformat() if newest else "his.start_from",
+            fix="nothing to do: the poll reads again from there; if the HIS clock jumped, check its NTP",
+        )
+        if to is not None:
+            self._store.queue.rewind_cursor(to, now=self._clock())
+        else:
+            self._store.queue.clear_cursor()
+        self.clock_watch.rewound = {
+            "at": self._clock().isoformat(timespec="seconds"), "cursor_was": cursor[0].isoformat(timespec="seconds"),
+            "ahead_s": round(ahead), "rewound_to": newest.isoformat(timespec="seconds") if newest else None,
+        }
+        return to
+
+    def read_window(self, since: datetime, until: datetime, stats: CycleStats, *, move_cursor: bool) -> None:
+        """Stream the window into the outbox batch by batch; with ``move_cursor`` the cursor
+        moves in the same transaction as the rows it covers, and to ``until`` at the end."""
+        batch: list[Incoming] = []
+        last: tuple[datetime, str] | None = None
+        size = self._settings.his.batch_size
+        today = datetime.now(self._settings.schedule.tz).date()
+        writer = _BatchWriter(lambda b, c: self._enqueue(b, stats, c))
+        self._progress.reading(since, until)
+        try:
+            for row in self._his.rows(since, until):
+                stats.rows_read += 1
+                item = intake.incoming(row, key_crowd=self._settings.key_crowd, today=today)
+                batch.append(item)
+                changed_at = row.get("changed_at")
+                if isinstance(changed_at, datetime):
+                    last = (changed_at, item.lsh)
+                if len(batch) >= size:
+                    self._progress.read_up_to(last[0] if last else None)
+                    writer.submit(batch, last if move_cursor else None)
+                    batch = []
+                    if self._stop.is_set():
+                        # The cursor covers what was recorded; the rest is read again next time.
+                        writer.wait()
+                        return
+            writer.submit(batch, (until, "") if move_cursor else None)
+            writer.wait()
+        finally:
+            writer.close()
+
+    def _enqueue(self, batch: list[Incoming], stats: CycleStats, cursor: tuple[datetime, str] | None) -> None:
+        crash_point("before_cursor_move")
+        result = self._store.queue.enqueue(batch, now=self._clock(), cursor=cursor)
+        stats.enqueued += result.inserted + result.changed
+        stats.unchanged += result.unchanged
+        stats.invalid += result.invalid
+        stats.skipped += result.skipped
+        self._progress.tick()
+
+
+class _BatchWriter:
+    """Writes batches to the outbox one at a time, in order, in a thread of its own.
+
+    A back-fill is bound by one core: while one batch is written (time spent mostly
+    inside the database driver, outside the GIL) the next is read and built. At most
+    one batch is in flight, so a batch and the cursor covering it are committed only
+    after every earlier batch, exactly as when writing inline.
+    """
+
+    def __init__(self, write: Callable[[list[Incoming], tuple[datetime, str] | None], None]) -> None:
+        self._write = write
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enqueue")
+        self._inflight: Future[None] | None = None
+
+    def submit(self, batch: list[Incoming], cursor: tuple[datetime, str] | None) -> None:
+        """Wait for the batch in flight (raising its error), then start writing this one."""
+        self.wait()
+        self._inflight = self._pool.submit(self._write, batch, cursor)
+
+    def wait(self) -> None:
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.result()
+
+    def close(self) -> None:
+        """Let a batch still in flight finish (its error is not raised: the caller is already
+        leaving with one of its own), then stop the thread."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            wait([inflight])
+            if inflight.exception() is not None:
+                log.warning("outbox_batch_failed", error=repr(inflight.exception()))
+        self._pool.shutdown(wait=True)
