@@ -240,7 +240,8 @@ def story(
             {
                 "at": localtime.text(a.get("at"), tz), "kind": a.get("kind"), "outcome": a.get("outcome"),
                 "http_status": a.get("http_status"), "answer": a.get("answer"),
-                "error": redact(str(a["error"])) if a.get("error") else None,
+                # The reason alone: the fix is said once, above the table.
+                "error": split_reason(str(a["error"]), lsh)[0] if a.get("error") else None,
             }
             for a in attempts
         ],
