@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
+import structlog
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from sync import logs
+from sync import localtime, logs
 from sync.clock import utcnow
 from sync.his import HisSource
 from sync.outbox.store import Store
@@ -23,6 +24,9 @@ from sync.pipeline import Pipeline
 from sync.settings import NOT_LOADED, Settings
 from sync.upstream.client import Client
 from sync.upstream.signing import app_key_texts
+from sync.upstream.tokens import TokenStore
+
+log = structlog.get_logger(__name__)
 
 
 def register_secrets(settings: Settings) -> None:
@@ -47,10 +51,11 @@ def open_store(settings: Settings, *, create: bool = True) -> Store:
     return Store(settings.outbox.url.get_secret_value(), lease_s=settings.outbox.lease_s, create=create)
 
 
-def make_client(settings: Settings, store: Store) -> Client:
+def make_client(settings: Settings, store: Store, *, tokens: TokenStore | None = None) -> Client:
     """The platform client, through the outbox's shared token (a login of its own would push
-    the running service out, FAQ 4) and its remembered reading of the app key."""
-    return Client(settings.upstream, store.token_store(), key_forms=store.key_form_memory())
+    the running service out, FAQ 4) and its remembered reading of the app key. ``tokens``:
+    that shared token seen through a wrapper (`check` refuses to replace a valid one)."""
+    return Client(settings.upstream, tokens or store.token_store(), key_forms=store.key_form_memory())
 
 
 def make_his(settings: Settings) -> HisSource:
@@ -70,3 +75,13 @@ def make_pipeline(
         settings, store=store, client=client or make_client(settings, store), his=his or make_his(settings),
         clock=clock, sole_sender=sole_sender,
     )
+
+
+def keep_timezone(settings: Settings, store: Store) -> None:
+    """The DBA views count days in schedule.timezone: keep its offset in the outbox (sync_timezone)."""
+    try:
+        store.put_timezone(
+            settings.schedule.timezone, offset_minutes=localtime.offset_minutes(settings.schedule.tz), now=utcnow()
+        )
+    except Exception as exc:  # noqa: BLE001 - the views' day boundary must never stop the work
+        log.warning("timezone_not_saved", error=f"{type(exc).__name__}: {exc}")

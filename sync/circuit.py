@@ -28,6 +28,7 @@ from typing import Any
 
 import structlog
 
+from sync import localtime
 from sync.errors import AuthError, ConfigError, PlatformUnavailable, SyncError, describe
 from sync.outbox.model import Claimed
 from sync.outbox.store import Store
@@ -181,12 +182,12 @@ class Circuit:
             if previous is None:
                 log.error(
                     "platform_unreachable", error=error.message, platform_message=error.platform_message,
-                    next_probe_at=nxt.isoformat(timespec="seconds"),
+                    next_probe_at=localtime.text(nxt),
                     consequence="sending paused; no record is charged; probing with back-off",
                 )
             else:
                 log.warning("platform_probe_failed", probes=probes, error=error.message,
-                            next_probe_at=nxt.isoformat(timespec="seconds"))
+                            next_probe_at=localtime.text(nxt))
             return True
         if paused:
             self._store.state.clear_config_error()
@@ -207,9 +208,11 @@ class Circuit:
 
 def unreachable_text(state: Mapping[str, Any]) -> str:
     """``platform unreachable since …`` for status, /healthz and the logs."""
-    text = f"platform unreachable since {state.get('since')}Z: {state.get('reason')}"
+    text = f"platform unreachable since {localtime.text(state.get('since'))}: {state.get('reason')}"
     if state.get("next_probe_at"):
-        text += f" (probes failed: {state.get('probes') or 0}; next probe at {state.get('next_probe_at')}Z)"
+        text += (
+            f" (probes failed: {state.get('probes') or 0}; next probe at {localtime.text(state.get('next_probe_at'))})"
+        )
     return text
 
 

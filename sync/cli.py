@@ -12,17 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from datetime import date
 from pathlib import Path
-from typing import TextIO
+from typing import Any, NoReturn, TextIO
 
 import structlog
 
-from sync import __version__, app, demo, doctor, logs, report
+from sync import __version__, app, demo, doctor, idcard, localtime, logs, report
 from sync import settings as settings_mod
 from sync.clock import current as his_clock_now
 from sync.clock import utcnow
@@ -41,23 +42,26 @@ from sync.files import write_private
 from sync.outbox.engine import describe_error
 from sync.outbox.model import Status
 from sync.outbox.store import Store
-from sync.settings import Settings
+from sync.settings import Settings, zone
+from sync.settings_file import DeprecatedSettingWarning
 from sync.upstream import simulator
+from sync.views import failures
 from sync.views.person import person_data, render_person
+from sync.views.progress import progress_display, summary_line
 from sync.views.status import render_status, status_data
 
 log = structlog.get_logger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--config",
         metavar="PATH",
         default=argparse.SUPPRESS,
-        help="settings file (default: $CROWD_SYNC_CONFIG, then ./settings.yaml)",
+        help="配置文件 / settings file (default: $CROWD_SYNC_CONFIG, then ./settings.yaml)",
     )
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="crowd-sync",
         parents=[common],
         description="重点人群“先诊疗后付费”诊疗记录上传 / key-population visit records to the Sichuan platform",
@@ -65,56 +69,109 @@ def _parser() -> argparse.ArgumentParser:
         "2 配置错误 configuration error (settings, credentials, another instance running); "
         "75 暂时不可用，稍后再试 temporarily unavailable, try again later (HIS, outbox or platform unreachable); "
         "1 意外错误 unexpected error",
+        add_help=False,
     )
-    p.add_argument("--version", action="version", version=f"crowd-sync {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _help(p)
+    p.add_argument("--version", action="version", version=f"crowd-sync {__version__}", help="版本 / show the version")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="命令 commands")
 
     def add(name: str, text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, parents=[common], help=text, description=text)
+        cmd = sub.add_parser(name, parents=[common], help=text, description=text, add_help=False)
+        _help(cmd)
+        return cmd
 
-    add("run", "the daemon: scheduled poll, dispatch and nightly reconcile until SIGTERM/SIGINT")
-    add("once", "one poll of new settlements, then dispatch everything due, then exit")
-    rec = add("reconcile", "re-read a window of the HIS, enqueue what changed, dispatch")
-    rec.add_argument("--since", required=True, type=_date, metavar="YYYY-MM-DD")
-    rec.add_argument("--until", type=_date, metavar="YYYY-MM-DD", help="inclusive (default: now)")
-    st = add("status", "counts per status, oldest pending, last upload, last run, configuration error")
-    st.add_argument("--json", action="store_true", help="machine-readable output")
-    rt = add("retry", "requeue records now")
+    add("run", "服务：定时轮询、发送、夜间对账 / the daemon: scheduled poll, dispatch and nightly reconcile until SIGTERM/SIGINT")
+    add("once", "轮询一次新结算，发送到期记录后退出 / one poll of new settlements, then dispatch everything due, then exit")
+    rec = add("reconcile", "重读一段时间的 HIS，入队有变化的记录并发送 / re-read a window of the HIS, enqueue what changed, dispatch")
+    rec.add_argument("--since", required=True, type=_date, metavar="YYYY-MM-DD",
+                     help="从这天起（含）按 HIS 时钟 / first day to read, inclusive (the HIS's clock)")
+    rec.add_argument("--until", type=_date, metavar="YYYY-MM-DD",
+                     help="到这天止（含），默认到现在 / last day to read, inclusive (default: now)")
+    st = add("status", "状态：各状态计数、服务是否运行、下次轮询与对账 / counts per status, whether the daemon runs, "
+             "next poll and reconcile, pauses")
+    st.add_argument("--json", action="store_true", help="机器可读输出 / machine-readable output")
+    fl = add("failures", "未发送的记录及原因与处理办法 / what is not sent, with the reason and the fix")
+    fl.add_argument("--status", action="append", choices=["invalid", "failed", "dead", "skipped"], metavar="STATUS",
+                    help="只看这些状态（可重复）：invalid|failed|dead|skipped；默认 invalid、failed、dead / "
+                    "only these statuses (repeatable); default invalid, failed and dead")
+    fl.add_argument("--since", type=_date, metavar="YYYY-MM-DD",
+                    help="只看这天（本地时间）以来有变化的 / only records changed since this day (schedule.timezone)")
+    fl.add_argument("--json", action="store_true", help="机器可读输出 / machine-readable output")
+    sh = add("show", "一次就诊的全过程：HIS 值、报文、每次尝试、平台应答 / one visit's whole story: HIS values, "
+             "payload, each attempt, the platform's answers")
+    sh.add_argument("lsh", metavar="LSH", help="就诊流水号 / the visit's serial number")
+    sh.add_argument("--unmask", action="store_true", help="显示完整证件号 / show ID numbers in full (masked by default)")
+    sh.add_argument("--json", action="store_true", help="机器可读输出 / machine-readable output")
+    rt = add("retry", "立即重新排队 / requeue records now")
     grp = rt.add_mutually_exclusive_group(required=True)
-    grp.add_argument("--lsh", nargs="+", metavar="LSH")
-    grp.add_argument("--status", choices=["failed", "invalid", "dead", "skipped"])
-    add("check", "doctor: settings, HIS query, outbox schema, clock, login, one label lookup")
-    lk = add("lookup", "ask the label API about one ID number and print the labels")
-    lk.add_argument("id_number", metavar="ID_NUMBER")
-    lk.add_argument("--json", action="store_true")
-    add("migrate", "bring the outbox database to the current schema")
-    rp = add("report", "the month's uploaded key-population visits as the province counts them")
-    rp.add_argument("--month", required=True, type=_month, metavar="YYYY-MM", help="settlement month")
-    rp.add_argument("--csv", metavar="FILE", help="also write the figures as CSV (UTF-8 with BOM, opens in Excel)")
-    demo = add("demo", "a complete local run: demo HIS, built-in simulator, a few cycles, status")
-    demo.add_argument("--dir", default="var/demo", help="where the demo writes its databases (default var/demo)")
+    grp.add_argument("--lsh", nargs="+", metavar="LSH", help="这些流水号 / these visits")
+    grp.add_argument("--status", choices=["failed", "invalid", "dead", "skipped"],
+                     help="这个状态的全部记录 / every record in this status")
+    ck = add("check", "体检：配置、HIS、outbox、时钟、平台（用共享令牌查询一次标签）/ doctor: settings, HIS, outbox, "
+             "clocks, the platform (one label lookup with the shared token)")
+    ck.add_argument("--offline", action="store_true", help="不检查平台 / skip the platform checks")
+    lk = add("lookup", "查询一个身份证号的重点人群标签 / ask the label API about one resident ID number")
+    lk.add_argument("id_number", metavar="ID_NUMBER", help="18 位居民身份证号 / an 18-character resident ID number")
+    lk.add_argument("--json", action="store_true", help="机器可读输出 / machine-readable output")
+    add("migrate", "把 outbox 数据库升级到当前结构 / bring the outbox database to the current schema")
+    rp = add("report", "按省平台口径统计某月已上传的重点人群就诊 / the month's uploaded key-population visits as the "
+             "province counts them")
+    rp.add_argument("--month", required=True, type=_month, metavar="YYYY-MM", help="结算月份 / settlement month")
+    rp.add_argument("--csv", metavar="FILE",
+                    help="另存为 CSV（UTF-8 带 BOM，Excel 可直接打开）/ also write the figures as CSV (opens in Excel)")
+    demo = add("demo", "本机完整演示：演示 HIS、内置模拟器、几个周期、状态 / a complete local run: demo HIS, built-in "
+               "simulator, a few cycles, status, failures")
+    demo.add_argument("--dir", default="var/demo",
+                      help="演示数据库目录 / where the demo writes its databases (default var/demo)")
     demo.add_argument(
         "--key-form", choices=["as_printed", "decoded"], default="as_printed",
-        help="which reading of the app key the simulated platform signs (the demo's settings keep auto)",
+        help="模拟平台签名所用的授权码读法 / which reading of the app key the simulated platform signs "
+        "(the demo's settings keep auto)",
     )
-    sim = add("simulator", "run the built-in platform simulator alone (loopback by default)")
-    sim.add_argument("--port", type=int, default=18080)
-    sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--env", choices=["test", "prod"], default="test")
-    sim.add_argument("--latency-ms", type=int, default=0)
-    sim.add_argument("--people", metavar="FILE.json")
+    sim = add("simulator", "单独运行内置平台模拟器（默认仅本机）/ run the built-in platform simulator alone (loopback by default)")
+    sim.add_argument("--port", type=int, default=18080, help="端口 / port to listen on (default 18080)")
+    sim.add_argument("--host", default="127.0.0.1", help="监听地址 / address to listen on (default 127.0.0.1)")
+    sim.add_argument("--env", choices=["test", "prod"], default="test",
+                     help="模拟的环境：事件码与 ehrkey 头 / the environment it plays: event codes and the ehrkey header")
+    sim.add_argument("--latency-ms", type=int, default=0, help="每个应答的延迟毫秒 / delay before each answer, ms")
+    sim.add_argument("--people", metavar="FILE.json",
+                     help="重点人群名单：证件号 -> 标签数据 / key population to serve: ID number -> label data (JSON)")
     sim.add_argument(
         "--key-form", choices=["as_printed", "decoded"], default="as_printed",
-        help="which reading of the app key the platform signs: as printed (%%2B) or decoded (+)",
+        help="平台签名所用的授权码读法 / which reading of the app key the platform signs: as printed (%%2B) or decoded (+)",
     )
     return p
+
+
+def _help(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-h", "--help", action="help", default=argparse.SUPPRESS, help="显示帮助 / show this help")
+    parser._optionals.title = "选项 options"
+    parser._positionals.title = "参数 arguments"
+
+
+class _Formatter(argparse.HelpFormatter):
+    def add_usage(self, usage: Any, actions: Any, groups: Any, prefix: str | None = None) -> None:
+        super().add_usage(usage, actions, groups, prefix if prefix is not None else "用法 usage: ")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse in both languages: its headings, and its errors (exit 2, as any configuration error)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_CONFIG, f"{self.prog}: 参数错误 / usage error: {message}\n"
+                  f"  帮助 help: {self.prog} --help\n")
 
 
 def _date(text: str) -> date:
     try:
         return date.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
+        raise argparse.ArgumentTypeError(f"{text!r} 不是日期 / is not a date YYYY-MM-DD") from None
 
 
 def _month(text: str) -> date:
@@ -152,7 +209,8 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "demo":
             logs.configure(level="warning", fmt="console")
             return demo.main(args.dir, out=out, key_form=args.key_form)
-        settings = _load_settings(getattr(args, "config", None), platform=args.command not in OFFLINE_COMMANDS)
+        offline = args.command in OFFLINE_COMMANDS or (args.command == "check" and args.offline)
+        settings = _load_settings(getattr(args, "config", None), platform=not offline)
         handler: Callable[[argparse.Namespace, Settings, TextIO], int] = COMMANDS[args.command]
         return handler(args, settings, out)
     except SyncError as exc:
@@ -202,12 +260,16 @@ def _load_settings(path: str | None, *, platform: bool = True) -> Settings:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", settings_mod.SecretFileWarning)
         warnings.simplefilter("always", settings_mod.CountyCodeWarning)
+        warnings.simplefilter("always", DeprecatedSettingWarning)
         settings = settings_mod.load(path, platform=platform)
+    localtime.configure(settings.schedule.tz)
     logs.configure(level=settings.log.level, fmt=settings.log.format, priority_prefix=settings.log.priority_prefix)
     app.register_secrets(settings)
     for w in caught:
         if issubclass(w.category, settings_mod.CountyCodeWarning):
             log.warning("unknown_county_code", detail=str(w.message))
+        elif issubclass(w.category, DeprecatedSettingWarning):
+            log.warning("deprecated_setting", detail=str(w.message))
         else:
             log.warning("secret_file_readable_by_others", detail=str(w.message))
     if not settings.upstream.verify_tls and settings.upstream.base_url.startswith("https"):
@@ -233,22 +295,24 @@ def cmd_migrate(_args: argparse.Namespace, settings: Settings, out: TextIO) -> i
 
 
 def _one_shot(args: argparse.Namespace, settings: Settings, out: TextIO, kind: str) -> int:
+    if kind == "reconcile" and args.until is not None and args.since > args.until:
+        raise ConfigError(
+            f"--since {args.since} 晚于 --until {args.until} / --since is after --until: the window is empty",
+            hint="give the earlier day to --since, e.g. crowd-sync reconcile --since 2026-10-01 --until 2026-10-31",
+        )
     store = app.open_store(settings)
     with ExitStack() as stack:
         stack.callback(store.dispose)
         store.ensure_schema()
         lock = stack.enter_context(store.instance_lock(command=kind))
+        app.keep_timezone(settings, store)
         pipeline = app.make_pipeline(settings, store, sole_sender=True)
         pipeline.before_dispatch = lock.ensure
         stack.callback(pipeline.close)
         pipeline.his.check()
-        stats = pipeline.reconcile(args.since, args.until) if kind == "reconcile" else pipeline.cycle("once")
-        print(
-            f"read {stats.rows_read}, enqueued {stats.enqueued}, sent {stats.sent} "
-            f"(created {stats.created}, updated {stats.updated}), failed {stats.failed}, "
-            f"invalid {stats.invalid}, skipped {stats.skipped}, dead {stats.dead}, {stats.duration_s:.1f}s",
-            file=out,
-        )
+        with progress_display(pipeline.progress, every_s=settings.log.progress_every_s):
+            stats = pipeline.reconcile(args.since, args.until) if kind == "reconcile" else pipeline.cycle("once")
+        print(summary_line(stats), file=out)
         if stats.paused:
             _print_error(ConfigError(f"发送已暂停 / sending paused by a configuration error: {stats.paused}"))
         if stats.unreachable:
@@ -257,8 +321,9 @@ def _one_shot(args: argparse.Namespace, settings: Settings, out: TextIO, kind: s
                 TransientError(
                     f"平台不可达，发送已暂停 / the platform {settings.upstream.base_url} could not be reached, "
                     f"{what}: {stats.unreachable}",
-                    hint="the records wait, nothing is charged to them, and they go out when the platform answers "
-                    "again; check the network, the firewall and upstream.base_url, then run the command again later",
+                    hint="记录在等待，不计失败次数，平台恢复后自动发送 / the records wait, nothing is charged to them, "
+                    "and they go out when the platform answers again; check the network, the firewall and "
+                    "upstream.base_url, then run the command again later",
                 )
             )
         return _exit_after_run(store)
@@ -279,6 +344,7 @@ def cmd_run(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
         stack.callback(store.dispose)
         store.ensure_schema()
         lock = stack.enter_context(store.instance_lock(command="run"))
+        app.keep_timezone(settings, store)
         pipeline = app.make_pipeline(settings, store, sole_sender=True)
         pipeline.his.check()
         return Daemon(settings, pipeline, lock=lock).run()
@@ -289,20 +355,72 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     store = app.open_store(settings, create=False)
     try:
         store.ensure_schema()
-        summary = store.summary(now=utcnow())
+        now = utcnow()
+        summary = store.summary(now=now)
         cursor = store.queue.get_cursor()
-        his_clock = his_clock_now(store.state.get_his_clock(), cursor[0] if cursor else None, now_utc=utcnow())
+        his_clock = his_clock_now(store.state.get_his_clock(), cursor[0] if cursor else None, now_utc=now)
+        service = store.service()
     finally:
         store.dispose()
-    data = status_data(
-        summary, utcnow(), outbox=store.url_for_humans, key_form_setting=settings.upstream.app_key_form,
-        his_clock=his_clock,
-    )
+    data = status_data(summary, now, outbox=store.url_for_humans, settings=settings, his_clock=his_clock, **service)
     if args.json:
         print(json.dumps(data, ensure_ascii=False, indent=2, default=str), file=out)
         return EXIT_OK
     print(render_status(data), file=out)
     return EXIT_OK
+
+
+def cmd_failures(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    tz = settings.schedule.tz
+    statuses = list(dict.fromkeys(args.status or failures.DEFAULT_STATUSES))
+    store = app.open_store(settings, create=False)
+    try:
+        store.ensure_schema()
+        rows = store.problems(statuses, since=failures.day_start_utc(args.since, tz) if args.since else None)
+    finally:
+        store.dispose()
+    items = failures.failure_items(rows, tz)
+    if args.json:
+        data = {"statuses": statuses, "since": args.since.isoformat() if args.since else None,
+                "timezone": settings.schedule.timezone, "records": items}
+        print(json.dumps(data, ensure_ascii=False, indent=2, default=str), file=out)
+        return EXIT_OK
+    print(failures.render_failures(
+        items, statuses=statuses, since=args.since, outbox=store.url_for_humans, zone=settings.schedule.timezone,
+        offset=localtime.offset_text(tz), columns=_columns(),
+    ), file=out)
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    store = app.open_store(settings, create=False)
+    try:
+        store.ensure_schema()
+        row = store.visit(args.lsh)
+        if row is None:
+            raise ConfigError(
+                f"outbox 中没有流水号 / no visit with lsh {args.lsh!r} in the outbox {store.url_for_humans}",
+                hint="check the lsh (it is case-sensitive); `crowd-sync failures --status skipped` lists the others "
+                "not sent; a visit the HIS query never returned is not in the outbox",
+            )
+        attempts = store.attempts(args.lsh)
+        labels = store.cached_labels(str(row["card_no"])) if row.get("card_no") else None
+    finally:
+        store.dispose()
+    tz = settings.schedule.tz
+    story = failures.story(row, attempts, labels=labels, tz=tz, his_tz=zone(settings.his_timezone), unmask=args.unmask)
+    if args.json:
+        print(json.dumps(story, ensure_ascii=False, indent=2, default=str), file=out)
+        return EXIT_OK
+    print(failures.render_story(
+        story, zone=settings.schedule.timezone, offset=localtime.offset_text(tz),
+        keep_days=settings.outbox.keep_attempts_days, columns=_columns(),
+    ), file=out)
+    return EXIT_OK
+
+
+def _columns() -> int:
+    return max(100, shutil.get_terminal_size((140, 40)).columns)
 
 
 def cmd_retry(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
@@ -320,9 +438,7 @@ def cmd_retry(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
 
 
 def cmd_lookup(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    id_number = args.id_number.strip().upper()
-    if not id_number:
-        raise ConfigError("ID_NUMBER is empty", hint="crowd-sync lookup 510100198506020036")
+    id_number = lookup_id(args.id_number)
     store = app.open_store(settings)
     try:
         store.ensure_schema()
@@ -340,6 +456,40 @@ def cmd_lookup(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     else:
         print(render_person(data), file=out)
     return EXIT_OK
+
+
+def lookup_id(text: str) -> str:
+    """The ID number to ask the label API about, checked first (GB 11643: length, check digit,
+    birth date): a mistyped number answers "not key population", which at the front desk
+    could deny a patient the policy. ConfigError saying what is wrong otherwise."""
+    number = text.strip().upper()
+    example = "crowd-sync lookup 510100198506020036"
+    if not number:
+        raise ConfigError("身份证号为空 / ID_NUMBER is empty", hint=example)
+    if not idcard.looks_resident(number):
+        raise ConfigError(
+            f"{logs.mask_id(number)} 不是居民身份证号，标签接口只能按居民身份证查询 / is not a resident ID number "
+            "(18 characters: 17 digits and a digit or X; or 15 digits): the label API knows people by their "
+            "resident ID only",
+            hint="护照、军官证等证件的就诊按 HIS 的 key_crowd 列判定 / visits with a passport or another document are "
+            "decided by the HIS's key_crowd column (key_crowd.source); " + example,
+        )
+    try:
+        idcard.check(number)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{logs.mask_id(number)}: {str(exc).replace(': the number is mistyped in the HIS', '')}",
+            hint="核对证件上的号码后重新输入，错号在平台上查不到标签 / check the number against the card and type it "
+            "again: a mistyped number never matches anyone's labels",
+        ) from None
+    birth = idcard.birth_date(number)
+    if birth is None or not date(1900, 1, 1) <= birth <= date.today():
+        raise ConfigError(
+            f"{logs.mask_id(number)}: 出生日期不是有效日期 / the birth date it holds (digits 7 to 14, yyyymmdd) is "
+            "not a real date in the past",
+            hint="核对证件上的号码 / check the number against the card",
+        )
+    return number
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
@@ -362,12 +512,12 @@ def cmd_report(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     return EXIT_OK
 
 
-def cmd_check(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    failures = doctor.run_checks(settings, out=out)
-    if not failures:
+def cmd_check(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    found = doctor.run_checks(settings, out=out, offline=args.offline)
+    if not found:
         return EXIT_OK
     # 75 only when every failure may pass by itself (something unreachable); one thing to fix makes it 2.
-    return EXIT_TEMPFAIL if all(isinstance(f, TransientError) for f in failures) else EXIT_CONFIG
+    return EXIT_TEMPFAIL if all(isinstance(f, TransientError) for f in found) else EXIT_CONFIG
 
 
 def _simulator(args: argparse.Namespace) -> int:
@@ -381,7 +531,7 @@ def _simulator(args: argparse.Namespace) -> int:
 
 
 # Commands that never call the platform: they work without its credentials.
-OFFLINE_COMMANDS = frozenset({"status", "retry", "migrate", "report"})
+OFFLINE_COMMANDS = frozenset({"status", "retry", "migrate", "report", "failures", "show"})
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], int]] = {
     "migrate": cmd_migrate,
@@ -393,4 +543,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings, TextIO], int]] = {
     "lookup": cmd_lookup,
     "check": cmd_check,
     "report": cmd_report,
+    "failures": cmd_failures,
+    "show": cmd_show,
 }

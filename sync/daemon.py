@@ -16,7 +16,7 @@ import signal
 import socket
 import threading
 import time
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from types import FrameType
 from typing import Any
 
@@ -26,12 +26,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from sync.circuit import unreachable_text
 from sync.errors import SyncError
 from sync.metrics import Metrics, MetricsServer
 from sync.outbox.lock import AlreadyRunning, InstanceLock
 from sync.pipeline import Pipeline
 from sync.settings import Settings
 from sync.stats import CycleStats
+from sync.views.progress import Ticker, status_line
 
 log = structlog.get_logger(__name__)
 
@@ -88,6 +90,8 @@ class Daemon:
             logins=lambda: pipeline.client.counters["logins"],
             progress_at=lambda: pipeline.progress.at,
         )
+        pipeline.client.on_answer = self.metrics.upstream_answered
+        pipeline.his.on_query = self.metrics.his_queried
         self.metrics_server: MetricsServer | None = None
         self.scheduler = BackgroundScheduler(
             executors={"default": JobExecutor(max_workers=1)},
@@ -133,6 +137,57 @@ class Daemon:
             self.metrics.job_finished(name, stats=stats, error=error, duration_s=time.monotonic() - started)
             with self._job_lock:
                 self._job_started = None
+            self._after_job(stats, error)
+
+    def _after_job(self, stats: CycleStats | None, error: str | None) -> None:
+        """systemd's STATUS= (what the job did, what waits, a pause or outage) and the next
+        jobs for `status`; neither may stop the service."""
+        try:
+            summary = self.pipeline.store.summary(now=self.pipeline.clock())
+            waiting = sum(summary.counts.get(s, 0) for s in ("pending", "failed"))
+            paused = (summary.config_error or {}).get("message")
+            down = summary.platform_down
+            next_poll = self._next_run("cycle")
+            line = status_line(
+                last=stats, waiting=waiting, paused=str(paused) if paused else None,
+                unreachable=unreachable_text(down) if down else None, next_poll=next_poll,
+            )
+            if error:
+                line = f"上次失败 last job failed: {error[:300]} · {line}"
+            self.notifier.notify(f"STATUS={line}")
+            self._publish_schedule()
+        except Exception as exc:  # noqa: BLE001 - only a display: the next job tries again
+            log.warning("status_not_updated", error=f"{type(exc).__name__}: {exc}")
+
+    def _next_run(self, job_id: str) -> datetime | None:
+        job = self.scheduler.get_job(job_id)
+        when = getattr(job, "next_run_time", None) if job is not None else None
+        return when.astimezone(UTC).replace(tzinfo=None) if isinstance(when, datetime) else None
+
+    def _publish_schedule(self) -> None:
+        nxt, rec = self._next_run("cycle"), self._next_run("reconcile")
+        self.pipeline.store.put_schedule(
+            {
+                "pid": os.getpid(), "host": socket.gethostname(),
+                "next_poll_at": nxt.isoformat(timespec="seconds") if nxt else None,
+                "next_reconcile_at": rec.isoformat(timespec="seconds") if rec else None,
+            },
+            now=self.pipeline.clock(),
+        )
+
+    def prune(self) -> None:
+        """sync_run and sync_attempt past their retention (outbox.keep_*_days): at start and nightly."""
+        o = self.settings.outbox
+        try:
+            runs, attempts = self.pipeline.store.prune_history(
+                now=self.pipeline.clock(), keep_runs_days=o.keep_runs_days, keep_attempts_days=o.keep_attempts_days
+            )
+        except Exception as exc:  # noqa: BLE001 - retention waits for the next night
+            log.warning("history_not_pruned", error=f"{type(exc).__name__}: {exc}")
+            return
+        if runs or attempts:
+            log.info("history_pruned", runs=runs, attempts=attempts,
+                     keep_runs_days=o.keep_runs_days, keep_attempts_days=o.keep_attempts_days)
 
     def _cycle(self) -> None:
         self._guarded("cycle", lambda: self.pipeline.cycle("cycle"))
@@ -158,6 +213,7 @@ class Daemon:
     def _reconcile(self) -> None:
         since = reconcile_since(self.settings)
         self._guarded("reconcile", lambda: self.pipeline.reconcile(since))
+        self.prune()
 
     # -- main loop ------------------------------------------------------------
 
@@ -199,6 +255,11 @@ class Daemon:
             self._reconcile, CronTrigger(hour=at.hour, minute=at.minute, timezone=s.tz), id="reconcile"
         )
         self.scheduler.start()
+        self.prune()
+        ticker = Ticker(
+            self.pipeline.progress, every_s=self.settings.log.progress_every_s,
+            also=lambda snap: self.notifier.notify(f"STATUS={snap.line()}"),
+        ).start()
         log.info(
             "daemon_started",
             poll_every_s=s.poll_every_s,
@@ -206,7 +267,11 @@ class Daemon:
             timezone=s.timezone,
             pid=os.getpid(),
         )
-        self.notifier.notify(f"READY=1\nSTATUS=polling every {s.poll_every_s}s")
+        self.notifier.notify(f"READY=1\nSTATUS=启动 started: polling every {s.poll_every_s}s")
+        try:
+            self._publish_schedule()
+        except Exception as exc:  # noqa: BLE001 - only for `status`
+            log.warning("schedule_not_published", error=f"{type(exc).__name__}: {exc}")
         tick = min(5.0, (self.notifier.watchdog_s or 10.0) / 4)
         while not self._stop.wait(self._until_probe_s(tick)):
             self._probe_if_due()
@@ -215,6 +280,7 @@ class Daemon:
             else:
                 log.warning("watchdog_starved", seconds_without_progress=round(time.monotonic() - self.pipeline.progress.at))
         self.notifier.notify("STOPPING=1")
+        ticker.stop()
         code = self.shutdown()
         if self.fatal is not None:
             raise self.fatal

@@ -19,14 +19,18 @@ from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
-from sync import app, idcard
+from sync import app, idcard, localtime
 from sync import settings as settings_mod
+from sync.clock import current as his_clock_now
 from sync.clock import utcnow
 from sync.exits import exit_for
 from sync.files import private_dir, touch_private, write_private
 from sync.logs import mask_id
-from sync.outbox.model import Status
+from sync.outbox.model import Status, Summary
+from sync.outbox.store import Store
+from sync.settings import Settings, zone
 from sync.upstream.simulator import TEST_APP_KEY, TEST_IDS, TEST_PASSWORD, TEST_USERNAME, SimConfig, Simulator
+from sync.views import failures
 from sync.views.status import render_status, status_data
 
 DEMO_SEED = 20241105
@@ -261,6 +265,7 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
         write_settings(settings_path, his_db=his_db, outbox_db=outbox_db, base_url=sim.url)
         settings = settings_mod.load(settings_path)
         app.register_secrets(settings)
+        localtime.configure(settings.schedule.tz)
 
         store = app.open_store(settings)
         store.ensure_schema()
@@ -285,11 +290,8 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
         finally:
             pipeline.close()
         summary = store.summary(now=utcnow())
-        data = status_data(
-            summary, utcnow(), outbox=store.url_for_humans, key_form_setting=settings.upstream.app_key_form
-        )
         print("", file=out)
-        print(render_status(data), file=out)
+        print(_status_text(store, settings, summary), file=out)
         counters = sim.counters
         print(
             f"\n平台收到 / the simulator saw: {counters['logins']} login(s) "
@@ -303,6 +305,7 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
         if example is not None:
             print(f"   e.g. lsh {example.get('lsh')} cardNo {mask_id(str(example.get('cardNo')))} "
                   f"totalFee {example.get('totalFee')} totalPrepayment {example.get('totalPrepayment')}", file=out)
+        _show_failures(store, settings, out)
         exit_code = exit_for(summary)
         store.dispose()
     finally:
@@ -313,9 +316,10 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
         textwrap.dedent(
             f"""
             下一步 / where to look next:
-              sqlite3 {outbox_db} "SELECT status, COUNT(*) FROM sync_outbox GROUP BY status"
-              sqlite3 {outbox_db} "SELECT lsh, last_error FROM sync_outbox WHERE status = 'invalid'"
               ./run.sh status --config {settings_path}
+              ./run.sh failures --config {settings_path}
+              ./run.sh show LSH --config {settings_path}
+              ./run.sh check --offline --config {settings_path}
               ./run.sh simulator --port 18080   # then edit base_url in {settings_path} and: ./run.sh once --config {settings_path}
             演示{'成功' if ok else '结果异常'} / demo {'finished as expected' if ok else 'did NOT behave as expected'}
               (exit code of a real `once` here would be {exit_code}: invalid records are left for a person to fix)
@@ -324,3 +328,35 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
         file=out,
     )
     return 0 if ok else 1
+
+
+def _status_text(store: Store, settings: Settings, summary: Summary) -> str:
+    """What `crowd-sync status` prints for the demo's outbox."""
+    now = utcnow()
+    cursor = store.queue.get_cursor()
+    his_clock = his_clock_now(store.state.get_his_clock(), cursor[0] if cursor else None, now_utc=now)
+    return render_status(status_data(
+        summary, now, outbox=store.url_for_humans, settings=settings, his_clock=his_clock, **store.service()
+    ))
+
+
+def _show_failures(store: Store, settings: Settings, out: TextIO) -> None:
+    """What an operator does next: the records not sent (`failures`), then one of them in full (`show`)."""
+    tz = settings.schedule.tz
+    offset = localtime.offset_text(tz)
+    items = failures.failure_items(store.problems(failures.DEFAULT_STATUSES), tz)
+    print("\n$ crowd-sync failures", file=out)
+    print(failures.render_failures(
+        items, statuses=failures.DEFAULT_STATUSES, since=None, outbox=store.url_for_humans,
+        zone=settings.schedule.timezone, offset=offset,
+    ), file=out)
+    if not items:
+        return
+    lsh = str(items[0]["lsh"])
+    row = store.visit(lsh)
+    assert row is not None
+    story = failures.story(row, store.attempts(lsh), labels=None, tz=tz, his_tz=zone(settings.his_timezone), unmask=False)
+    print(f"\n$ crowd-sync show {lsh}", file=out)
+    print(failures.render_story(
+        story, zone=settings.schedule.timezone, offset=offset, keep_days=settings.outbox.keep_attempts_days,
+    ), file=out)

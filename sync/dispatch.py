@@ -238,19 +238,23 @@ class Dispatcher:
             except ConfigError as exc:
                 halt.add(exc)
                 self.store.leases.release([c], now=self.clock())
+                self.outcomes.count(stats, "uploads_refused")
                 return
             except (PlatformUnavailable, AuthError) as exc:
                 # The platform's fault, not the record's: nothing charged, tried again.
                 halt.bad(exc)
                 halt.release(self.store, [c], now=self.clock())
+                self.outcomes.count(stats, "uploads_unanswered")
                 return
             except InvalidRecord as exc:
                 halt.answered()
+                self.outcomes.count(stats, "uploads_rejected")
                 self.outcomes.rejected(c, exc, stats)
                 return
             except TransientError as exc:
                 if exc.generic:
                     halt.bad(exc)
+                self.outcomes.count(stats, "uploads_failed")
                 self.outcomes.failed(c, exc, stats)
                 return
             halt.answered()

@@ -14,7 +14,8 @@ is dropped from the pool so that the next poll works without anyone stepping in.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -166,6 +167,9 @@ class HisSource:
         self._url = _parse_url(his.url.get_secret_value())
         self.display_url = self._url.render_as_string(hide_password=True)
         self._engine = _create_engine(self._url, his)
+        # Called with the seconds from sending the window query to its first row (or its empty
+        # answer): the HIS database's own time for the query (metrics).
+        self.on_query: Callable[[float], None] | None = None
 
     # -- public -----------------------------------------------------------------
 
@@ -249,6 +253,7 @@ class HisSource:
                 params: dict[str, Any] = {"since": since, "until": until}
                 if after is not None:
                     params.update(cs_after_at=after[0], cs_after_lsh=after[1])
+                sent_at = time.perf_counter()
                 try:
                     # Closed even when the caller stops early: an unbuffered MySQL result left
                     # open would poison the pooled connection for the next poll.
@@ -257,6 +262,7 @@ class HisSource:
                         params,
                     ) as result:
                         rows = iter(result)
+                        timed = self.on_query is None
                         while True:
                             try:
                                 row = next(rows)
@@ -267,6 +273,10 @@ class HisSource:
                                     raise
                                 failure = exc  # this one row: read around it below
                                 break
+                            finally:
+                                if not timed and self.on_query is not None:
+                                    timed = True
+                                    self.on_query(time.perf_counter() - sent_at)
                             count += 1
                             after = (row[at_i], row[lsh_i])
                             yield _canonical(dict(zip(keys, row, strict=True)), dates, money)

@@ -48,6 +48,12 @@ def check(text: str) -> str:
     return number
 
 
+def looks_resident(text: str) -> bool:
+    """Whether ``text`` has the shape of a resident ID number (18 or 15 characters), right or not."""
+    number = text.strip().upper()
+    return bool(_ID18_RE.fullmatch(number) or _ID15_RE.fullmatch(number))
+
+
 def make(county: str, born: date, sequence: int) -> str:
     """A valid 18-character number: ``county`` (6 digits), ``born``, ``sequence`` (0 to 999)."""
     body = f"{county}{born:%Y%m%d}{sequence:03d}"

@@ -33,6 +33,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Literal
 
+from sync import localtime
 from sync.records import RESIDENT_ID
 from sync.upstream.person import Person
 
@@ -57,7 +58,7 @@ class LabelResult:
 
     state: LabelState
     codes: tuple[str, ...] = ()  # the label codes (KEY)
-    via: str = ""  # where and when: "label API 2026-03-01 08:00 UTC", "label cache ..."
+    via: str = ""  # where and when: "label API 2026-03-01 16:00+08:00", "label cache ..."
     error: str | None = None  # FAILED: why
 
     @classmethod
@@ -67,7 +68,7 @@ class LabelResult:
 
 def from_labels(person: Person | None, *, via: str, at: datetime) -> LabelResult:
     """What the label API's answer (or the label cache's copy of it), read ``at`` (UTC), says."""
-    checked = f"{via} {at:%Y-%m-%d %H:%M} UTC"
+    checked = f"{via} {localtime.text(at, seconds=False)}"
     if person is None:
         return LabelResult(state=LabelState.NOBODY, via=checked)
     if person.is_key_population:

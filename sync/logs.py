@@ -29,6 +29,8 @@ from urllib.parse import quote, quote_plus, unquote
 
 import structlog
 
+from sync import localtime
+
 REDACTED = "[secret]"
 
 # 18 characters (17 digits and a digit or X) or 15 digits, not inside a longer run
@@ -209,10 +211,24 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: TextIO, *, prefix: bool) -> None:
         super().__init__(stream)
         self.prefix = prefix
+        # Set up on stderr: keep writing to whatever sys.stderr is at the time, so that lines
+        # logged under the terminal's live progress display scroll above it (it redirects stderr).
+        self._follow_stderr = stream is sys.stderr
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._follow_stderr and self.stream is not sys.stderr:
+            self.stream = sys.stderr
+        super().emit(record)
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         return with_priority(text, record.levelno) if self.prefix else text
+
+
+def _timestamp(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The time of the line in schedule.timezone with its offset (one clock for people)."""
+    event_dict["timestamp"] = localtime.now().isoformat(timespec="milliseconds")
+    return event_dict
 
 
 def configure(
@@ -238,7 +254,7 @@ def configure(
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=False),
+        _timestamp,
     ]
     renderer: Any
     if fmt == "console":

@@ -9,6 +9,7 @@ from datetime import datetime
 
 import structlog
 
+from sync import localtime
 from sync.clock import utcnow
 from sync.errors import InvalidRecord, SyncError, TransientError, describe
 from sync.outbox.model import Claimed, Failed, Outcome, Parked, Sent, Status
@@ -117,6 +118,11 @@ class Outcomes:
         self._lock = threading.Lock()
         self.recorder = Recorder(store)
 
+    def count(self, stats: CycleStats, field: str) -> None:
+        """One more of ``field`` in the run's figures (an upload answered otherwise than sent)."""
+        with self._lock:
+            setattr(stats, field, getattr(stats, field) + 1)
+
     def sent(self, c: Claimed, stats: CycleStats, *, body: str, key_crowd: str, answer: str,
              http_status: int | None, created: bool, payload_hash: str | None) -> None:
         """The platform accepted ``body`` (新增成功: ``created``, 修改成功: updated)."""
@@ -167,12 +173,12 @@ class Outcomes:
         refusals = c.generic_failures + 1
         if generic and refusals >= self._max_generic:
             log.error(
-                "record_refused_repeatedly", lsh=c.lsh, refusals=refusals, retry_at=nxt.isoformat(), error=error,
+                "record_refused_repeatedly", lsh=c.lsh, refusals=refusals, retry_at=localtime.text(nxt), error=error,
                 fix="平台多次拒收且未说明原因：把此日志交给平台支持 / the platform keeps refusing this record without "
                 "a reason: give this log to the platform's support; it is retried with back-off meanwhile",
             )
         else:
-            log.info("record_failed", lsh=c.lsh, attempts=c.attempts + 1, retry_at=nxt.isoformat(), error=error)
+            log.info("record_failed", lsh=c.lsh, attempts=c.attempts + 1, retry_at=localtime.text(nxt), error=error)
 
     def crashed(self, c: Claimed, exc: BaseException, stats: CycleStats) -> None:
         """The upload path raised where it should not: counted against the record, which is

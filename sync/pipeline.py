@@ -110,6 +110,7 @@ class Pipeline:
         """Send everything due (``sync.dispatch``), once this process may still send."""
         if self.before_dispatch is not None:
             self.before_dispatch()
+        self.progress.sending(self.store.count_due(now=self.clock()))
         self.dispatcher.dispatch(stats)
 
     def dispatch_only(self) -> CycleStats:
@@ -141,6 +142,7 @@ class Pipeline:
         stats = CycleStats()
         started = time.monotonic()
         run_id = self.store.start_run(kind, now=self.clock())
+        self.progress.start(kind, stats)
         error: str | None = None
         try:
             work(stats)
@@ -153,6 +155,7 @@ class Pipeline:
             stats.error = error
             raise
         finally:
+            self.progress.finish()
             stats.duration_s = round(time.monotonic() - started, 3)
             try:
                 self.store.finish_run(

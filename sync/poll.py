@@ -104,6 +104,7 @@ class Poller:
         size = self._settings.his.batch_size
         today = datetime.now(self._settings.schedule.tz).date()
         writer = _BatchWriter(lambda b, c: self._enqueue(b, stats, c))
+        self._progress.reading(since, until)
         try:
             for row in self._his.rows(since, until):
                 stats.rows_read += 1
@@ -113,6 +114,7 @@ class Poller:
                 if isinstance(changed_at, datetime):
                     last = (changed_at, item.lsh)
                 if len(batch) >= size:
+                    self._progress.read_up_to(last[0] if last else None)
                     writer.submit(batch, last if move_cursor else None)
                     batch = []
                     if self._stop.is_set():

@@ -17,7 +17,6 @@ import csv
 import io
 import json
 import re
-import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date
@@ -26,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from sync import display as _display
 from sync.outbox.model import Status
 from sync.outbox.store import Store
 from sync.records import INPATIENT, OUTPATIENT
@@ -245,19 +245,6 @@ def _lines(r: MonthReport) -> list[_Line]:
     return lines
 
 
-def _width(text: str) -> int:
-    """Terminal columns: Chinese characters take two."""
-    return sum(2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text)
-
-
-def _ljust(text: str, width: int) -> str:
-    return text + " " * max(0, width - _width(text))
-
-
-def _rjust(text: str, width: int) -> str:
-    return " " * max(0, width - _width(text)) + text
-
-
 def render_table(r: MonthReport, *, outbox: str | None = None) -> str:
     """The readable table for the terminal (Chinese labels with English)."""
     lines = _lines(r)
@@ -270,16 +257,16 @@ def render_table(r: MonthReport, *, outbox: str | None = None) -> str:
         ["  " * line.indent + f"{line.zh} {line.en}"] + [line.values[t] for t in types] + [line.total]
         for line in lines
     ]
-    widths = [max(_width(row[i]) for row in [headers, headers_en, *rows]) for i in range(len(headers))]
+    widths = [max(_display.width(row[i]) for row in [headers, headers_en, *rows]) for i in range(len(headers))]
 
     def fmt(row: list[str]) -> str:
-        cells = [_ljust(row[0], widths[0])] + [_rjust(cell, widths[i]) for i, cell in enumerate(row[1:], start=1)]
+        cells = [_display.ljust(row[0], widths[0])] + [_display.rjust(cell, widths[i]) for i, cell in enumerate(row[1:], start=1)]
         return "  ".join(cells).rstrip()
 
     out = [f"crowd-sync 月报 / monthly report {r.label} (按结算日期 by settlement date)"]
     if outbox:
         out.append(f"outbox {outbox}")
-    out += ["", fmt(headers), fmt(headers_en), "-" * _width(fmt(headers_en)), *(fmt(row) for row in rows), ""]
+    out += ["", fmt(headers), fmt(headers_en), "-" * _display.width(fmt(headers_en)), *(fmt(row) for row in rows), ""]
     out.append("金额单位：元 / amounts in yuan. 已上传的数字取自平台接受的报文 / from the payloads as the platform accepted them.")
     waiting = r.waiting()
     if waiting:

@@ -37,6 +37,7 @@ from pydantic import (
 
 from sync import counties
 from sync.errors import ConfigError
+from sync.settings_file import placeholders, read_query_file, warn_retired
 from sync.sqltext import QUERY_PARAMETERS, code_only, query_parameters, url_dialect
 
 DEFAULT_CONFIG_NAME = "settings.yaml"
@@ -140,7 +141,7 @@ class Upstream(_Model):
 
 class His(_Model):
     url: SecretStr
-    query: str
+    query: str  # or query_file: the query in a file of its own (read by ``parse``)
     start_from: date | None = None
     settle_delay_s: int = Field(default=60, ge=0, le=86400)
     lookback_s: int = Field(default=600, ge=0, le=30 * 86400)
@@ -192,6 +193,10 @@ class Outbox(_Model):
     url: SecretStr = SecretStr("sqlite:///var/crowd-sync.db")
     # How long a claimed row stays reserved for one worker before others may take it.
     lease_s: int = Field(default=300, ge=10, le=86400)
+    # How long the service keeps sync_run rows (one per cycle) and sync_attempt rows (each
+    # attempt at a visit, `crowd-sync show`) before it deletes them.
+    keep_runs_days: int = Field(default=90, ge=1, le=3650)
+    keep_attempts_days: int = Field(default=180, ge=1, le=3650)
 
 
 def check_zone(v: str) -> str:
@@ -289,6 +294,9 @@ class Log(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     # "<N>" (the syslog priority) before each line, for journald; auto: when stderr is the journal.
     priority_prefix: bool | Literal["auto"] = "auto"
+    # Long work (a back-fill, a reconcile, a large dispatch) logs one progress line this often
+    # when no terminal shows the live display; 0: never.
+    progress_every_s: float = Field(default=10.0, ge=0, le=3600)
 
 
 class Metrics(_Model):
@@ -342,8 +350,9 @@ def load(path: str | Path | None = None, *, env: dict[str, str] | None = None, p
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(
-            f"settings file {p} not found",
-            hint="pass --config PATH, set CROWD_SYNC_CONFIG, or copy settings.yaml from the project",
+            f"找不到配置文件 / settings file {p} not found",
+            hint="用 --config 指定，或设置 CROWD_SYNC_CONFIG / pass --config PATH, set CROWD_SYNC_CONFIG, or copy "
+            "settings.yaml from the project",
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(
@@ -361,8 +370,9 @@ def load(path: str | Path | None = None, *, env: dict[str, str] | None = None, p
         problem = getattr(exc, "problem", None)
         what = f": {problem}" if problem else ""
         raise ConfigError(
-            f"settings file {p} is not valid YAML{where}{what}",
-            hint="check indentation (spaces, not tabs) and quote values containing ':' or '#'",
+            f"配置文件不是有效的 YAML / settings file {p} is not valid YAML{where}{what}",
+            hint="检查缩进（用空格，不用 Tab），含 ':' 或 '#' 的值加引号 / check indentation (spaces, not tabs) and "
+            "quote values containing ':' or '#'",
         ) from None
     environ = os.environ.copy() if env is None else env
     if not platform:
@@ -423,6 +433,9 @@ def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "setti
             del data[section]
     data.pop("source_path", None)
     _read_secret_files(data, problems, reported)
+    read_query_file(data, base_dir, problems, reported)
+    problems.extend(placeholders(data, ""))
+    warn_retired(data)
     if isinstance(data.get("outbox", {}), dict):
         # The embedded default is relative too, and must not depend on the working directory.
         data.setdefault("outbox", {}).setdefault("url", Outbox.model_fields["url"].get_default().get_secret_value())
@@ -438,9 +451,10 @@ def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "setti
         settings = None
     if problems or settings is None:
         raise ConfigError(
-            f"{source} has {len(problems)} problem{'s' if len(problems) != 1 else ''}",
+            f"配置文件 {source} 有 {len(problems)} 处问题 / {source} has {len(problems)} "
+            f"problem{'s' if len(problems) != 1 else ''}",
             problems=problems,
-            hint="fix each key listed, then run `crowd-sync check`",
+            hint="逐项修改后运行 `crowd-sync check` / fix each key listed, then run `crowd-sync check`",
         )
     return settings
 
@@ -462,7 +476,7 @@ def _interpolate(value: Any, env: dict[str, str], where: str, problems: list[str
                 reported.add(where)
                 problems.append(
                     f"{where}: environment variable {name} is not set "
-                    f"(export {name}=..., or put it in the service's environment file)"
+                    f"(export {name}=..., or put it in the service's environment file) / 环境变量 {name} 未设置"
                 )
                 return ""
             return env[name]
@@ -547,10 +561,10 @@ def _describe(exc: ValidationError) -> list[tuple[str, str]]:
         kind = err["type"]
         msg = err["msg"]
         if kind == "missing":
-            out.append((loc, f"{loc}: required setting is missing"))
+            out.append((loc, f"{loc}: required setting is missing / 缺少必填项"))
         elif kind == "extra_forbidden":
             out.append(
-                (loc, f"{loc}: unknown setting (check its spelling and indentation; see settings.yaml for the keys)")
+                (loc, f"{loc}: unknown setting (check its spelling and indentation; see settings.yaml for the keys) / 未知配置项")
             )
         else:
             value = err.get("input")
@@ -564,7 +578,7 @@ def _describe(exc: ValidationError) -> list[tuple[str, str]]:
                 msg = "must be " + msg.removeprefix("Input should be ")
             if kind == "string_type":
                 # YAML turns unquoted 0123 into a number (octal 83 in YAML 1.1), so quoting is the fix.
-                msg = "must be text; put the value in quotes"
+                msg = "must be text; put the value in quotes / 应为文本，请加引号"
             out.append((loc, f"{loc}: {msg}{shown}"))
     return out
 

@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
+from sync.outbox import history
 from sync.outbox.engine import chunks, fit, skip_locked_ok, utc
 from sync.outbox.model import DUE, Claimed, Failed, Outcome, Sent, Status
 from sync.outbox.schema import sync_outbox
@@ -112,20 +113,24 @@ class Leases:
             return []
         o = sync_outbox
         written: list[bool] = []
+        columns = [_columns(item) for item in outcomes]
+        # Each attempt stays in the history even when its outcome is dropped: it happened.
+        tried = [history.attempt_row(item.claimed.lsh, values) for item, values in zip(outcomes, columns, strict=True)]
         with self._outcome_lock, self._engine.begin() as conn:
-            for item in outcomes:
+            for item, values in zip(outcomes, columns, strict=True):
                 c = item.claimed
                 ours = sa.and_(o.c.lsh == c.lsh, o.c.lease_owner == c.lease_owner)
                 done = conn.execute(
                     sa.update(o)
                     .where(ours, o.c.payload_hash == c.payload_hash)
-                    .values(**_columns(item), lease_owner=None, lease_until=None)
+                    .values(**values, lease_owner=None, lease_until=None)
                 ).rowcount
                 if not done:
                     # The source changed while uploading (or the lease ran out and the
                     # row went elsewhere): the row keeps its new state, due as it was.
                     conn.execute(sa.update(o).where(ours).values(lease_owner=None, lease_until=None))
                 written.append(bool(done))
+            history.insert_attempts(conn, tried)
         for item, done in zip(outcomes, written, strict=True):
             if not done:
                 log.info("outbox_outcome_dropped", lsh=item.claimed.lsh, reason="payload changed or lease lost")
@@ -157,6 +162,10 @@ class Leases:
                     next_attempt_at=None if status is Status.INVALID else utc(next_attempt_at),
                     first_failed_at=sa.func.coalesce(o.c.first_failed_at, now),
                 )
+            )
+            history.insert_attempts(
+                conn, [history.attempt_row(c.lsh, {"status": status.value, "last_error": error, "updated_at": now},
+                                           kind="crash")]
             )
         return status
 

@@ -416,3 +416,61 @@ def _server_lock(
             except sa.exc.DBAPIError:
                 # The server drops a session's named locks with the session: make sure it goes.
                 conn.invalidate()
+
+
+# -- is the lock held? (for `status`) --------------------------------------------------------------
+
+
+def holder_alive(engine: sa.Engine) -> bool | None:
+    """Whether some process holds this outbox's instance lock, asked of the lock itself and
+    without taking it (taking it, even for a moment, could turn away a service starting
+    just then). None when it cannot be told (an in-memory SQLite outbox, Oracle, SQL
+    Server, no /proc/locks)."""
+    dialect = engine.dialect.name
+    name = lock_name(engine.url)
+    try:
+        if dialect == "sqlite":
+            return _flock_held(engine.url.database)
+        if dialect in ("mysql", "mariadb"):
+            with engine.connect() as conn:
+                holder = conn.execute(sa.text("SELECT IS_USED_LOCK(:name)"), {"name": name[:_MYSQL_NAME_MAX]}).scalar()
+            return holder is not None
+        if dialect == "postgresql":
+            # A bigint advisory lock shows in pg_locks as classid (high 32 bits), objid (low), objsubid 1.
+            key = advisory_key(name) & 0xFFFFFFFFFFFFFFFF
+            with engine.connect() as conn:
+                n = conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                        "WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database() "
+                        "AND l.classid = :hi AND l.objid = :lo AND l.objsubid = 1"
+                    ),
+                    {"hi": key >> 32, "lo": key & 0xFFFFFFFF},
+                ).scalar()
+            return bool(n)
+    except sa.exc.DBAPIError:
+        return None
+    return None
+
+
+def _flock_held(database: str | None) -> bool | None:
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    path = Path(database).resolve().with_name(Path(database).name + ".lock")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False  # never locked here (the lock file is made by the first run)
+    except OSError:
+        return None
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF" (blocked waiters are "-> FLOCK ...")
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == wanted:
+            return True
+    return False

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 import structlog
 
 from sync.crashpoints import crash_point
+from sync.outbox import history
 from sync.outbox.cache import LabelCache
 from sync.outbox.engine import RawInsert, chunks, fit, utc, wall
 from sync.outbox.model import EnqueueResult, Incoming, Status
@@ -133,6 +134,13 @@ class Queue:
                 conn.execute(stmt, updates)
             if cursor is not None:
                 self._move_cursor(conn, cursor, now)
+            # Rows parked at once (local validation, the key_crowd column) start their story here.
+            history.insert_attempts(conn, [
+                history.attempt_row(i.lsh, {"status": Status(i.status).value, "last_error": i.reason, "updated_at": now})
+                for i in inserts if i.status is not Status.PENDING
+            ] + [
+                history.attempt_row(v["b_lsh"], v) for v in updates if v["status"] != Status.PENDING.value
+            ])
         written = [Status(i.status).value for i in inserts] + [v["status"] for v in updates]
         result = EnqueueResult(
             inserted=len(inserts),

@@ -163,3 +163,34 @@ sync_state = sa.Table(
     sa.Column("updated_at", Timestamp, nullable=True, comment="UTC, last change / 更新时间(UTC)"),
     comment="small named facts: the configuration error holding sending back, the running instance / 运行状态",
 )
+
+sync_attempt = sa.Table(
+    "sync_attempt",
+    metadata,
+    sa.Column("id", sa.Integer, sa.Identity(), primary_key=True, comment="attempt number / 编号"),
+    sa.Column("lsh", Key, nullable=False, comment="visit serial number (sync_outbox.lsh) / 就诊流水号"),
+    sa.Column("at", Timestamp, nullable=False, comment="UTC, when the attempt ended / 时间(UTC)"),
+    sa.Column("kind", sa.String(16), nullable=False,
+              comment="upload (a request to the platform) | check (local validation) | decision "
+              "(key population) | crash / 类型"),
+    sa.Column("outcome", sa.String(16), nullable=False,
+              comment="the status the visit took: sent | failed | invalid | dead | skipped / 结果"),
+    sa.Column("http_status", sa.Integer, nullable=True, comment="HTTP status of the platform's answer / HTTP状态码"),
+    sa.Column("answer", sa.Unicode(200), nullable=True, comment="what the platform answered (新增成功 / 修改成功) / 平台应答"),
+    sa.Column("error", sa.UnicodeText, nullable=True,
+              comment="why it failed, was refused or skipped; ID numbers masked / 错误"),
+    sa.Index("ix_sync_attempt_lsh_at", "lsh", "at"),
+    sa.Index("ix_sync_attempt_at", "at"),
+    comment="each attempt at each visit: uploads and the platform's answers, local checks, decisions / 上传尝试记录",
+)
+
+sync_timezone = sa.Table(
+    "sync_timezone",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False, comment="always 1 / 固定为1"),
+    sa.Column("zone", sa.String(64), nullable=False, comment="schedule.timezone / 时区"),
+    sa.Column("utc_offset_minutes", sa.Integer, nullable=False,
+              comment="the zone's offset from UTC in minutes (480 = UTC+8) / 与UTC相差分钟数"),
+    sa.Column("updated_at", Timestamp, nullable=True, comment="UTC, last change / 更新时间(UTC)"),
+    comment="the zone people read times in; the DBA views count days in it / 本地时区",
+)

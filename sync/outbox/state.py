@@ -27,6 +27,8 @@ PLATFORM_DOWN = "platform_down"
 HIS_CLOCK = "his_clock"
 KEY_FORM = "app_key_form"
 INSTANCE = "instance"
+# The running service's next poll and next reconcile (`status`).
+SCHEDULE = "schedule"
 
 
 class State:

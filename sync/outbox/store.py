@@ -20,21 +20,21 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
 import sqlalchemy as sa
 
-from sync.outbox import migrate
-from sync.outbox.cache import LabelCache
+from sync.outbox import history, migrate
+from sync.outbox.cache import LabelCache, card_hash
 from sync.outbox.engine import make_engine, utc
 from sync.outbox.leases import Leases
-from sync.outbox.lock import InstanceLock
+from sync.outbox.lock import InstanceLock, holder_alive
 from sync.outbox.model import DUE, Status, Summary
 from sync.outbox.queue import Queue
 from sync.outbox.schema import sync_outbox, sync_run
-from sync.outbox.state import CONFIG_ERROR, INSTANCE, KEY_FORM, PLATFORM_DOWN, State
+from sync.outbox.state import CONFIG_ERROR, INSTANCE, KEY_FORM, PLATFORM_DOWN, SCHEDULE, State
 from sync.outbox.tokens import DbTokenStore
 from sync.upstream.keyform import KeyFormMemory
 from sync.upstream.tokens import TokenStore
@@ -175,6 +175,60 @@ class Store:
         with self.engine.connect() as conn:
             for row in conn.execution_options(stream_results=True, yield_per=_BATCH).execute(sent):
                 yield row.lsh, row.payload
+
+    # -- what people read: failures, one visit's story, the service, the history's retention ------
+    # (sync.outbox.history holds the queries; `failures`, `show`, `status` and the daemon use these.)
+    def problems(self, statuses: Sequence[str], *, since: datetime | None = None) -> list[dict[str, Any]]:
+        """Rows in ``statuses`` changed at or after ``since`` (UTC), oldest change first."""
+        with self.engine.connect() as conn:
+            return history.problems(conn, statuses, since=None if since is None else utc(since))
+
+    def visit(self, lsh: str) -> dict[str, Any] | None:
+        """The whole outbox row of one visit; None when the outbox has none."""
+        with self.engine.connect() as conn:
+            return history.visit(conn, lsh)
+
+    def attempts(self, lsh: str) -> list[dict[str, Any]]:
+        """Each attempt kept for one visit, oldest first (``sync_attempt``)."""
+        with self.engine.connect() as conn:
+            return history.attempts(conn, lsh)
+
+    def cached_labels(self, card_no: str) -> dict[str, Any] | None:
+        """What the label cache holds for one person (codes, key_crowd, fetched_at)."""
+        with self.engine.connect() as conn:
+            return history.label_cache(conn, card_hash(card_no))
+
+    def count_due(self, *, now: datetime) -> int:
+        """Pending and failed rows due by ``now``: what a dispatch has before it."""
+        o = sync_outbox
+        with self.engine.connect() as conn:
+            n = conn.execute(
+                sa.select(sa.func.count()).select_from(o).where(o.c.status.in_(DUE), o.c.next_attempt_at <= utc(now))
+            ).scalar()
+        return int(n or 0)
+
+    def service(self) -> dict[str, Any]:
+        """Whether a crowd-sync holds this outbox's instance lock (asked of the lock itself: None
+        when it cannot be told), who recorded itself as holding it, and the service's next jobs."""
+        return {
+            "holder": self.state.get(INSTANCE), "alive": holder_alive(self.engine), "schedule": self.state.get(SCHEDULE),
+        }
+
+    def put_schedule(self, value: dict[str, Any], *, now: datetime) -> None:
+        """The running service's next poll and next reconcile, for `status`."""
+        self.state.put(SCHEDULE, value, now=now)
+
+    def prune_history(self, *, now: datetime, keep_runs_days: int, keep_attempts_days: int) -> tuple[int, int]:
+        """Delete sync_run and sync_attempt rows past their retention; (runs, attempts) deleted."""
+        with self.engine.begin() as conn:
+            return history.prune(
+                conn, now=utc(now), keep_runs_days=keep_runs_days, keep_attempts_days=keep_attempts_days
+            )
+
+    def put_timezone(self, zone: str, *, offset_minutes: int, now: datetime) -> bool:
+        """Keep sync_timezone (read by the DBA views) equal to schedule.timezone."""
+        with self.engine.begin() as conn:
+            return history.put_timezone(conn, zone=zone, offset_minutes=offset_minutes, now=utc(now))
 
 
 def month_queries(first: date, after: date) -> tuple[sa.Select[Any], sa.Select[Any]]:

@@ -106,6 +106,8 @@ class Client:
         self._kicks: collections.deque[float] = collections.deque()
         self._kicked_tokens: set[str] = set()
         self.counters: collections.Counter[str] = collections.Counter()
+        # Called with (endpoint, seconds) for every request the platform answered (metrics).
+        self.on_answer: Callable[[str, float], None] | None = None
         self._transport = Transport(upstream, count=self._count)
 
     # -- public calls
@@ -329,7 +331,10 @@ class Client:
         if token is not None:
             headers["accesstoken"] = token
         self._count("requests")
+        started = time.monotonic()
         raw = self._transport.exchange(spec.method, url, body, headers, deadline=deadline, endpoint=endpoint)
+        if self.on_answer is not None:
+            self.on_answer(endpoint, time.monotonic() - started)
         self._note_clock(raw.date)
         return classify(raw.status, raw.body, raw.content_type, endpoint=endpoint)
 

@@ -32,6 +32,7 @@ from urllib3.poolmanager import PoolManager
 
 from sync.errors import ConfigError, PlatformUnavailable, TransientError
 from sync.settings import Upstream
+from sync.upstream import neterrors
 
 log = structlog.get_logger(__name__)
 
@@ -319,9 +320,12 @@ class Transport:
             except (requests.exceptions.RequestException, OSError, TransientError) as exc:
                 # Never chain the original: its text holds the signed URL.
                 if guard.fired or time.monotonic() >= deadline:
-                    message = f"{endpoint}: no complete answer within upstream.timeout_s={timeout_s:g}s"
+                    message = (
+                        f"{endpoint}: {neterrors.host_of(self._up.base_url)} 在 upstream.timeout_s={timeout_s:g}s 内未完整应答 "
+                        f"/ no complete answer within upstream.timeout_s={timeout_s:g}s"
+                    )
                 else:
-                    message = f"{endpoint}: network error ({type(exc).__name__})"
+                    message = f"{endpoint}: 无法连接 / cannot reach {neterrors.describe(exc, self._up.base_url)}"
                 self._count("network_errors")
                 log.warning("upstream_error", endpoint=endpoint, outcome="transient", http_status=None,
                             error=message)

@@ -1,77 +1,166 @@
-"""`crowd-sync status`: the outbox's summary as data (``--json``) and as text for a terminal."""
+"""`crowd-sync status`: what the outbox says as data (``--json``) and as text for a
+terminal, in both languages (the demo prints the same).
+
+Every time is in schedule.timezone with its offset; the HIS's own times (the cursor) are
+in his.timezone.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
-from sync.clock import human_offset, utcnow
+from sync import display, localtime
 from sync.outbox.model import Summary
-from sync.upstream.signing import KEY_FORMS
+from sync.settings import Settings, zone
+from sync.views.failures import STATUS_NAMES
 
 
 def status_data(
-    summary: Summary, now: datetime, *, outbox: str, key_form_setting: str = "auto",
-    his_clock: dict[str, Any] | None = None,
+    summary: Summary, now: datetime, *, outbox: str, settings: Settings, his_clock: dict[str, Any] | None,
+    holder: dict[str, Any] | None = None, alive: bool | None = None, schedule: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What `status --json` prints (times in UTC); ``his_clock`` as ``sync.clock.current`` gives it."""
+    """What `status --json` prints: the outbox summary (``Store.summary``), the HIS clock as
+    ``sync.clock.current`` gives it, and the service (``Store.service``: the lock's holder,
+    whether the lock is held, the published schedule). Times for people, with the offset."""
+    tz = settings.schedule.tz
+    data = summary_dict(summary, now, key_form_setting=settings.upstream.app_key_form, tz=tz)
+    data["outbox"] = outbox
+    data["his_clock"] = _his_clock_local(his_clock, tz)
+    data["daemon"] = daemon(holder, alive, tz)
+    data["schedule"] = next_jobs(settings, data["daemon"], schedule, now=now)
+    return data
+
+
+def summary_dict(summary: Any, now: datetime, *, key_form_setting: str = "auto", tz: Any = None) -> dict[str, Any]:
+    """The outbox summary with its times for people (schedule.timezone, with the offset)."""
+    tz = tz or localtime.zone()
     oldest = summary.oldest_pending_at
     accepted = summary.key_form or {}
     return {
         "counts": dict(summary.counts),
-        "oldest_pending_at": _iso(oldest),
+        "oldest_pending_at": localtime.text(oldest, tz),
         "oldest_pending_age_s": int((now - oldest).total_seconds()) if oldest else None,
-        "last_sent_at": _iso(summary.last_sent_at),
-        "last_run": _jsonable(summary.last_run),
-        "last_successful_run": _jsonable(summary.last_successful_run),
-        "config_error": _jsonable(summary.config_error),
+        "last_sent_at": localtime.text(summary.last_sent_at, tz),
+        "last_run": _local(summary.last_run, tz),
+        "last_successful_run": _local(summary.last_successful_run, tz),
+        "config_error": _local(summary.config_error, tz),
         # The reading of the app key in signatures: the setting, and the one the platform accepted (auto).
         "app_key_form": {
             "setting": key_form_setting,
             "accepted": accepted.get("form") if key_form_setting == "auto" else None,
-            "accepted_at": accepted.get("accepted_at") if key_form_setting == "auto" else None,
+            "accepted_at": localtime.text(accepted.get("accepted_at"), tz) if key_form_setting == "auto" else None,
         },
-        "platform_unreachable": _jsonable(summary.platform_down),
+        "platform_unreachable": _local(summary.platform_down, tz),
         "leased": summary.leased,
-        "times": "UTC",
-        "outbox": outbox,
-        "his_clock": his_clock,
+        "timezone": str(tz),
+        "utc_offset": localtime.offset_text(tz, now.replace(tzinfo=UTC)),
     }
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.replace(tzinfo=UTC).isoformat() if value else None
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, datetime):
-        return _iso(value)
-    return value
-
-
-_STATUS_NAMES = {
-    "pending": "待发送",
-    "sent": "已发送",
-    "failed": "失败待重试",
-    "invalid": "数据不合规",
-    "dead": "已放弃",
-    "skipped": "非重点人群",
+_TIME_KEYS = {
+    "started_at", "finished_at", "since", "next_probe_at", "last_failure_at", "accepted_at", "at",
 }
 
 
+def _local(value: Any, tz: Any) -> Any:
+    """A state row or run row with its UTC times for people."""
+    if isinstance(value, dict):
+        return {k: (localtime.text(v, tz) if k in _TIME_KEYS and v else _local(v, tz)) for k, v in value.items()}
+    if isinstance(value, datetime):
+        return localtime.text(value, tz)
+    return value
+
+
+def _his_clock_local(c: dict[str, Any] | None, tz: Any) -> dict[str, Any] | None:
+    if not c:
+        return None
+    out = dict(c)
+    out["read_at"] = localtime.text(c.get("read_at"), tz)
+    his_zone = c.get("zone")
+    try:
+        his_tz = zone(str(his_zone)) if his_zone else tz
+    except (ValueError, KeyError):
+        his_tz = tz
+    for key in ("his_now", "cursor_at"):
+        parsed = localtime.parse(c.get(key))
+        out[key] = localtime.wall(parsed, his_tz) if parsed is not None else None
+    if c.get("cursor_rewound"):
+        out["cursor_rewound"] = {**c["cursor_rewound"], "at": localtime.text(c["cursor_rewound"].get("at"), tz)}
+    return out
+
+
+def daemon(holder: dict[str, Any] | None, alive: bool | None, tz: Any) -> dict[str, Any]:
+    """Whether a crowd-sync holds the outbox's instance lock: the lock itself is asked;
+    the recorded holder (sync_state) says who."""
+    who = {
+        "host": holder.get("host"), "pid": holder.get("pid"), "command": holder.get("command"),
+        "since": localtime.text(holder.get("started_at"), tz),
+    } if holder else {"host": None, "pid": None, "command": None, "since": None}
+    if alive is None:
+        state = "unknown" if holder is None else "recorded"
+    elif alive:
+        state = "running"
+    else:
+        state = "stale" if holder else "stopped"
+    return {"state": state, "running": alive if alive is not None else None, "verified": alive is not None, **who}
+
+
+def next_reconcile(settings: Settings, now: datetime) -> datetime:
+    """The next schedule.reconcile_at in schedule.timezone after ``now`` (UTC), as UTC."""
+    tz = ZoneInfo(settings.schedule.timezone)
+    local_now = localtime.local(now, tz)
+    at = settings.schedule.reconcile_time
+    candidate = datetime.combine(local_now.date(), at, tzinfo=tz)
+    if candidate <= local_now:
+        candidate = datetime.combine(local_now.date() + timedelta(days=1), at, tzinfo=tz)
+    return candidate.astimezone(UTC).replace(tzinfo=None)
+
+
+def next_jobs(
+    settings: Settings, daemon_state: dict[str, Any], schedule: dict[str, Any] | None, *, now: datetime
+) -> dict[str, Any]:
+    """The service's next poll and next reconcile: as the running service published them,
+    else what its schedule would give."""
+    tz = settings.schedule.tz
+    running = daemon_state["state"] in ("running", "recorded") and daemon_state.get("command") == "run"
+    published = bool(
+        running and schedule and schedule.get("pid") == daemon_state.get("pid")
+        and schedule.get("host") == daemon_state.get("host")
+    )
+    next_poll = localtime.text(schedule.get("next_poll_at"), tz) if published and schedule else None
+    reconcile = (
+        localtime.text(schedule.get("next_reconcile_at"), tz)
+        if published and schedule and schedule.get("next_reconcile_at")
+        else localtime.text(next_reconcile(settings, now), tz)
+    )
+    return {
+        "poll_every_s": settings.schedule.poll_every_s,
+        "next_poll_at": next_poll,
+        "next_reconcile_at": reconcile,
+        "reconcile_at": settings.schedule.reconcile_at,
+        "reconcile_days": settings.schedule.reconcile_days,
+        "from_service": published,
+    }
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+
 def render_status(d: dict[str, Any]) -> str:
-    """``status_data`` for a terminal, Chinese with English."""
-    lines = [f"crowd-sync 状态 / status — outbox {d['outbox']} (times UTC)"]
-    for name, zh in _STATUS_NAMES.items():
-        lines.append(f"  {zh:<6} {name:<8} {d['counts'].get(name, 0):>8}")
+    lines = [f"crowd-sync 状态 / status — outbox {d['outbox']} (时间 times {d.get('timezone')} {d.get('utc_offset')})"]
+    names = [f"{zh} {name}" for name, zh in STATUS_NAMES.items()]
+    wide = max(display.width(n) for n in names)
+    for (name, _zh), label in zip(STATUS_NAMES.items(), names, strict=True):
+        lines.append(f"  {display.ljust(label, wide)} {d['counts'].get(name, 0):>8}")
+    lines.extend(_render_daemon(d.get("daemon"), d.get("schedule")))
     age = d["oldest_pending_age_s"]
     lines.append(
         "  最早待发送 oldest pending: "
-        + (f"{d['oldest_pending_at']} ({_human_age(age)} ago)" if age is not None else "none")
+        + (f"{d['oldest_pending_at']} ({human_age(age)} ago)" if age is not None else "none")
     )
-    lines.append(f"  上次成功上传 last upload: {d['last_sent_at'] or 'never'}")
+    lines.append(f"  上次成功上传 last upload: {d['last_sent_at'] or '从未 never'}")
     run = d.get("last_run")
     if run:
         lines.append(
@@ -81,7 +170,7 @@ def render_status(d: dict[str, Any]) -> str:
             + (f" — error: {run['error']}" if run.get("error") else "")
         )
     else:
-        lines.append("  上次运行 last run: never")
+        lines.append("  上次运行 last run: 从未 never")
     lines.append(f"  授权码读法 app key reading: {_key_form_text(d.get('app_key_form') or {})}")
     lines.extend(_render_his_clock(d.get("his_clock")))
     ce = d.get("config_error")
@@ -90,12 +179,10 @@ def render_status(d: dict[str, Any]) -> str:
         if ce.get("hint"):
             lines.append(f"     处理 fix: {ce.get('hint')}")
     else:
-        lines.append("  配置错误 configuration error: none")
+        lines.append("  配置错误 configuration error: 无 none")
     down = d.get("platform_unreachable")
     if down:
-        lines.append(
-            f"  !! 平台不可达 platform unreachable since {down.get('since')}: {down.get('reason')}"
-        )
+        lines.append(f"  !! 平台不可达 platform unreachable since {down.get('since')}: {down.get('reason')}")
         lines.append(
             f"     发送已暂停，未计入任何记录的失败次数；下次探测 next probe at {down.get('next_probe_at')} "
             f"(failed probes: {down.get('probes') or 0}) / sending paused, no record is charged"
@@ -103,7 +190,39 @@ def render_status(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _render_daemon(dm: dict[str, Any] | None, sch: dict[str, Any] | None) -> list[str]:
+    if not dm:
+        return []
+    who = f"pid {dm.get('pid')} on {dm.get('host')} since {dm.get('since')} (command {dm.get('command')})"
+    state = dm.get("state")
+    if state == "running":
+        text = f"运行中 running: {who}"
+    elif state == "recorded":
+        text = f"记录为运行中（无法核实锁）/ recorded as running, not verified (this outbox's lock cannot be inspected): {who}"
+    elif state == "stale":
+        text = f"未运行 not running (the recorded holder, {who}, is gone: it stopped without clearing its record)"
+    elif state == "unknown":
+        text = "未知 unknown (this outbox's lock cannot be inspected, and no process recorded itself)"
+    else:
+        text = "未运行 not running"
+    lines = [f"  服务 service: {text}"]
+    if sch:
+        if sch.get("next_poll_at"):
+            lines.append(f"  下次轮询 next poll: {sch['next_poll_at']} (every {sch.get('poll_every_s')} s)")
+        elif state in ("running", "recorded") and dm.get("command") != "run":
+            lines.append(f"  下次轮询 next poll: {dm.get('command')} is running now; no service schedules polls")
+        else:
+            lines.append(f"  下次轮询 next poll: 服务启动时 when the service starts (then every {sch.get('poll_every_s')} s)")
+        source = "" if sch.get("from_service") else " (schedule.reconcile_at, once the service runs)"
+        lines.append(
+            f"  下次对账 next reconcile: {sch.get('next_reconcile_at')}{source}, last {sch.get('reconcile_days')} days"
+        )
+    return lines
+
+
 def _key_form_text(kf: dict[str, Any]) -> str:
+    from sync.upstream.signing import KEY_FORMS
+
     setting = kf.get("setting") or "auto"
     if setting != "auto":
         return f"{setting}, pinned by upstream.app_key_form (固定)"
@@ -115,23 +234,25 @@ def _key_form_text(kf: dict[str, Any]) -> str:
 
 def _render_his_clock(c: dict[str, Any] | None) -> list[str]:
     """The HIS clock as the last poll read it, and the cursor's lag behind it."""
+    from sync.clock import human_offset
+
     if not c:
-        return ["  HIS 时钟 HIS clock: not read yet (no poll has run)"]
-    read_at = datetime.fromisoformat(str(c["read_at"])) if c.get("read_at") else None
-    age = f", read {_human_age(int((utcnow() - read_at).total_seconds()))} ago" if read_at else ""
+        return ["  HIS 时钟 HIS clock: 尚未读取 not read yet (no poll has run)"]
+    read_at = localtime.parse(c.get("read_at"))
+    age = f", read {human_age(int((datetime.now(UTC) - read_at).total_seconds()))} ago" if read_at else ""
     offset = c.get("offset_s")
     lines = [
-        f"  HIS 时钟 HIS clock: {c['his_now'].replace('T', ' ')} {c.get('zone')}"
+        f"  HIS 时钟 HIS clock: {c['his_now']} ({c.get('zone')})"
         + (f", {human_offset(float(offset))} from this host" if offset is not None else "") + age
     ]
     lag = c.get("cursor_lag_s")
     if lag is None:
         lines.append("  读取进度 cursor: none yet (the first poll back-fills)")
     elif lag >= 0:
-        lines.append(f"  读取进度 cursor: {c['cursor_at'].replace('T', ' ')}, {human_offset(lag)[1:]} behind the HIS clock")
+        lines.append(f"  读取进度 cursor: {c['cursor_at']}, {human_offset(lag)[1:]} behind the HIS clock")
     else:
         lines.append(
-            f"  !! 读取进度超前 cursor: {c['cursor_at'].replace('T', ' ')} is {human_offset(-lag)[1:]} AHEAD of the HIS "
+            f"  !! 读取进度超前 cursor: {c['cursor_at']} is {human_offset(-lag)[1:]} AHEAD of the HIS "
             "clock: the next poll rewinds it (see `crowd-sync check`)"
         )
     for p in c.get("problems") or []:
@@ -140,13 +261,13 @@ def _render_his_clock(c: dict[str, Any] | None) -> list[str]:
     rewound = c.get("cursor_rewound")
     if rewound:
         lines.append(
-            f"  游标已回拨 cursor rewound at {rewound.get('at')} UTC: it was {human_offset(float(rewound.get('ahead_s') or 0))[1:]} "
+            f"  游标已回拨 cursor rewound at {rewound.get('at')}: it was {human_offset(float(rewound.get('ahead_s') or 0))[1:]} "
             f"ahead of the HIS clock; read again from {rewound.get('rewound_to') or 'his.start_from'}"
         )
     return lines
 
 
-def _human_age(seconds: int) -> str:
+def human_age(seconds: int) -> str:
     if seconds < 120:
         return f"{seconds} s"
     if seconds < 7200:

@@ -19,8 +19,9 @@ from sync.outbox.schema import sync_outbox
 from sync.outbox.store import Store
 
 VIEWS = ("sync_problem_records", "sync_daily_counts", "sync_pending_age")
-DAY1 = datetime(2026, 10, 30, 23, 59, 59, 999000)  # the last millisecond of a UTC day...
-DAY2 = datetime(2026, 10, 31, 0, 0, 0)  # ...and the first of the next
+# Outbox times are UTC; the daily counts are by the day of schedule.timezone (China, +08:00).
+DAY1 = datetime(2026, 10, 30, 15, 59, 59, 999000)  # the last millisecond of a Beijing day...
+DAY2 = datetime(2026, 10, 30, 16, 0, 0)  # ...and the first of the next (still 10-30 in UTC)
 
 
 def _utcnow() -> datetime:
@@ -72,7 +73,7 @@ def test_views_show_problems_daily_counts_and_waiting_time(store: Store) -> None
     with store.engine.connect() as conn:
         problems = {r.lsh: r for r in conn.execute(sa.text("SELECT * FROM sync_problem_records"))}
         daily = Counter(
-            {(_day(r.utc_day), r.status): int(r.records) for r in conn.execute(sa.text("SELECT * FROM sync_daily_counts"))}
+            {(_day(r.local_day), r.status): int(r.records) for r in conn.execute(sa.text("SELECT * FROM sync_daily_counts"))}
         )
         waiting = {
             r.lsh: r for r in conn.execute(sa.text("SELECT * FROM sync_pending_age"))
@@ -83,7 +84,7 @@ def test_views_show_problems_daily_counts_and_waiting_time(store: Store) -> None
     assert problems["I1"].last_error == "参数校验错误：证件类型不能为空！"  # Chinese survives
     assert (problems["X1"].status, problems["X1"].attempts, problems["X1"].last_http_status) == ("dead", 40, 504)
 
-    expected = Counter((r["updated_at"].strftime("%Y-%m-%d"), r["status"]) for r in rows)
+    expected = Counter(((r["updated_at"] + timedelta(hours=8)).strftime("%Y-%m-%d"), r["status"]) for r in rows)
     assert daily == expected
     assert daily[("2026-10-30", "sent")] == 2 and daily[("2026-10-31", "sent")] == 1
 
@@ -95,6 +96,26 @@ def test_views_show_problems_daily_counts_and_waiting_time(store: Store) -> None
     # Granting the views exposes no ID number and no payload.
     for view, columns in view_columns.items():
         assert not columns & {"card_no", "payload"}, view
+
+
+def test_daily_counts_follow_the_zone_crowd_sync_keeps(store: Store) -> None:
+    """07:30 in Beijing is 23:30 UTC the day before: it counts for its Beijing day, and a
+    schedule.timezone of UTC (kept in sync_timezone) moves it back."""
+    morning = datetime(2026, 10, 30, 23, 30)  # 2026-10-31 07:30 in Beijing
+    with store.engine.begin() as conn:
+        conn.execute(sa.insert(sync_outbox), [_row("M1", "sent", morning, sent_at=morning)])
+
+    def days() -> list[tuple[str, str, int]]:
+        with store.engine.connect() as conn:
+            return [(_day(r.local_day), r.status, int(r.records))
+                    for r in conn.execute(sa.text("SELECT * FROM sync_daily_counts"))]
+
+    assert days() == [("2026-10-31", "sent", 1)]  # the migration starts at Asia/Shanghai, +480
+    assert store.put_timezone("UTC", offset_minutes=0, now=_utcnow())
+    assert days() == [("2026-10-30", "sent", 1)]
+    assert store.put_timezone("Asia/Shanghai", offset_minutes=480, now=_utcnow())
+    assert not store.put_timezone("Asia/Shanghai", offset_minutes=480, now=_utcnow())  # unchanged: no write
+    assert days() == [("2026-10-31", "sent", 1)]
 
 
 def test_downgrade_drops_the_views_and_upgrade_brings_them_back(store: Store) -> None:
@@ -123,6 +144,8 @@ def test_offline_ddl_creates_the_views_for_oracle_and_sql_server(url: str, day: 
         assert f"CREATE VIEW {view} AS" in sql
     assert f"GROUP BY {day}, status" in sql
     assert clock in sql
+    # Since 0006 the daily counts are by local day, the offset read from sync_timezone.
+    assert "FROM sync_outbox o JOIN sync_timezone z ON z.id = 1" in sql
     # The views come after the tables they read, and the version moves to 0002 after them.
     assert sql.index("CREATE TABLE sync_outbox") < sql.index("CREATE VIEW sync_problem_records")
     assert sql.index("CREATE VIEW sync_pending_age") < sql.index("version_num='0002'")

@@ -120,7 +120,7 @@ def test_flaky_platform_with_token_storms_delivers_everything_with_few_logins(tm
         w = World(
             tmp_path, sim,
             upstream={"concurrency": 4, "timeout_s": 5, "token_ttl_h": 12},
-            retry={"first_delay_s": 0.05, "max_delay_s": 0.2, "give_up_after_h": 72},
+            retry={"first_delay_s": 0.05, "max_delay_s": 0.2},
         )
         visits = [make_visit(n, changed=_past(400 - n)) for n in range(1, 301)]
         w.his.insert(visits)

@@ -4,6 +4,7 @@ a real outbox on SQLite, a real pipeline against the simulator."""
 from __future__ import annotations
 
 import json
+import platform
 import signal
 import socket
 import threading
@@ -19,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
+from sync import __version__
 from sync.app import make_pipeline
 from sync.daemon import Daemon
 from sync.errors import ConfigError
@@ -123,8 +125,18 @@ def test_scrape_shows_the_outbox_and_what_each_cycle_did(tmp_path: Path, sim: Si
         assert value(m, "crowd_sync_records", status="skipped") == 3
         assert value(m, "crowd_sync_records", status="pending") == 0
         assert value(m, "crowd_sync_uploads_total", outcome="created") == 5
-        assert value(m, "crowd_sync_uploads_total", outcome="skipped") == 3
         assert value(m, "crowd_sync_uploads_total", outcome="failed") == 0
+        # Uploads only: the three skipped visits made no upload, and are counted on their own.
+        assert sum(v for (name, _), v in m.items() if name == "crowd_sync_uploads_total") == 5
+        assert value(m, "crowd_sync_skipped_total") == 3
+        assert value(m, "crowd_sync_invalid_total") == 0
+        # How long the platform took, per endpoint: one login, four lookups, five uploads.
+        assert value(m, "crowd_sync_upstream_request_duration_seconds_count", endpoint="login") == 1
+        assert value(m, "crowd_sync_upstream_request_duration_seconds_count", endpoint="labels") == 4
+        assert value(m, "crowd_sync_upstream_request_duration_seconds_count", endpoint="upload") == 5
+        assert value(m, "crowd_sync_his_query_duration_seconds_count") == 1
+        assert value(m, "crowd_sync_build_info", version=__version__, python=platform.python_version()) == 1
+        assert not [name for name, _ in m if name.endswith("_created")]
         assert value(m, "crowd_sync_label_lookups_total") == 4  # one per distinct card
         assert value(m, "crowd_sync_logins_total") == 1
         assert value(m, "crowd_sync_config_error") == 0

@@ -556,3 +556,59 @@ def test_log_priority_prefix_is_auto_or_a_yes_no(tmp_path: Path, written: str, r
 
 def test_a_wrong_log_priority_prefix_names_the_key(tmp_path: Path) -> None:
     assert "log.priority_prefix" in problems_of(tmp_path, MINIMAL + "log:\n  priority_prefix: sometimes\n")
+
+
+# --- his.query_file, the example's placeholders, retired settings ----------------------------------
+
+MINIMAL_FILE = """\
+upstream:
+  app_key: k
+  username: u
+  password: p
+his:
+  url: sqlite:///his.db
+  query_file: sql/his-query.sql
+"""
+
+
+def test_the_query_may_live_in_a_file_next_to_the_settings(tmp_path: Path) -> None:
+    (tmp_path / "sql").mkdir()
+    query = "-- 就诊结算\nSELECT * FROM v\nWHERE changed_at >= :since AND changed_at < :until;\n"
+    (tmp_path / "sql" / "his-query.sql").write_text(query, encoding="utf-8")
+    s = load_text(tmp_path, MINIMAL_FILE)
+    assert s.his.query == query.strip().rstrip(";")  # validated exactly as if written inline
+
+
+def test_a_query_file_that_cannot_be_read_or_competes_with_the_query_is_named(tmp_path: Path) -> None:
+    msg = problems_of(tmp_path, MINIMAL_FILE)
+    assert "his.query_file" in msg and str(tmp_path / "sql" / "his-query.sql") in msg
+    assert "his.query: required" not in msg  # the cause is said once
+    both = MINIMAL_FILE + "  query: SELECT * FROM v WHERE a >= :since AND a < :until\n"
+    assert "give either his.query or his.query_file, not both" in problems_of(tmp_path, both)
+
+
+def test_the_unedited_production_example_names_each_placeholder(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "settings.prod.example.yaml"
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    for name, value in (("app_key", "k" * 40), ("password", "pw-1234"), ("his_url", "sqlite:///his.db")):
+        secret_file(creds, name, value)
+    with pytest.raises(ConfigError) as info:
+        load(example, env={"CREDENTIALS_DIRECTORY": str(creds)})
+    problems = info.value.problems
+    placeholders = [p for p in problems if "still the example's placeholder" in p]
+    assert {p.split(":")[0] for p in placeholders} == {"institution.name", "institution.county_code", "upstream.username"}
+    assert len(problems) == len(placeholders)  # nothing else is wrong with the example
+
+
+def test_a_retired_setting_draws_a_deprecation_warning(tmp_path: Path) -> None:
+    from sync.settings_file import DeprecatedSettingWarning
+
+    text = MINIMAL_FILE.replace("  query_file: sql/his-query.sql\n", '  query: "SELECT * FROM v WHERE a >= :since AND a < :until"\n')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_text(tmp_path, text)
+        assert not [w for w in caught if issubclass(w.category, DeprecatedSettingWarning)]
+        load_text(tmp_path, text + "retry:\n  give_up_after_h: 72\n")
+    (warning,) = [w for w in caught if issubclass(w.category, DeprecatedSettingWarning)]
+    assert "retry.give_up_after_h" in str(warning.message) and "delete this line" in str(warning.message)
