@@ -31,11 +31,13 @@ log = structlog.get_logger(__name__)
 
 def register_secrets(settings: Settings) -> None:
     """Every secret the settings hold is masked in logs and messages from now on."""
-    key = settings.upstream.app_key.get_secret_value()
-    if key != NOT_LOADED:
-        logs.register_secret(*app_key_texts(key))
-    if settings.upstream.password.get_secret_value() != NOT_LOADED:
-        logs.register_secret(settings.upstream.password.get_secret_value())
+    for member in settings.members:
+        up = member.upstream
+        key = up.app_key.get_secret_value() if up.app_key is not None else NOT_LOADED
+        if key != NOT_LOADED:
+            logs.register_secret(*app_key_texts(key))
+        if up.password is not None and up.password.get_secret_value() != NOT_LOADED:
+            logs.register_secret(up.password.get_secret_value())
     for url in (settings.his.url.get_secret_value(), settings.outbox.url.get_secret_value()):
         try:
             pw = make_url(url).password
@@ -61,7 +63,8 @@ def make_client(settings: Settings, store: Store, *, tokens: TokenStore | None =
 def make_his(settings: Settings) -> HisSource:
     """The HIS database, seen through his.query (nothing is connected yet)."""
     return HisSource(
-        settings.his, need_key_crowd=settings.key_crowd.source == "column", zone=settings.his_timezone
+        settings.his, need_key_crowd=settings.key_crowd.source == "column", zone=settings.his_timezone,
+        need_institution=len(settings.members) > 1,
     )
 
 

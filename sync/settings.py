@@ -18,6 +18,7 @@ import os
 import re
 import stat
 import warnings
+from dataclasses import dataclass
 from datetime import date, time, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +51,9 @@ _FILE_KEYS = {
     "outbox": ("url",),
 }
 
+# Several problems in one validator's error: split into one line each by ``_describe``.
+MANY = "\n\x00"
+
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -58,6 +62,9 @@ class _Model(BaseModel):
 
 
 class Institution(_Model):
+    # The value of his.query's `institution` column for this institution; in the
+    # single-institution form it may stay empty (the outbox then keys its rows by DEFAULT_CODE).
+    code: str = Field(default="", max_length=64)
     name: str = ""
     county_code: str | None = Field(default=None, description="the platform's county code, document section 5")
     # HIS county code -> platform county code, where the two differ (document 3.1.2 note 1).
@@ -100,12 +107,13 @@ class EventCodes(_Model):
 class Upstream(_Model):
     env: Literal["test", "prod"] = "test"
     base_url: str = "http://183.220.195.216:9080"
-    app_key: SecretStr
+    # The credentials of the single-institution form; with `institutions:` each entry has its own.
+    app_key: SecretStr | None = None
     # Which text of the app key the platform signs (docs/signing.md): auto learns it at the
     # first login and remembers it in the outbox; decoded or as_printed pins it.
     app_key_form: Literal["auto", "decoded", "as_printed"] = "auto"
-    username: str
-    password: SecretStr
+    username: str | None = None
+    password: SecretStr | None = None
     timeout_s: float = Field(default=15.0, gt=0, le=600)
     connect_timeout_s: float = Field(default=5.0, gt=0, le=120)
     concurrency: int = Field(default=4, ge=1, le=64)
@@ -126,17 +134,75 @@ class Upstream(_Model):
 
     @field_validator("username")
     @classmethod
-    def _username(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("is empty")
-        return v.strip()
+    def _username(cls, v: str | None) -> str | None:
+        return None if v is None else not_empty_text(v)
 
     @field_validator("app_key", "password")
     @classmethod
-    def _not_empty(cls, v: SecretStr) -> SecretStr:
-        if not v.get_secret_value().strip():
-            raise ValueError("is empty")
-        return SecretStr(v.get_secret_value().strip())
+    def _not_empty(cls, v: SecretStr | None) -> SecretStr | None:
+        return None if v is None else not_empty_secret(v)
+
+    def credentials(self) -> tuple[str, str, str]:
+        """(app key, username, password); ConfigError naming the setting when one is absent."""
+        if self.app_key is None or self.username is None or self.password is None:
+            raise ConfigError(
+                "the platform credentials are missing", hint="set upstream.app_key, upstream.username and "
+                "upstream.password, or list each institution with its own under institutions:",
+            )
+        return self.app_key.get_secret_value(), self.username, self.password.get_secret_value()
+
+
+def not_empty_text(v: str) -> str:
+    if not v.strip():
+        raise ValueError("is empty")
+    return v.strip()
+
+
+def not_empty_secret(v: SecretStr) -> SecretStr:
+    if not v.get_secret_value().strip():
+        raise ValueError("is empty")
+    return SecretStr(v.get_secret_value().strip())
+
+
+# The outbox's institution of the single-institution form when `institution.code` is not set.
+# Not empty: Oracle stores '' as NULL, and the column is part of the key.
+DEFAULT_CODE = "default"
+
+
+class InstitutionEntry(Institution):
+    """One member of a county medical alliance (医共体): its code in his.query's `institution`
+    column and its own platform credentials ("每个对接机构都有自己的hie_app_key")."""
+
+    code: str = Field(min_length=1, max_length=64)
+    app_key: SecretStr
+    username: str
+    password: SecretStr
+
+    @field_validator("code", "username")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        return not_empty_text(v)
+
+    @field_validator("app_key", "password")
+    @classmethod
+    def _secret(cls, v: SecretStr) -> SecretStr:
+        return not_empty_secret(v)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Member:
+    """One institution crowd-sync uploads for: the outbox's code for it, what the platform
+    knows of it, and ``upstream`` with its own credentials (the rest shared)."""
+
+    code: str
+    institution: Institution
+    upstream: Upstream
+
+    @property
+    def label(self) -> str:
+        """``code name`` for people (the code alone when unnamed)."""
+        name = self.institution.name
+        return f"{self.code} {name}" if name and name != self.code else self.code
 
 
 class His(_Model):
@@ -315,6 +381,8 @@ class Metrics(_Model):
 
 class Settings(_Model):
     institution: Institution = Field(default_factory=Institution)
+    # A county medical alliance: several institutions on one HIS, each with its own credentials.
+    institutions: list[InstitutionEntry] | None = None
     upstream: Upstream
     his: His
     key_crowd: KeyCrowd = Field(default_factory=KeyCrowd)
@@ -326,6 +394,66 @@ class Settings(_Model):
 
     # Where the settings came from (for messages); not a setting.
     source_path: str | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Settings:
+        if self.institutions is None:
+            return self
+        problems: list[str] = []
+        if not self.institutions:
+            problems.append("institutions: is empty; list each institution, or remove it and use institution:")
+        if "institution" in self.model_fields_set:
+            problems.append("institution: give either institution: (one institution) or institutions: (several), not both")
+        for key in ("app_key", "username", "password"):
+            if getattr(self.upstream, key) is not None:
+                problems.append(
+                    f"upstream.{key}: with institutions:, each institution has its own; move it into its entry"
+                )
+        for attr in ("code", "username"):
+            seen: dict[str, int] = {}
+            for i, entry in enumerate(self.institutions):
+                value = getattr(entry, attr)
+                if value in seen:
+                    why = " (each institution must use its own account, document FAQ 4 and 14)" if attr == "username" else ""
+                    problems.append(
+                        f"institutions[{i}].{attr}: {value!r} is institutions[{seen[value]}]'s already{why}; "
+                        f"give each institution its own {attr}"
+                    )
+                seen.setdefault(value, i)
+        if problems:
+            raise ValueError(MANY + MANY.join(problems))
+        return self
+
+    @property
+    def members(self) -> tuple[Member, ...]:
+        """Every institution uploaded for, in the order of the settings (one in the single form)."""
+        if self.institutions is None:
+            return (Member(code=self.institution.code or DEFAULT_CODE, institution=self.institution,
+                           upstream=self.upstream),)
+        return tuple(
+            Member(
+                code=e.code,
+                institution=Institution(name=e.name, county_code=e.county_code, county_map=e.county_map),
+                upstream=self.upstream.model_copy(
+                    update={"app_key": e.app_key, "username": e.username, "password": e.password}
+                ),
+            )
+            for e in self.institutions
+        )
+
+    def member(self, code: str | None) -> Member:
+        """The institution ``code`` (None: the only one); ConfigError naming the codes otherwise."""
+        members = self.members
+        if code is None and len(members) == 1:
+            return members[0]
+        for m in members:
+            if m.code == code:
+                return m
+        codes = ", ".join(m.code for m in members)
+        raise ConfigError(
+            f"no institution {code!r} in the settings" if code else "there are several institutions: name one",
+            hint=f"pass --institution with one of: {codes}",
+        )
 
     @property
     def his_timezone(self) -> str:
@@ -390,27 +518,38 @@ def _without_unneeded_secrets(raw: Any, env: dict[str, str]) -> Any:
     if not isinstance(raw, dict):
         return raw
     out = dict(raw)
+    members = out.get("institutions")
+    if isinstance(members, list):
+        out["institutions"] = [_stand_ins(e, _FILE_KEYS["upstream"], env) if isinstance(e, dict) else e for e in members]
     for section in ("upstream", "his"):
         block = dict(out.get(section) or {}) if isinstance(out.get(section) or {}, dict) else None
         if block is None:
             continue
-        for key in _FILE_KEYS[section]:
-            file_key = f"{key}_file"
-            scratch: list[str] = []
-            if file_key in block:
-                path = _interpolate(block[file_key], env, file_key, scratch, set())
-                if not scratch and isinstance(path, str) and os.access(path, os.R_OK) and Path(path).is_file():
-                    continue
-                del block[file_key]
-                block[key] = NOT_LOADED
-            elif key in block:
-                _interpolate(block[key], env, key, scratch, set())
-                if scratch:
-                    block[key] = NOT_LOADED
-            else:
-                block[key] = NOT_LOADED
-        out[section] = block
+        if section == "upstream" and isinstance(members, list):
+            out[section] = block  # the credentials are the institutions'
+            continue
+        out[section] = _stand_ins(block, _FILE_KEYS[section], env)
     return out
+
+
+def _stand_ins(block: dict[str, Any], keys: tuple[str, ...], env: dict[str, str]) -> dict[str, Any]:
+    block = dict(block)
+    for key in keys:
+        file_key = f"{key}_file"
+        scratch: list[str] = []
+        if file_key in block:
+            path = _interpolate(block[file_key], env, file_key, scratch, set())
+            if not scratch and isinstance(path, str) and os.access(path, os.R_OK) and Path(path).is_file():
+                continue
+            del block[file_key]
+            block[key] = NOT_LOADED
+        elif key in block:
+            _interpolate(block[key], env, key, scratch, set())
+            if scratch:
+                block[key] = NOT_LOADED
+        else:
+            block[key] = NOT_LOADED
+    return block
 
 
 def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "settings") -> Settings:
@@ -435,6 +574,14 @@ def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "setti
     _read_secret_files(data, problems, reported)
     read_query_file(data, base_dir, problems, reported)
     problems.extend(placeholders(data, ""))
+    upstream = data.get("upstream")
+    if not data.get("institutions") and isinstance(upstream, dict):
+        # The single-institution form: the credentials are upstream's (the model lets them be
+        # absent because with institutions: they are each entry's).
+        problems.extend(
+            f"upstream.{key}: required setting is missing / 缺少必填项"
+            for key in _FILE_KEYS["upstream"] if key not in upstream and f"upstream.{key}" not in reported
+        )
     warn_retired(data)
     if isinstance(data.get("outbox", {}), dict):
         # The embedded default is relative too, and must not depend on the working directory.
@@ -485,11 +632,17 @@ def _interpolate(value: Any, env: dict[str, str], where: str, problems: list[str
     return value
 
 
+def _secret_blocks(data: dict[str, Any]) -> list[tuple[str, dict[str, Any], tuple[str, ...]]]:
+    """(where, block, keys that may be given as files): the sections, and each entry of institutions:."""
+    out = [(section, block, keys) for section, keys in _FILE_KEYS.items() if isinstance(block := data.get(section), dict)]
+    members = data.get("institutions")
+    if isinstance(members, list):
+        out += [(f"institutions[{i}]", e, _FILE_KEYS["upstream"]) for i, e in enumerate(members) if isinstance(e, dict)]
+    return out
+
+
 def _read_secret_files(data: dict[str, Any], problems: list[str], reported: set[str]) -> None:
-    for section, keys in _FILE_KEYS.items():
-        block = data.get(section)
-        if not isinstance(block, dict):
-            continue
+    for section, block, keys in _secret_blocks(data):
         for key in keys:
             file_key = f"{key}_file"
             if file_key not in block:
@@ -557,9 +710,13 @@ def _describe(exc: ValidationError) -> list[tuple[str, str]]:
     """(key, problem) for each validation error; secret values are never echoed."""
     out: list[tuple[str, str]] = []
     for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"])
+        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".")
         kind = err["type"]
         msg = err["msg"]
+        if MANY in msg:
+            # A validator of the whole settings: each problem names its own key.
+            out.extend((loc, p) for p in msg.split(MANY)[1:])
+            continue
         if kind == "missing":
             out.append((loc, f"{loc}: required setting is missing / 缺少必填项"))
         elif kind == "extra_forbidden":

@@ -88,8 +88,8 @@ class Client:
         self._up = upstream
         self._store = store
         self._wall = wall_clock
-        raw_key = upstream.app_key.get_secret_value()
-        register_secret(*app_key_texts(raw_key), upstream.password.get_secret_value())
+        raw_key, self._username, self._password = upstream.credentials()
+        register_secret(*app_key_texts(raw_key), self._password)
         self._signer = KeySigner(raw_key, upstream.app_key_form, key_forms)
         self._codes = {name: event_code(upstream.env, name, upstream.event_codes) for name in ENDPOINTS}
         self._lock = threading.Lock()
@@ -115,14 +115,14 @@ class Client:
     def login(self) -> Token:
         """One real login; the store calls this when the token must be renewed."""
         body = json.dumps(
-            {"username": self._up.username, "password": self._up.password.get_secret_value()}, ensure_ascii=False
+            {"username": self._username, "password": self._password}, ensure_ascii=False
         ).encode("utf-8")
         self._count("logins")
         answer = self._send("login", body=body, token=None)
         token_value = answer.data.get("token") if answer.ok and isinstance(answer.data, Mapping) else None
         if not isinstance(token_value, str) or not token_value:
             log.warning(
-                "login_failed", username=self._up.username, outcome=str(answer.outcome),
+                "login_failed", username=self._username, outcome=str(answer.outcome),
                 http_status=answer.http_status, platform_message=answer.message,
             )
             error = to_error(answer)
@@ -138,7 +138,7 @@ class Client:
         crash_point("during_login")
         now = self._now()
         token = Token(value=token_value, obtained_at=now, expires_at=now + timedelta(hours=self._up.token_ttl_h))
-        log.info("login_succeeded", username=self._up.username, expires_at=token.expires_at.isoformat())
+        log.info("login_succeeded", username=self._username, expires_at=token.expires_at.isoformat())
         return token
 
     def lookup(self, id_number: str) -> LookupResult:
@@ -246,7 +246,7 @@ class Client:
             raise ConfigError(
                 f"the platform pushed this account's token out {kicks} times within "
                 f"{KICK_WINDOW_S / 60:g} minutes: another program is logging in with upstream.username "
-                f"{self._up.username!r} (FAQ 4)",
+                f"{self._username!r} (FAQ 4)",
                 hint=faq(4).fix + "；停止另一个程序或为其申请单独账号后，发送自动恢复 / stop the other program or "
                 "give it an account of its own; sending resumes by itself once the token stays valid",
                 platform_message=answer.message or None,
