@@ -1,9 +1,6 @@
 """Load and validate ``settings.yaml``.
 
-- ``${NAME}`` anywhere in a string value is replaced by that environment variable
-  (``$$`` writes a literal ``$``); an unset variable is a problem naming it.
-- A secret may come from a file instead: ``password_file: /path`` (also
-  ``app_key_file``, ``username_file``, and ``url_file`` under ``his``/``outbox``).
+- ``${NAME}`` variables and secret files (``password_file: /path``): settings_secrets.py.
   systemd credentials are files too: ``password_file: ${CREDENTIALS_DIRECTORY}/password``.
 - Every problem is collected and reported at once, each naming its key and the fix.
 
@@ -16,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import warnings
 from dataclasses import dataclass
 from datetime import date, time, timedelta, timezone, tzinfo
@@ -38,23 +34,20 @@ from pydantic import (
 
 from sync import counties
 from sync.errors import ConfigError
-from sync.settings_file import placeholders, read_query_file, warn_retired
+from sync.outbox.model import DEFAULT_INSTITUTION
+from sync.settings_file import MANY, describe_errors, placeholders, read_query_file, warn_retired
+from sync.settings_secrets import (
+    FILE_KEYS,
+    interpolate,
+    read_secret_files,
+    without_unneeded_secrets,
+)
+from sync.settings_secrets import NOT_LOADED as NOT_LOADED  # re-exported: commands and app use it
+from sync.settings_secrets import SecretFileWarning as SecretFileWarning
 from sync.sqltext import QUERY_PARAMETERS, code_only, query_parameters, url_dialect
 
 DEFAULT_CONFIG_NAME = "settings.yaml"
 CONFIG_ENV = "CROWD_SYNC_CONFIG"
-
-# Keys that may be given as `<key>_file:` and are read from that file.
-_FILE_KEYS = {
-    "upstream": ("app_key", "username", "password"),
-    "his": ("url",),
-    "outbox": ("url",),
-}
-
-# Several problems in one validator's error: split into one line each by ``_describe``.
-MANY = "\n\x00"
-
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class _Model(BaseModel):
@@ -64,7 +57,7 @@ class _Model(BaseModel):
 class Institution(_Model):
     # The value of his.query's `institution` column for this institution; in the
     # single-institution form it may stay empty (the outbox then keys its rows by DEFAULT_CODE).
-    code: str = Field(default="", max_length=64)
+    code: str = Field(default="", max_length=40)
     name: str = ""
     county_code: str | None = Field(default=None, description="the platform's county code, document section 5")
     # HIS county code -> platform county code, where the two differ (document 3.1.2 note 1).
@@ -165,15 +158,14 @@ def not_empty_secret(v: SecretStr) -> SecretStr:
 
 
 # The outbox's institution of the single-institution form when `institution.code` is not set.
-# Not empty: Oracle stores '' as NULL, and the column is part of the key.
-DEFAULT_CODE = "default"
+DEFAULT_CODE = DEFAULT_INSTITUTION
 
 
 class InstitutionEntry(Institution):
     """One member of a county medical alliance (医共体): its code in his.query's `institution`
     column and its own platform credentials ("每个对接机构都有自己的hie_app_key")."""
 
-    code: str = Field(min_length=1, max_length=64)
+    code: str = Field(min_length=1, max_length=40)
     app_key: SecretStr
     username: str
     password: SecretStr
@@ -504,52 +496,8 @@ def load(path: str | Path | None = None, *, env: dict[str, str] | None = None, p
         ) from None
     environ = os.environ.copy() if env is None else env
     if not platform:
-        raw = _without_unneeded_secrets(raw, environ)
+        raw = without_unneeded_secrets(raw, environ)
     return parse(raw, env=environ, base_dir=p.resolve().parent, source=str(p))
-
-
-# Stands in for a secret that a command using only the outbox has no need to read.
-NOT_LOADED = "(not loaded: this command uses only the outbox)"
-
-
-def _without_unneeded_secrets(raw: Any, env: dict[str, str]) -> Any:
-    """Replace the platform credentials and the HIS URL by a placeholder where they
-    cannot be resolved here (unset variable, unreadable or missing file, absent)."""
-    if not isinstance(raw, dict):
-        return raw
-    out = dict(raw)
-    members = out.get("institutions")
-    if isinstance(members, list):
-        out["institutions"] = [_stand_ins(e, _FILE_KEYS["upstream"], env) if isinstance(e, dict) else e for e in members]
-    for section in ("upstream", "his"):
-        block = dict(out.get(section) or {}) if isinstance(out.get(section) or {}, dict) else None
-        if block is None:
-            continue
-        if section == "upstream" and isinstance(members, list):
-            out[section] = block  # the credentials are the institutions'
-            continue
-        out[section] = _stand_ins(block, _FILE_KEYS[section], env)
-    return out
-
-
-def _stand_ins(block: dict[str, Any], keys: tuple[str, ...], env: dict[str, str]) -> dict[str, Any]:
-    block = dict(block)
-    for key in keys:
-        file_key = f"{key}_file"
-        scratch: list[str] = []
-        if file_key in block:
-            path = _interpolate(block[file_key], env, file_key, scratch, set())
-            if not scratch and isinstance(path, str) and os.access(path, os.R_OK) and Path(path).is_file():
-                continue
-            del block[file_key]
-            block[key] = NOT_LOADED
-        elif key in block:
-            _interpolate(block[key], env, key, scratch, set())
-            if scratch:
-                block[key] = NOT_LOADED
-        else:
-            block[key] = NOT_LOADED
-    return block
 
 
 def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "settings") -> Settings:
@@ -565,13 +513,13 @@ def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "setti
             f"{source}: the top level must be a mapping of sections (upstream:, his:, ...), not a {type(raw).__name__}",
             hint="start from the example settings.yaml",
         )
-    data = _interpolate(raw, env, "", problems, reported)
+    data = interpolate(raw, env, "", problems, reported)
     # A section whose keys are all commented out reads as null: it means "all defaults".
     for section in Settings.model_fields:
         if section in data and data[section] is None:
             del data[section]
     data.pop("source_path", None)
-    _read_secret_files(data, problems, reported)
+    read_secret_files(data, problems, reported)
     read_query_file(data, base_dir, problems, reported)
     problems.extend(placeholders(data, ""))
     upstream = data.get("upstream")
@@ -580,7 +528,7 @@ def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "setti
         # absent because with institutions: they are each entry's).
         problems.extend(
             f"upstream.{key}: required setting is missing / 缺少必填项"
-            for key in _FILE_KEYS["upstream"] if key not in upstream and f"upstream.{key}" not in reported
+            for key in FILE_KEYS["upstream"] if key not in upstream and f"upstream.{key}" not in reported
         )
     warn_retired(data)
     if isinstance(data.get("outbox", {}), dict):
@@ -594,7 +542,7 @@ def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "setti
     try:
         settings = Settings.model_validate({**data, "source_path": source})
     except ValidationError as exc:
-        problems.extend(p for loc, p in _describe(exc) if loc not in reported)
+        problems.extend(p for loc, p in describe_errors(exc) if loc not in reported)
         settings = None
     if problems or settings is None:
         raise ConfigError(
@@ -604,93 +552,6 @@ def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "setti
             hint="逐项修改后运行 `crowd-sync check` / fix each key listed, then run `crowd-sync check`",
         )
     return settings
-
-
-def _interpolate(value: Any, env: dict[str, str], where: str, problems: list[str], reported: set[str]) -> Any:
-    if isinstance(value, dict):
-        return {
-            k: _interpolate(v, env, f"{where}.{k}" if where else str(k), problems, reported) for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [_interpolate(v, env, f"{where}[{i}]", problems, reported) for i, v in enumerate(value)]
-    if isinstance(value, str):
-
-        def sub(m: re.Match[str]) -> str:
-            if m.group(0) == "$$":
-                return "$"
-            name = m.group(1)
-            if name not in env:
-                reported.add(where)
-                problems.append(
-                    f"{where}: environment variable {name} is not set "
-                    f"(export {name}=..., or put it in the service's environment file) / 环境变量 {name} 未设置"
-                )
-                return ""
-            return env[name]
-
-        return _VAR.sub(sub, value)
-    return value
-
-
-def _secret_blocks(data: dict[str, Any]) -> list[tuple[str, dict[str, Any], tuple[str, ...]]]:
-    """(where, block, keys that may be given as files): the sections, and each entry of institutions:."""
-    out = [(section, block, keys) for section, keys in _FILE_KEYS.items() if isinstance(block := data.get(section), dict)]
-    members = data.get("institutions")
-    if isinstance(members, list):
-        out += [(f"institutions[{i}]", e, _FILE_KEYS["upstream"]) for i, e in enumerate(members) if isinstance(e, dict)]
-    return out
-
-
-def _read_secret_files(data: dict[str, Any], problems: list[str], reported: set[str]) -> None:
-    for section, block, keys in _secret_blocks(data):
-        for key in keys:
-            file_key = f"{key}_file"
-            if file_key not in block:
-                continue
-            path_value = block.pop(file_key)
-            where = f"{section}.{file_key}"
-            if where in reported:
-                # The path itself is broken (unset variable): reading it would only add noise.
-                reported.add(f"{section}.{key}")
-                continue
-            if key in block:
-                problems.append(f"{where}: give either {section}.{key} or {where}, not both")
-                continue
-            reported.add(f"{section}.{key}")
-            if not isinstance(path_value, str) or not path_value.strip():
-                problems.append(f"{where}: must be the path of a file holding the secret")
-                continue
-            path = Path(path_value.strip())
-            try:
-                content = path.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                problems.append(
-                    f"{where}: cannot read {path} ({exc.strerror or type(exc).__name__}); "
-                    "check the path and that the service user may read it"
-                )
-                continue
-            except UnicodeDecodeError:
-                problems.append(f"{where}: {path} is not UTF-8 text")
-                continue
-            if not content:
-                problems.append(f"{where}: {path} is empty; write the secret into it")
-                continue
-            reported.discard(f"{section}.{key}")
-            try:
-                mode = path.stat().st_mode
-            except OSError:
-                mode = 0
-            if mode & (stat.S_IRGRP | stat.S_IROTH | stat.S_IWOTH):
-                warnings.warn(
-                    f"{where}: {path} is readable by other users; run `chmod 600 {path}`",
-                    SecretFileWarning,
-                    stacklevel=2,
-                )
-            block[key] = content
-
-
-class SecretFileWarning(UserWarning):
-    """A secret file is readable by users other than its owner."""
 
 
 class CountyCodeWarning(UserWarning):
@@ -704,42 +565,3 @@ def resolve_sqlite_url(url: str, base_dir: Path) -> str:
         return url
     path_part, sep, query = m.group(2).partition("?")
     return f"{m.group(1)}:///{(base_dir / path_part).resolve()}{sep}{query}"
-
-
-def _describe(exc: ValidationError) -> list[tuple[str, str]]:
-    """(key, problem) for each validation error; secret values are never echoed."""
-    out: list[tuple[str, str]] = []
-    for err in exc.errors():
-        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".")
-        kind = err["type"]
-        msg = err["msg"]
-        if MANY in msg:
-            # A validator of the whole settings: each problem names its own key.
-            out.extend((loc, p) for p in msg.split(MANY)[1:])
-            continue
-        if kind == "missing":
-            out.append((loc, f"{loc}: required setting is missing / 缺少必填项"))
-        elif kind == "extra_forbidden":
-            out.append(
-                (loc, f"{loc}: unknown setting (check its spelling and indentation; see settings.yaml for the keys) / 未知配置项")
-            )
-        else:
-            value = err.get("input")
-            shown = ""
-            # Our own validators already describe the value; echo it only for type and range
-            # errors, never for a secret, and not when it is a block of text (the query).
-            if kind != "value_error" and not _looks_secret(err["loc"]) and not isinstance(value, dict | list):
-                shown = f" (got {value!r})" if len(repr(value)) <= 80 else ""
-            msg = msg.removeprefix("Value error, ")
-            if msg.startswith("Input should be "):
-                msg = "must be " + msg.removeprefix("Input should be ")
-            if kind == "string_type":
-                # YAML turns unquoted 0123 into a number (octal 83 in YAML 1.1), so quoting is the fix.
-                msg = "must be text; put the value in quotes / 应为文本，请加引号"
-            out.append((loc, f"{loc}: {msg}{shown}"))
-    return out
-
-
-def _looks_secret(loc: tuple[int | str, ...]) -> bool:
-    # The last part names the field: `upstream.password`, `his.url`; `upstream.base_url` is no secret.
-    return bool(loc) and str(loc[-1]) in {"password", "app_key", "url", "username"}

@@ -41,7 +41,7 @@ from sync.upstream.keyform import FORM_NAMES, KeyFormMemory, KeyFormState, KeySi
 from sync.upstream.person import Person, parse_person
 from sync.upstream.signing import EHRKEY_HEADER, ENDPOINTS, EndpointName, KeyForm, app_key_texts, event_code
 from sync.upstream.tokens import Token, TokenStore
-from sync.upstream.transport import NETWORK_FIX, Transport
+from sync.upstream.transport import NETWORK_FIX, RateLimiter, Transport
 
 log = structlog.get_logger(__name__)
 
@@ -81,10 +81,11 @@ class Client:
 
     def __init__(
         self, upstream: Upstream, store: TokenStore, *, wall_clock: Callable[[], float] = time.time,
-        key_forms: KeyFormMemory | None = None,
+        key_forms: KeyFormMemory | None = None, limiter: RateLimiter | None = None,
     ) -> None:
         """``key_forms`` remembers which reading of the app key the platform accepts
-        (the outbox's ``Store.key_form_memory()``; in this process only when None)."""
+        (the outbox's ``Store.key_form_memory()``; in this process only when None);
+        ``limiter``: the rate limit shared by the clients of several institutions."""
         self._up = upstream
         self._store = store
         self._wall = wall_clock
@@ -108,7 +109,7 @@ class Client:
         self.counters: collections.Counter[str] = collections.Counter()
         # Called with (endpoint, seconds) for every request the platform answered (metrics).
         self.on_answer: Callable[[str, float], None] | None = None
-        self._transport = Transport(upstream, count=self._count)
+        self._transport = Transport(upstream, count=self._count, limiter=limiter)
 
     # -- public calls
 
