@@ -1,0 +1,149 @@
+"""A county medical alliance (医共体): several institutions on one HIS, one crowd-sync.
+
+Each visit goes up under its own institution's key and account ("每个对接机构都有自己的
+hie_app_key"), two members' equal lsh stay two records (lsh is "只能保证院内唯一"), one
+member's refused key pauses that member alone, and a visit of an institution the settings
+do not list is parked with the fix.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from sync.app import make_pipeline
+from sync.outbox.store import Store
+from sync.pipeline import Pipeline
+from sync.settings import Settings
+from sync.upstream.client import LOGIN_BACKOFF_MAX_S
+from sync.upstream.simulator import TEST_APP_KEY, TEST_ORG_ID, TEST_PASSWORD, TEST_USERNAME, SimConfig, Simulator
+from tests.support import His, alliance_settings, his_now, make_visit
+
+TOWNSHIP = "510115002"
+
+
+@dataclass
+class Alliance:
+    sim: Simulator
+    his: His
+    store: Store
+    pipeline: Pipeline
+    settings: Settings
+
+
+def members(sim: Simulator) -> list[dict[str, str]]:
+    township = sim.add_institution(TOWNSHIP, name="万春镇卫生院")
+    ((user, password),) = township.accounts.items()
+    return [
+        {"code": TEST_ORG_ID, "name": "县医院", "app_key": TEST_APP_KEY, "username": TEST_USERNAME,
+         "password": TEST_PASSWORD},
+        {"code": TOWNSHIP, "name": "万春镇卫生院", "app_key": township.app_key, "username": user,
+         "password": password},
+    ]
+
+
+@pytest.fixture
+def alliance(tmp_path: Path) -> Iterator[Alliance]:
+    with Simulator(SimConfig()) as sim:
+        his = His(f"sqlite:///{tmp_path / 'his.db'}")
+        settings = alliance_settings(
+            tmp_path / "settings.yaml", his_url=his.url, outbox_url=f"sqlite:///{tmp_path / 'outbox.db'}",
+            base_url=sim.url, members=members(sim),
+        )
+        store = Store(settings.outbox.url.get_secret_value(), lease_s=60)
+        store.ensure_schema()
+        pipeline = make_pipeline(settings, store)
+        try:
+            yield Alliance(sim, his, store, pipeline, settings)
+        finally:
+            pipeline.close()
+            store.dispose()
+            his.dispose()
+
+
+def visits(first: int, count: int, *, seed: int) -> list[dict[str, object]]:
+    rng = random.Random(seed)
+    changed = (his_now() - timedelta(minutes=5)).replace(microsecond=0)
+    return [make_visit(n, changed=changed - timedelta(seconds=n), rng=rng) for n in range(first, first + count)]
+
+
+def test_colliding_lsh_of_two_members_are_two_records_each_under_its_own_account(alliance: Alliance) -> None:
+    county, township = visits(1, 6, seed=1), visits(1, 4, seed=2)  # LSH000001.. in both
+    alliance.his.insert_alliance(TEST_ORG_ID, county)
+    alliance.his.insert_alliance(TOWNSHIP, township)
+
+    stats = alliance.pipeline.cycle()
+
+    assert (stats.rows_read, stats.sent) == (10, 10)
+    sim = alliance.sim
+    assert set(sim.records_of(TEST_ORG_ID)) == {v["serial_no"] for v in county}
+    assert set(sim.records_of(TOWNSHIP)) == {v["serial_no"] for v in township}
+    # The same lsh, two people: each record is its own institution's visit.
+    for mine, code in ((county, TEST_ORG_ID), (township, TOWNSHIP)):
+        for v in mine:
+            assert sim.records_of(code)[str(v["serial_no"])]["cardNo"] == v["id_no"]
+    # Each member logged in with its own account and uploaded only its own visits.
+    assert sim.counters_of(TEST_ORG_ID)["uploads"] == 6 and sim.counters_of(TOWNSHIP)["uploads"] == 4
+    assert sim.counters_of(TEST_ORG_ID)["logins"] == 1 and sim.counters_of(TOWNSHIP)["logins"] == 1
+    assert sim.counters_of(TOWNSHIP)["key_mismatches"] == 0
+    summary = alliance.store.summary(now=alliance.pipeline.clock(), institutions=(TEST_ORG_ID, TOWNSHIP))
+    assert summary.counts["sent"] == 10
+    assert {code: apart["counts"]["sent"] for code, apart in summary.institutions.items()} == {
+        TEST_ORG_ID: 6, TOWNSHIP: 4,
+    }
+    # Read again, nothing changed: nothing is sent again.
+    assert alliance.pipeline.cycle().sent == 0
+
+
+def test_one_members_revoked_key_pauses_only_that_member(alliance: Alliance) -> None:
+    alliance.his.insert_alliance(TEST_ORG_ID, visits(1, 5, seed=3))
+    alliance.his.insert_alliance(TOWNSHIP, visits(1, 5, seed=4))
+    alliance.sim.faults.app_key_revoked_for = {TOWNSHIP}
+
+    stats = alliance.pipeline.cycle()
+
+    assert len(alliance.sim.records_of(TEST_ORG_ID)) == 5
+    assert alliance.sim.records_of(TOWNSHIP) == {}
+    state = alliance.store.state
+    assert state.get_config_error(TEST_ORG_ID) is None
+    paused = state.get_config_error(TOWNSHIP)
+    assert paused is not None and paused["hint"]
+    assert stats.paused is not None and stats.paused.startswith(f"{TOWNSHIP}: ")
+    assert state.get_platform_down() is None  # a refused key is no outage
+    summary = alliance.store.summary(now=alliance.pipeline.clock(), institutions=(TEST_ORG_ID, TOWNSHIP))
+    assert summary.institutions[TOWNSHIP]["counts"]["pending"] == 5
+    assert summary.config_error is not None and summary.config_error["institution"] == TOWNSHIP
+
+    # The county hospital goes on meanwhile; the township's records wait, nothing charged.
+    alliance.his.insert_alliance(TEST_ORG_ID, visits(20, 2, seed=5))
+    alliance.pipeline.cycle()
+    assert len(alliance.sim.records_of(TEST_ORG_ID)) == 7 and alliance.sim.records_of(TOWNSHIP) == {}
+
+    # Key fixed on the platform: the township resumes by itself (once its login back-off is over).
+    alliance.sim.faults.app_key_revoked_for = set()
+    time.sleep(LOGIN_BACKOFF_MAX_S / 4)
+    alliance.pipeline.cycle()
+    assert len(alliance.sim.records_of(TOWNSHIP)) == 5
+    assert state.get_config_error(TOWNSHIP) is None
+
+
+def test_a_visit_of_an_institution_not_in_the_settings_is_parked_with_the_value_and_the_fix(
+    alliance: Alliance,
+) -> None:
+    alliance.his.insert_alliance(TEST_ORG_ID, visits(1, 2, seed=6))
+    alliance.his.insert_alliance("510115099", visits(1, 1, seed=7))
+
+    stats = alliance.pipeline.cycle()
+
+    assert (stats.sent, stats.invalid) == (2, 1)
+    (row,) = alliance.store.problems(["invalid"])
+    assert row["institution"] == "510115099" and row["lsh"] == "LSH000001"
+    assert "'510115099' is none of the settings' institutions[].code" in row["last_error"]
+    assert "add that institution" in row["last_error"]
+    assert alliance.sim.all_records().keys() == {(TEST_ORG_ID, "LSH000001"), (TEST_ORG_ID, "LSH000002")}
