@@ -7,12 +7,12 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-import migrations
 import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
+import migrations
 from sync.app import make_pipeline
 from sync.outbox.migrate import current_revision
 from sync.outbox.store import Store
