@@ -175,16 +175,19 @@ class Store:
             institutions=apart,
         )
 
-    def month_counts(self, first: date, after: date) -> list[tuple[str, str | None, int]]:
-        """(status, visit type, visits) of the rows not sent, settled in ``[first, after)``."""
-        counts, _ = month_queries(first, after)
+    def month_counts(
+        self, first: date, after: date, institution: str | None = None
+    ) -> list[tuple[str, str | None, int]]:
+        """(status, visit type, visits) of the rows not sent, settled in ``[first, after)``
+        (of ``institution``, when given)."""
+        counts, _ = month_queries(first, after, institution)
         with self.engine.connect() as conn:
             return [(str(status), visit_type, int(n)) for status, visit_type, n in conn.execute(counts)]
 
-    def month_sent(self, first: date, after: date) -> Iterator[tuple[str, str]]:
-        """(lsh, payload) of the sent rows settled in ``[first, after)``, streamed: a month of
-        a large hospital need not fit in memory."""
-        _, sent = month_queries(first, after)
+    def month_sent(self, first: date, after: date, institution: str | None = None) -> Iterator[tuple[str, str]]:
+        """(lsh, payload) of the sent rows settled in ``[first, after)`` (of ``institution``, when
+        given), streamed: a month of a large hospital need not fit in memory."""
+        _, sent = month_queries(first, after, institution)
         with self.engine.connect() as conn:
             for row in conn.execution_options(stream_results=True, yield_per=_BATCH).execute(sent):
                 yield row.lsh, row.payload
@@ -244,7 +247,9 @@ class Store:
             return history.put_timezone(conn, zone=zone, offset_minutes=offset_minutes, now=utc(now))
 
 
-def month_queries(first: date, after: date) -> tuple[sa.Select[Any], sa.Select[Any]]:
+def month_queries(
+    first: date, after: date, institution: str | None = None
+) -> tuple[sa.Select[Any], sa.Select[Any]]:
     """The two reads of a month: counts of rows not sent, and the sent payloads.
 
     Both filter on settlement_date in SQL with a half-open range (no function
@@ -252,6 +257,8 @@ def month_queries(first: date, after: date) -> tuple[sa.Select[Any], sa.Select[A
     """
     o = sync_outbox
     in_month = sa.and_(o.c.settlement_date >= first, o.c.settlement_date < after)
+    if institution is not None:
+        in_month = sa.and_(in_month, o.c.institution == institution)
     counts = (
         sa.select(o.c.status, o.c.visit_type, sa.func.count())
         .where(in_month, o.c.status != Status.SENT.value)
