@@ -396,7 +396,7 @@ def cmd_failures(args: argparse.Namespace, settings: Settings, out: TextIO) -> i
         return EXIT_OK
     print(failures.render_failures(
         items, statuses=statuses, since=args.since, outbox=store.url_for_humans, zone=settings.schedule.timezone,
-        offset=localtime.offset_text(tz), columns=_columns(),
+        offset=localtime.offset_text(tz), columns=_columns(), institutions=len(settings.members) > 1,
     ), file=out)
     return EXIT_OK
 

@@ -8,6 +8,7 @@ do not list is parked with the fix.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Iterator
@@ -147,3 +148,55 @@ def test_a_visit_of_an_institution_not_in_the_settings_is_parked_with_the_value_
     assert "'510115099' is none of the settings' institutions[].code" in row["last_error"]
     assert "add that institution" in row["last_error"]
     assert alliance.sim.all_records().keys() == {(TEST_ORG_ID, "LSH000001"), (TEST_ORG_ID, "LSH000002")}
+
+
+def test_status_failures_report_metrics_and_commands_show_each_institution(
+    alliance: Alliance, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sync import cli
+    from sync.metrics import Metrics
+
+    alliance.his.insert_alliance(TEST_ORG_ID, visits(1, 3, seed=8))
+    alliance.his.insert_alliance(TOWNSHIP, visits(1, 2, seed=9))
+    alliance.his.insert_alliance("510115099", visits(7, 1, seed=10))
+    alliance.sim.faults.app_key_revoked_for = {TOWNSHIP}
+    alliance.pipeline.cycle()
+    config = str(alliance.settings.source_path)
+    capsys.readouterr()
+
+    assert cli.main(["status", "--json", "--config", config]) == 0
+    status = json.loads(capsys.readouterr().out)
+    apart = {m["code"]: m for m in status["institutions"]}
+    assert apart[TEST_ORG_ID]["counts"]["sent"] == 3 and apart[TEST_ORG_ID]["config_error"] is None
+    assert apart[TOWNSHIP]["counts"]["pending"] == 2 and apart[TOWNSHIP]["config_error"]["message"]
+    assert apart["510115099"]["configured"] is False and apart["510115099"]["counts"]["invalid"] == 1
+    assert status["counts"]["sent"] == 3  # together
+
+    assert cli.main(["failures", "--config", config]) == 0
+    assert "510115099/LSH000007" in capsys.readouterr().out
+
+    month = f"{his_now():%Y-%m}"
+    assert cli.main(["report", "--month", month, "--config", config]) == 0
+    text = capsys.readouterr().out
+    assert f"机构 institution {TEST_ORG_ID} 县医院" in text and f"机构 institution {TOWNSHIP} 万春镇卫生院" in text
+
+    alliance.sim.faults.app_key_revoked_for = set()
+    assert cli.main(["lookup", "510100198506020036", "--json", "--institution", TOWNSHIP, "--config", config]) == 0
+    capsys.readouterr()
+    assert alliance.sim.counters_of(TOWNSHIP)["lookups"] == 1 and alliance.sim.counters_of(TEST_ORG_ID)["lookups"] == 0
+    assert cli.main(["lookup", "510100198506020036", "--config", config]) == 2  # several: name one
+    assert "--institution" in capsys.readouterr().err
+
+    assert cli.main(["check", "--institution", TOWNSHIP, "--config", config]) == 0
+    out = capsys.readouterr().out
+    assert "platform login" in out and f"[{TOWNSHIP} 万春镇卫生院]" in out
+
+    metrics = Metrics(store=alliance.store, poll_every_s=60, institutions=(TEST_ORG_ID, TOWNSHIP))
+    registry = metrics.registry
+    assert registry.get_sample_value(
+        "crowd_sync_institution_records", {"institution": TOWNSHIP, "status": "pending"}
+    ) == 2
+    assert registry.get_sample_value("crowd_sync_institution_config_error", {"institution": TOWNSHIP}) == 1
+    assert registry.get_sample_value("crowd_sync_institution_config_error", {"institution": TEST_ORG_ID}) == 0
+    assert metrics.institution_states() == {TEST_ORG_ID: "ok", TOWNSHIP: metrics.institution_states()[TOWNSHIP]}
+    assert metrics.institution_states()[TOWNSHIP].startswith("paused: ")
