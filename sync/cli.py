@@ -23,7 +23,7 @@ from typing import Any, NoReturn, TextIO
 
 import structlog
 
-from sync import __version__, app, demo, doctor, idcard, localtime, logs, report
+from sync import __version__, app, demo, demo_alliance, doctor, idcard, localtime, logs, report
 from sync import settings as settings_mod
 from sync.clock import current as his_clock_now
 from sync.clock import utcnow
@@ -132,6 +132,8 @@ def _parser() -> argparse.ArgumentParser:
         help="模拟平台签名所用的授权码读法 / which reading of the app key the simulated platform signs "
         "(the demo's settings keep auto)",
     )
+    demo.add_argument("--institutions", type=int, default=1, metavar="N",
+                      help="医共体演示：N 个机构共用一个 HIS / an alliance of N institutions sharing one HIS (default 1)")
     sim = add("simulator", "单独运行内置平台模拟器（默认仅本机）/ run the built-in platform simulator alone (loopback by default)")
     sim.add_argument("--port", type=int, default=18080, help="端口 / port to listen on (default 18080)")
     sim.add_argument("--host", default="127.0.0.1", help="监听地址 / address to listen on (default 127.0.0.1)")
@@ -212,6 +214,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return _simulator(args)
         if args.command == "demo":
             logs.configure(level="warning", fmt="console")
+            if args.institutions > 1:
+                return demo_alliance.main(args.dir, out=out, institutions=args.institutions)
             return demo.main(args.dir, out=out, key_form=args.key_form)
         offline = args.command in OFFLINE_COMMANDS or (args.command == "check" and args.offline)
         settings = _load_settings(getattr(args, "config", None), platform=not offline)

@@ -200,3 +200,15 @@ def test_status_failures_report_metrics_and_commands_show_each_institution(
     assert registry.get_sample_value("crowd_sync_institution_config_error", {"institution": TEST_ORG_ID}) == 0
     assert metrics.institution_states() == {TEST_ORG_ID: "ok", TOWNSHIP: metrics.institution_states()[TOWNSHIP]}
     assert metrics.institution_states()[TOWNSHIP].startswith("paused: ")
+
+
+def test_the_alliance_demo_sends_each_members_visits_under_its_own_account(tmp_path: Path) -> None:
+    import io
+
+    from sync import demo_alliance
+
+    out = io.StringIO()
+    assert demo_alliance.main(str(tmp_path / "demo"), out=out, institutions=2) == 0
+    text = out.getvalue()
+    assert "510115 " in text and "510115002 " in text and "FAQ 14 mismatches 0" in text
+    assert "demo finished as expected" in text
