@@ -37,6 +37,9 @@ class Routes:
         self._clock = clock
         self._stop = stop
         self.codes = tuple(m.code for m in settings.members)
+        # Rows of an institution the settings do not list: with one institution they can only
+        # come from an earlier configuration (checked once); with several, also from a retry.
+        self._strays_checked = False
         policy = RetryPolicy(first_delay_s=settings.retry.first_delay_s, max_delay_s=settings.retry.max_delay_s)
         pool = ThreadPoolExecutor(max_workers=settings.upstream.concurrency, thread_name_prefix="upload")
         outcomes = Outcomes(store, policy=policy, max_generic_attempts=settings.retry.max_generic_attempts, clock=clock)
@@ -64,8 +67,9 @@ class Routes:
     def dispatch(self, stats: CycleStats) -> None:
         """Send what is due, one institution after the other (each keeps the shared pool busy);
         what holds one back is noted per institution in ``stats.paused``."""
-        if len(self.codes) > 1:
+        if len(self.codes) > 1 or not self._strays_checked:
             stats.invalid += self._store.queue.park_unrouted(self.codes, now=self._clock())
+            self._strays_checked = True
         paused: list[str] = []
         for code, dispatcher in self.dispatchers.items():
             if self._stop.is_set():

@@ -212,3 +212,40 @@ def test_the_alliance_demo_sends_each_members_visits_under_its_own_account(tmp_p
     text = out.getvalue()
     assert "510115 " in text and "510115002 " in text and "FAQ 14 mismatches 0" in text
     assert "demo finished as expected" in text
+
+
+def test_rows_of_an_institution_no_longer_in_the_settings_are_parked_not_left_waiting(tmp_path: Path) -> None:
+    """An outbox kept from an earlier configuration (institution.code renamed, a member removed):
+    its due rows have no credentials to go with; they are parked with the fix, never lost."""
+    from dataclasses import replace
+
+    from sync.intake import incoming
+    from tests.support import write_settings
+
+    with Simulator(SimConfig()) as sim:
+        his = His(f"sqlite:///{tmp_path / 'his.db'}")
+        settings = write_settings(tmp_path / "settings.yaml", his_url=his.url,
+                                  outbox_url=f"sqlite:///{tmp_path / 'outbox.db'}", base_url=sim.url)
+        store = Store(settings.outbox.url.get_secret_value())
+        store.ensure_schema()
+        today = his_now().date()
+        row = {**visits(1, 1, seed=11)[0]}
+        canonical = {
+            "lsh": row["serial_no"], "code": row["visit_no"], "card_type": row["id_type"], "card_no": row["id_no"],
+            "visit_type": row["kind"], "enter_date": row["admitted"], "leave_date": row["discharged"],
+            "key_crowd": row["is_key"], "icd_name": row["diag_name"], "icd_code": row["diag_code"],
+            "total_fee": row["total"], "ins_fee": row["insurance"], "total_prepayment": row["deposit"],
+            "deficient_fee": row["owed"], "settlement_date": row["settled"], "changed_at": row["changed"],
+        }
+        item = incoming(canonical, key_crowd=settings.key_crowd, today=today)
+        store.queue.enqueue([replace(item, institution="old-member")], now=his_now())
+        pipeline = make_pipeline(settings, store)
+        try:
+            stats = pipeline.cycle()
+        finally:
+            pipeline.close()
+        (parked,) = store.problems(["invalid"])
+        assert stats.invalid == 1 and sim.all_records() == {}
+        assert parked["institution"] == "old-member" and "add it to institutions:" in parked["last_error"]
+        store.dispose()
+        his.dispose()
