@@ -102,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     sh.add_argument("lsh", metavar="LSH", help="就诊流水号 / the visit's serial number")
     sh.add_argument("--unmask", action="store_true", help="显示完整证件号 / show ID numbers in full (masked by default)")
     sh.add_argument("--json", action="store_true", help="机器可读输出 / machine-readable output")
+    sh.add_argument("--institution", metavar="CODE",
+                    help="医共体：该机构的就诊 / in an alliance: that institution's visit (default: the first found)")
     rt = add("retry", "立即重新排队 / requeue records now")
     grp = rt.add_mutually_exclusive_group(required=True)
     grp.add_argument("--lsh", nargs="+", metavar="LSH", help="这些流水号 / these visits")
@@ -409,14 +411,15 @@ def cmd_show(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     store = app.open_store(settings, create=False)
     try:
         store.ensure_schema()
-        row = store.visit(args.lsh)
+        row = store.visit(args.lsh, args.institution)
         if row is None:
             raise ConfigError(
                 f"outbox 中没有流水号 / no visit with lsh {args.lsh!r} in the outbox {store.url_for_humans}",
                 hint="check the lsh (it is case-sensitive); `crowd-sync failures --status skipped` lists the others "
                 "not sent; a visit the HIS query never returned is not in the outbox",
             )
-        attempts = store.attempts(args.lsh)
+        # An alliance: equal lsh of two institutions are two visits, each with its own story.
+        attempts = store.attempts(args.lsh, row["institution"] if len(settings.members) > 1 else None)
         labels = store.cached_labels(str(row["card_no"])) if row.get("card_no") else None
     finally:
         store.dispose()

@@ -199,15 +199,16 @@ class Store:
         with self.engine.connect() as conn:
             return history.problems(conn, statuses, since=None if since is None else utc(since))
 
-    def visit(self, lsh: str) -> dict[str, Any] | None:
-        """The whole outbox row of one visit; None when the outbox has none."""
+    def visit(self, lsh: str, institution: str | None = None) -> dict[str, Any] | None:
+        """The whole outbox row of one visit (of ``institution``: lsh is unique only within one;
+        None: the first); None when the outbox has none."""
         with self.engine.connect() as conn:
-            return history.visit(conn, lsh)
+            return history.visit(conn, lsh, institution)
 
-    def attempts(self, lsh: str) -> list[dict[str, Any]]:
-        """Each attempt kept for one visit, oldest first (``sync_attempt``)."""
+    def attempts(self, lsh: str, institution: str | None = None) -> list[dict[str, Any]]:
+        """Each attempt kept for one visit (of ``institution``, when given), oldest first (``sync_attempt``)."""
         with self.engine.connect() as conn:
-            return history.attempts(conn, lsh)
+            return history.attempts(conn, lsh, institution)
 
     def cached_labels(self, card_no: str) -> dict[str, Any] | None:
         """What the label cache holds for one person (codes, key_crowd, fetched_at)."""

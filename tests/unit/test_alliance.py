@@ -249,3 +249,22 @@ def test_rows_of_an_institution_no_longer_in_the_settings_are_parked_not_left_wa
         assert parked["institution"] == "old-member" and "add it to institutions:" in parked["last_error"]
         store.dispose()
         his.dispose()
+
+
+def test_show_tells_the_story_of_each_institutions_visit_with_the_same_lsh(
+    alliance: Alliance, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sync import cli
+
+    alliance.his.insert_alliance(TEST_ORG_ID, visits(1, 1, seed=12))
+    broken = visits(1, 1, seed=13)
+    broken[0]["owed"] = broken[0]["total"] + 1  # parked invalid: a story of its own
+    alliance.his.insert_alliance(TOWNSHIP, broken)
+    alliance.pipeline.cycle()
+    config = str(alliance.settings.source_path)
+    capsys.readouterr()
+    for code, status in ((TEST_ORG_ID, "sent"), (TOWNSHIP, "invalid")):
+        assert cli.main(["show", "LSH000001", "--institution", code, "--json", "--config", config]) == 0
+        story = json.loads(capsys.readouterr().out)
+        assert story["status"] == status
+        assert [a["outcome"] for a in story["attempts"]] == [status]
