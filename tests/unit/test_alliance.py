@@ -268,3 +268,53 @@ def test_show_tells_the_story_of_each_institutions_visit_with_the_same_lsh(
         story = json.loads(capsys.readouterr().out)
         assert story["status"] == status
         assert [a["outcome"] for a in story["attempts"]] == [status]
+
+
+@pytest.mark.parametrize("seed", [5, 17])
+def test_random_schedule_of_an_alliance_loses_nothing_and_crosses_no_accounts(alliance: Alliance, seed: int) -> None:
+    """Visits arrive for either member (equal lsh included) while keys are revoked and
+    restored per member, tokens revoked, the platform goes down and answers 504s. Once the
+    faults stop and the queue drains: each member holds exactly its own visits, as the HIS
+    holds them, and no upload ever reached the platform under the other member's account."""
+    from tests.support import expected_payload
+
+    rng = random.Random(seed)
+    his: dict[tuple[str, str], dict[str, object]] = {}
+    serial = {TEST_ORG_ID: 0, TOWNSHIP: 0}
+    sim = alliance.sim
+    for _ in range(40):
+        action = rng.choices(["visits", "cycle", "revoke", "restore", "tokens", "down", "flaky"],
+                             weights=[6, 10, 2, 2, 1, 1, 2])[0]
+        if action == "visits":
+            code = rng.choice([TEST_ORG_ID, TOWNSHIP])
+            first = serial[code] + 1
+            serial[code] += rng.randint(1, 4)
+            rows = visits(first, serial[code] - first + 1, seed=rng.randrange(10**6))
+            alliance.his.insert_alliance(code, rows)
+            his.update({(code, str(r["serial_no"])): r for r in rows})
+        elif action == "cycle":
+            alliance.pipeline.cycle()
+        elif action == "revoke":
+            sim.faults.app_key_revoked_for = {rng.choice([TEST_ORG_ID, TOWNSHIP])}
+        elif action == "restore":
+            sim.faults.app_key_revoked_for = set()
+        elif action == "tokens":
+            sim.revoke_tokens()
+        elif action == "down":
+            sim.faults.down = not sim.faults.down
+        else:
+            sim.faults.p_504 = rng.choice([0.0, 0.2])
+    sim.faults.clear()
+    sim.faults.app_key_revoked_for = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        alliance.pipeline.cycle()
+        counts = alliance.store.summary(now=alliance.pipeline.clock(), institutions=(TEST_ORG_ID, TOWNSHIP)).counts
+        if counts["sent"] == len(his):
+            break
+        nxt = alliance.pipeline.next_probe_at
+        time.sleep(0.3 if nxt is None else min(2.0, max(0.05, (nxt - alliance.pipeline.clock()).total_seconds())))
+    assert set(sim.all_records()) == set(his), "lost or unexpected visits"
+    for (code, lsh), v in his.items():
+        assert sim.records_of(code)[lsh] == expected_payload(v), f"{code}/{lsh} differs upstream"
+    assert sim.counters_of(TEST_ORG_ID)["key_mismatches"] == sim.counters_of(TOWNSHIP)["key_mismatches"] == 0
