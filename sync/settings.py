@@ -74,7 +74,8 @@ class Institution(_Model):
             if not counties.known(target)
         ]
         own = self.platform_county_code
-        if own is not None and not counties.known(own):
+        # An unedited placeholder is refused by name when the file is read: no warning beside it.
+        if own is not None and not counties.known(own) and not placeholders(own, "institution.county_code"):
             via = f" (mapped from {self.county_code!r})" if own != (self.county_code or "").strip() else ""
             problems.append(
                 f"institution.county_code: {own!r}{via} is not a county code of the platform (document section 5); "
@@ -356,7 +357,8 @@ def load(path: str | Path | None = None, *, env: dict[str, str] | None = None, p
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(
-            f"settings file {p} cannot be read: {exc}", hint="check its permissions and encoding (UTF-8)"
+            f"配置文件无法读取 / settings file {p} cannot be read: {exc}",
+            hint="检查文件权限和编码（UTF-8）/ check its permissions and encoding (UTF-8)",
         ) from None
     try:
         raw = yaml.safe_load(text)
@@ -423,8 +425,9 @@ def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "setti
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(
-            f"{source}: the top level must be a mapping of sections (upstream:, his:, ...), not a {type(raw).__name__}",
-            hint="start from the example settings.yaml",
+            f"{source}: 顶层须是各节的映射 / the top level must be a mapping of sections (upstream:, his:, ...), not a "
+            f"{type(raw).__name__}",
+            hint="以示例 settings.yaml 为起点 / start from the example settings.yaml",
         )
     data = _interpolate(raw, env, "", problems, reported)
     # A section whose keys are all commented out reads as null: it means "all defaults".
