@@ -99,7 +99,7 @@ class Halt:
                 return
             self.errors.append(
                 PlatformUnavailable(
-                    f"the platform refused {self._bad} requests in a row without a reason (last: {exc.message})",
+                    f"平台连续 {self._bad} 次拒收且未说明原因 / the platform refused {self._bad} requests in a row without a reason (last: {exc.message})",
                     hint="平台拒收所有请求且未说明原因，暂停发送并定时探测 / the platform refuses everything without a "
                     "reason: sending pauses and the platform is probed with back-off",
                     http_status=exc.http_status, platform_message=exc.platform_message,

@@ -526,8 +526,8 @@ def cmd_report(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
             write_private(Path(args.csv), report.csv_bytes(figures))
         except OSError as exc:
             raise ConfigError(
-                f"cannot write the CSV file {args.csv}: {exc.strerror or exc}",
-                hint="give --csv a path in a directory that exists and that you may write to",
+                f"无法写入 CSV 文件 / cannot write the CSV file {args.csv}: {exc.strerror or exc}",
+                hint="--csv 须指向已存在且可写的目录中的路径 / give --csv a path in a directory that exists and that you may write to",
             ) from None
         print(f"CSV: {args.csv}", file=out)
     return EXIT_OK

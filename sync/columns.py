@@ -92,9 +92,9 @@ def check_columns(columns: Iterable[str], *, need_key_crowd: bool, need_institut
             fix += " (needed by key_crowd.source: column), or set key_crowd.source: lookup"
         if column == "institution":
             fix += " (the code of each visit's institution, one of institutions[].code: the settings list several)"
-        problems.append(f"missing column {column}: {fix}")
-    problems.extend(f"unknown column {c}: remove or rename it" for c in extra)
-    problems.extend(f"column {c} appears more than once (names are case-insensitive): keep one" for c in twice)
+        problems.append(f"缺少列 / missing column {column}: {fix}")
+    problems.extend(f"未知列 / unknown column {c}: remove or rename it" for c in extra)
+    problems.extend(f"列重复 / column {c} appears more than once (names are case-insensitive): keep one" for c in twice)
     parts: list[str] = []
     if missing:
         parts.append("missing column(s) " + ", ".join(missing))
@@ -103,9 +103,9 @@ def check_columns(columns: Iterable[str], *, need_key_crowd: bool, need_institut
     if twice:
         parts.append("repeated column(s) " + ", ".join(twice))
     raise ConfigError(
-        "his.query returns the wrong columns: " + "; ".join(parts),
+        "his.query 返回的列不对 / his.query returns the wrong columns: " + "; ".join(parts),
         problems=problems,
-        hint="his.query must return these columns, in any case and order: "
+        hint="his.query 须返回下列列（大小写、顺序不限）/ his.query must return these columns, in any case and order: "
         + ", ".join(REQUIRED_COLUMNS)
         + (", key_crowd" if need_key_crowd else "")
         + (", institution" if need_institution else "")

@@ -57,6 +57,7 @@ _READ_ERRORS = (*_DB_ERRORS, UnicodeDecodeError, ValueError, OverflowError)
 MAX_UNREADABLE_ROWS = 50
 
 _QUERY_HINT = (
+    "把 :since 和 :until 填上后在 HIS 上手工运行 his.query，并去掉末尾的 ORDER BY 或 LIMIT / "
     "his.query runs as SELECT * FROM (<his.query>) q ORDER BY changed_at, lsh; run it by hand against the HIS "
     "with :since and :until filled in, and leave out a final ORDER BY or LIMIT (SQL Server and Oracle also "
     "refuse a leading WITH inside a subquery: use a derived table instead)"
@@ -395,13 +396,15 @@ class HisSource:
         if dberrors.is_refused(exc):
             log.error("his_connect_refused", url=self.display_url, error=message)
             return ConfigError(
-                f"the HIS database {self.display_url} refused the connection: {message}",
-                hint="check the user name, password and database name in his.url, and that this account may connect from this host",
+                f"HIS 数据库拒绝连接 / the HIS database {self.display_url} refused the connection: {message}",
+                hint="核对 his.url 中的用户名、密码和库名，以及该账号是否允许从本机连接 / check the user name, password and "
+                "database name in his.url, and that this account may connect from this host",
             )
         log.warning("his_unreachable", url=self.display_url, error=message)
         return TransientError(
-            f"cannot reach the HIS database {self.display_url}: {message}",
-            hint="check host and port in his.url, that the database is running, the firewall between the two hosts, and the credentials",
+            f"连不上 HIS 数据库 / cannot reach the HIS database {self.display_url}: {message}",
+            hint="核对 his.url 的主机和端口、数据库是否在运行、两台机器之间的防火墙 / check host and port in his.url, that "
+            "the database is running, the firewall between the two hosts, and the credentials",
         )
 
     def _error(self, exc: BaseException, *, doing: str) -> ConfigError | TransientError:
@@ -410,11 +413,12 @@ class HisSource:
             # The pool has already discarded an invalidated connection: the next poll reconnects.
             log.warning("his_connection_lost", url=self.display_url, doing=doing, error=message)
             return TransientError(
-                f"the HIS database connection failed while {doing}: {message}",
-                hint="retried at the next poll; if it keeps failing, check the network to the HIS and the database's timeouts",
+                f"HIS 数据库连接中断 / the HIS database connection failed while {doing}: {message}",
+                hint="下次轮询自动重试；持续失败时检查到 HIS 的网络和数据库的超时设置 / retried at the next poll; if it keeps "
+                "failing, check the network to the HIS and the database's timeouts",
             )
         log.error("his_query_rejected", url=self.display_url, doing=doing, error=message)
-        return ConfigError(f"the HIS database rejected his.query: {message}", hint=_QUERY_HINT)
+        return ConfigError(f"HIS 数据库拒绝执行 his.query / the HIS database rejected his.query: {message}", hint=_QUERY_HINT)
 
 
 def _parse_url(raw: str) -> URL:
@@ -422,7 +426,7 @@ def _parse_url(raw: str) -> URL:
         url = make_url(raw.strip())
     except sa.exc.ArgumentError:
         raise ConfigError(
-            "his.url is not a database URL",
+            "his.url 不是数据库 URL / his.url is not a database URL",
             hint="write it as dialect+driver://user:password@host:port/database, e.g. mysql+pymysql://reader:secret@10.0.0.5/his",
         ) from None
     register_secret(url.password if isinstance(url.password, str) else None)
@@ -481,10 +485,10 @@ def _create_engine(url: URL, his: His) -> Engine:
             hint = "install cx_Oracle, or use oracle+oracledb:// which needs no client libraries"
         else:
             hint = dberrors.install_hint(driver)
-        raise ConfigError(f"his.url {shown}: the database driver cannot be loaded ({exc})", hint=hint) from None
+        raise ConfigError(f"his.url {shown}: 无法加载数据库驱动 / the database driver cannot be loaded ({exc})", hint=hint) from None
     except (sa.exc.ArgumentError, TypeError, ValueError) as exc:
         raise ConfigError(
-            f"his.url {shown} is not usable: {redact(str(exc))}",
+            f"his.url {shown} 不可用 / is not usable: {redact(str(exc))}",
             hint="check the URL's driver options (the part after ?)",
         ) from None
     if backend in ("mysql", "mariadb", "postgresql"):
@@ -510,7 +514,7 @@ def _end_lost_stream(ctx: sa.engine.ExceptionContext) -> None:
 
 def _unknown_dialect(shown: str, drivername: str) -> ConfigError:
     return ConfigError(
-        f"his.url {shown}: unknown database dialect or driver {drivername!r}",
+        f"his.url {shown}: 未知的数据库类型或驱动 / unknown database dialect or driver {drivername!r}",
         hint="use one of mysql+pymysql, postgresql+psycopg2, oracle+oracledb, mssql+pymssql, sqlite",
     )
 

@@ -48,7 +48,7 @@ def institution_of(row: Mapping[str, Any], institutions: Sequence[str]) -> tuple
         return text, None
     said = f"{text!r}" if text else "empty" if value is None or text == "" else repr(value)
     reason = (
-        f"institution {said} is none of the settings' institutions[].code ({', '.join(institutions)}): "
+        f"机构编码 {said} 不在配置的 institutions 中 / institution {said} is none of the settings' institutions[].code ({', '.join(institutions)}): "
         "add that institution (its code, app key and account) to institutions:, or make his.query's "
         "institution column return one of these codes; then `crowd-sync retry --status invalid`"
     )

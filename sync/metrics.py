@@ -476,8 +476,9 @@ class MetricsServer:
             server = server_cls((host, port), _Handler)
         except OSError as exc:
             raise ConfigError(
-                f"metrics.listen {self.listen}: cannot listen ({exc.strerror or exc})",
-                hint="choose a free port on an address of this host, or set metrics.listen: null to turn metrics off",
+                f"metrics.listen {self.listen}: 无法监听 / cannot listen ({exc.strerror or exc})",
+                hint="换一个本机空闲端口，或设 metrics.listen: null 关闭 / choose a free port on an address of this host, or set "
+                "metrics.listen: null to turn metrics off",
             ) from None
         server.metrics = self.metrics
         self._server = server

@@ -74,7 +74,8 @@ class Institution(_Model):
             if not counties.known(target)
         ]
         own = self.platform_county_code
-        if own is not None and not counties.known(own):
+        # An unedited placeholder is refused by name when the file is read: no warning beside it.
+        if own is not None and not counties.known(own) and not placeholders(own, "institution.county_code"):
             via = f" (mapped from {self.county_code!r})" if own != (self.county_code or "").strip() else ""
             problems.append(
                 f"institution.county_code: {own!r}{via} is not a county code of the platform (document section 5); "
@@ -139,8 +140,10 @@ class Upstream(_Model):
         """(app key, username, password); ConfigError naming the setting when one is absent."""
         if self.app_key is None or self.username is None or self.password is None:
             raise ConfigError(
-                "the platform credentials are missing", hint="set upstream.app_key, upstream.username and "
-                "upstream.password, or list each institution with its own under institutions:",
+                "缺少平台凭据 / the platform credentials are missing",
+                hint="填写 upstream.app_key、username、password，或在 institutions: 中为每个机构填写 / set "
+                "upstream.app_key, upstream.username and upstream.password, or list each institution with its own "
+                "under institutions:",
             )
         return self.app_key.get_secret_value(), self.username, self.password.get_secret_value()
 
@@ -443,8 +446,9 @@ class Settings(_Model):
                 return m
         codes = ", ".join(m.code for m in members)
         raise ConfigError(
-            f"no institution {code!r} in the settings" if code else "there are several institutions: name one",
-            hint=f"pass --institution with one of: {codes}",
+            f"配置中没有机构 {code!r} / no institution {code!r} in the settings" if code
+            else "配置了多个机构，请指定一个 / there are several institutions: name one",
+            hint=f"用 --institution 指定 / pass --institution with one of: {codes}",
         )
 
     @property
@@ -476,7 +480,8 @@ def load(path: str | Path | None = None, *, env: dict[str, str] | None = None, p
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(
-            f"settings file {p} cannot be read: {exc}", hint="check its permissions and encoding (UTF-8)"
+            f"配置文件无法读取 / settings file {p} cannot be read: {exc}",
+            hint="检查文件权限和编码（UTF-8）/ check its permissions and encoding (UTF-8)",
         ) from None
     try:
         raw = yaml.safe_load(text)
@@ -510,8 +515,9 @@ def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "setti
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(
-            f"{source}: the top level must be a mapping of sections (upstream:, his:, ...), not a {type(raw).__name__}",
-            hint="start from the example settings.yaml",
+            f"{source}: 顶层须是各节的映射 / the top level must be a mapping of sections (upstream:, his:, ...), not a "
+            f"{type(raw).__name__}",
+            hint="以示例 settings.yaml 为起点 / start from the example settings.yaml",
         )
     data = interpolate(raw, env, "", problems, reported)
     # A section whose keys are all commented out reads as null: it means "all defaults".

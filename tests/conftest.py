@@ -1,4 +1,5 @@
-"""Shared fixtures: real MariaDB and PostgreSQL databases, created per test session.
+"""Shared fixtures: real MariaDB and PostgreSQL databases, created per test session; the
+built-in platform simulator; the process's logging set-up put back after a test changed it.
 
 Integration tests use the machine's servers for real. When a server is absent
 they are skipped with the reason, except in CI (CI=true) where absence fails.
@@ -6,6 +7,7 @@ they are skipped with the reason, except in CI (CI=true) where absence fails.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
@@ -13,6 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+import structlog
+
+from sync.upstream.simulator import SimConfig, Simulator
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -111,3 +116,22 @@ def any_db_url(request: pytest.FixtureRequest) -> str:
     """The same test on SQLite, MariaDB and PostgreSQL."""
     url: str = request.getfixturevalue(f"{request.param}_url")
     return url
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    """The built-in platform simulator on loopback, with the document's test institution."""
+    with Simulator(SimConfig()) as s:
+        yield s
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """``cli.main`` configures logging for a process; put this process's set-up back afterwards."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)

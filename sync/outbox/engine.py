@@ -71,7 +71,7 @@ def make_engine(url: str, *, create: bool = True) -> sa.Engine:
         parsed = sa.make_url(url.strip())
     except sa.exc.ArgumentError:
         raise ConfigError(
-            "outbox.url is not a database URL",
+            "outbox.url 不是数据库 URL / outbox.url is not a database URL",
             hint="write it as sqlite:////var/lib/crowd-sync/outbox.db, or dialect+driver://user:password@host:port/database",
         ) from None
     shown = parsed.render_as_string(hide_password=True)
@@ -79,12 +79,12 @@ def make_engine(url: str, *, create: bool = True) -> sa.Engine:
         return _engine_for(parsed, create=create)
     except sa.exc.NoSuchModuleError:
         raise ConfigError(
-            f"outbox.url {shown}: unknown database dialect or driver {parsed.drivername!r}",
+            f"outbox.url {shown}: 未知的数据库类型或驱动 / unknown database dialect or driver {parsed.drivername!r}",
             hint="use one of sqlite, mysql+pymysql, postgresql+psycopg2, oracle+oracledb, mssql+pymssql",
         ) from None
     except ImportError as exc:
         raise ConfigError(
-            f"outbox.url {shown}: the database driver cannot be loaded ({exc})",
+            f"outbox.url {shown}: 无法加载数据库驱动 / the database driver cannot be loaded ({exc})",
             hint=dberrors.install_hint(parsed.get_driver_name()),
         ) from None
 
@@ -115,8 +115,8 @@ def describe_error(exc: BaseException, url: str) -> ConfigError | TransientError
     # Only while connecting: "does not exist" later means a table, not the database.
     if getattr(exc, "statement", None) is None and dberrors.is_refused(exc):
         return ConfigError(
-            f"the outbox database {shown} refused the connection: {text}",
-            hint="check the user name, password and database name in outbox.url, and that this account may "
+            f"outbox 数据库拒绝连接 / the outbox database {shown} refused the connection: {text}",
+            hint="核对 outbox.url 中的用户名、密码和库名 / check the user name, password and database name in outbox.url, and that this account may "
             "connect from this host",
         )
     sqlite = parsed.get_backend_name() == "sqlite"
@@ -124,15 +124,15 @@ def describe_error(exc: BaseException, url: str) -> ConfigError | TransientError
         not sqlite and isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.DisconnectionError)
     ):
         return TransientError(
-            f"the outbox database {shown} is not reachable now: {text}",
-            hint="check that the database server is running and reachable from this host (host and port in "
+            f"outbox 数据库暂时连不上 / the outbox database {shown} is not reachable now: {text}",
+            hint="检查数据库是否在运行、能否从本机访问；服务会自动重试 / check that the database server is running and reachable from this host (host and port in "
             "outbox.url, the firewall); run the command again later, the service retries by itself",
         )
     if sqlite and any(t in text.lower() for t in _SQLITE_FILE_ERRORS):
         path = Path(parsed.database or "").expanduser()
         return ConfigError(
-            f"the outbox database file {path} cannot be used: {text}",
-            hint="check outbox.url; the file and its directory must be readable and writable by the user that "
+            f"outbox 数据库文件不可用 / the outbox database file {path} cannot be used: {text}",
+            hint="核对 outbox.url；文件及其目录须可被运行 crowd-sync 的用户读写 / check outbox.url; the file and its directory must be readable and writable by the user that "
             f"runs crowd-sync (ls -ld {path.parent} {path}; the service runs as crowd-sync), and the file must be "
             "a crowd-sync outbox",
         )
@@ -175,8 +175,8 @@ def _engine_for(parsed: sa.URL, *, create: bool) -> sa.Engine:
         path = Path(parsed.database)  # as SQLite opens it (no ~ expansion)
         if not create and not path.is_file():
             raise ConfigError(
-                f"the outbox database file {path} does not exist" + _missing_parent(path),
-                hint="check outbox.url (a relative path is relative to the settings file's directory, "
+                f"outbox 数据库文件不存在 / the outbox database file {path} does not exist" + _missing_parent(path),
+                hint="核对 outbox.url；只读命令不会新建 outbox，服务首次运行或 `crowd-sync migrate` 会建 / check outbox.url (a relative path is relative to the settings file's directory, "
                 "the service's is sqlite:////var/lib/crowd-sync/outbox.db); this command only reads the outbox "
                 "and never creates one: the service creates it at its first run, or `crowd-sync migrate` does",
             )
@@ -188,8 +188,8 @@ def _engine_for(parsed: sa.URL, *, create: bool) -> sa.Engine:
                     raise NotADirectoryError(errno.ENOTDIR, "a part of the path is a file", str(path.parent))
             except OSError as exc:
                 raise ConfigError(
-                    f"the outbox directory {path.parent} cannot be created: {exc.strerror or exc}",
-                    hint="check outbox.url: a part of that path may be a file, or the user running crowd-sync "
+                    f"无法创建 outbox 目录 / the outbox directory {path.parent} cannot be created: {exc.strerror or exc}",
+                    hint="核对 outbox.url：路径中可能有一段是文件，或运行用户无写权限 / check outbox.url: a part of that path may be a file, or the user running crowd-sync "
                     "may not write there (the service runs as crowd-sync in /var/lib/crowd-sync)",
                 ) from None
         engine = sa.create_engine(parsed, connect_args={"timeout": 30}, pool_size=POOL_SIZE, hide_parameters=True)

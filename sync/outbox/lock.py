@@ -164,8 +164,8 @@ class InstanceLock:
             raise
         except sa.exc.SQLAlchemyError as exc:
             raise TransientError(
-                f"the instance lock {self.name} was lost and cannot be taken again now: {type(exc).__name__}",
-                hint="nothing is sent until it is; check that the outbox database is reachable",
+                f"实例锁丢失且暂时无法重新获取 / the instance lock {self.name} was lost and cannot be taken again now: {type(exc).__name__}",
+                hint="重新获取前不发送任何记录；检查 outbox 数据库能否访问 / nothing is sent until it is; check that the outbox database is reachable",
             ) from None
         log.warning("instance_lock_reacquired", lock=self.name, command=self.command)
 

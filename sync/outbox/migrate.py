@@ -22,7 +22,7 @@ from sync.outbox.schema import sync_outbox
 log = structlog.get_logger(__name__)
 
 VERSION_TABLE = "sync_schema_version"
-_MIGRATE_HINT = "run `crowd-sync migrate`"
+_MIGRATE_HINT = "运行 / run `crowd-sync migrate`"
 
 
 def _alembic_config(output: io.StringIO | None = None) -> Config:
@@ -87,18 +87,19 @@ def ensure_schema(engine: sa.Engine, *, create: bool, shown: str) -> None:
                 return
             if has_tables:
                 raise ConfigError(
-                    f"the outbox database {shown} has crowd-sync tables but no schema version "
+                    f"outbox 数据库有 crowd-sync 的表但没有结构版本 / the outbox database {shown} has crowd-sync tables but no schema version "
                     f"in {VERSION_TABLE}, this version needs {head}",
                     hint=f"if the schema is complete, record it with `alembic stamp {head}`; "
                     "otherwise point outbox.url at an empty database and run `crowd-sync migrate`",
                 )
         elif current not in _known_revisions():
             raise ConfigError(
-                f"the outbox schema is at {current}, newer than this version of crowd-sync knows (it needs {head})",
-                hint="upgrade crowd-sync to the version that migrated this database",
+                f"outbox 结构比本版本 crowd-sync 新 / the outbox schema is at {current}, newer than this version of crowd-sync "
+                f"knows (it needs {head})",
+                hint="把 crowd-sync 升级到迁移过该库的版本 / upgrade crowd-sync to the version that migrated this database",
             )
     raise ConfigError(
-        f"the outbox schema is at {current or 'none (empty database)'}, this version needs {head}",
+        f"outbox 结构需要升级 / the outbox schema is at {current or 'none (empty database)'}, this version needs {head}",
         hint=_MIGRATE_HINT,
     )
 

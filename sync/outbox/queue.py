@@ -214,7 +214,7 @@ class Queue:
             rows = []
             for institution, lshs in by_institution((k.institution, k.lsh) for k in keys).items():
                 reason = (
-                    f"institution {institution!r} is none of the settings' institutions[].code "
+                    f"机构 {institution!r} 不在配置中 / institution {institution!r} is none of the settings' institutions[].code "
                     f"({', '.join(institutions)}): add it to institutions: with its own app key and account, "
                     "then `crowd-sync retry --status invalid`"
                 )

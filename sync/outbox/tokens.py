@@ -110,8 +110,8 @@ class DbTokenStore:
                     return tok
             except TimeoutError as exc:
                 raise TransientError(
-                    f"the platform login is held up: {exc}",
-                    hint="another crowd-sync process is logging in; it is retried at the next cycle",
+                    f"平台登录被阻塞 / the platform login is held up: {exc}",
+                    hint="另一个 crowd-sync 进程正在登录，下个周期重试 / another crowd-sync process is logging in; it is retried at the next cycle",
                 ) from None
 
     def _renew_holding_the_row(self, stale: str | None, login: Callable[[], Token]) -> Token:

@@ -132,7 +132,7 @@ class Client:
             # Whatever else a login answers (an outage, 中间请求异常, no token), it says nothing
             # about any record: sending waits for the platform.
             raise PlatformUnavailable(
-                f"login failed: {error.message}", hint=error.hint or NETWORK_FIX, http_status=answer.http_status,
+                f"登录失败 / login failed: {error.message}", hint=error.hint or NETWORK_FIX, http_status=answer.http_status,
                 platform_message=error.platform_message,
             )
         register_secret(token_value)
@@ -245,7 +245,7 @@ class Client:
             kicks = len(self._kicks)
         if kicks >= KICKS_TO_PAUSE:
             raise ConfigError(
-                f"the platform pushed this account's token out {kicks} times within "
+                f"该账号的令牌被挤掉 {kicks} 次 / the platform pushed this account's token out {kicks} times within "
                 f"{KICK_WINDOW_S / 60:g} minutes: another program is logging in with upstream.username "
                 f"{self._username!r} (FAQ 4)",
                 hint=faq(4).fix + "；停止另一个程序或为其申请单独账号后，发送自动恢复 / stop the other program or "

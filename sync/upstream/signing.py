@@ -128,8 +128,8 @@ def event_code(env: Env, endpoint: EndpointName, overrides: EventCodes | None = 
         return DOCUMENT_EVENT_CODES[env][endpoint]
     except KeyError:
         raise ConfigError(
-            f"no event code for endpoint {endpoint!r} in environment {env!r}",
-            hint="upstream.env must be test or prod",
+            f"没有该接口的 event code / no event code for endpoint {endpoint!r} in environment {env!r}",
+            hint="upstream.env 须为 test 或 prod / upstream.env must be test or prod",
         ) from None
 
 

@@ -350,6 +350,7 @@ class Faults:
     trickle_s: float = 0.0
     down: bool = False
     down_with: str = "503"  # what `down` answers: "503" or "502" (nginx's HTML pages), "reset"
+    no_date: bool = False  # answers carry no Date header, as some gateways strip it
     app_key_revoked: bool = False  # every app key answers FAQ 1
     # Institution codes whose app key is revoked: only their requests answer FAQ 1.
     app_key_revoked_for: set[str] = field(default_factory=set)
@@ -675,7 +676,7 @@ class _Handler(BaseHTTPRequestHandler):
         head = [
             f"{self.protocol_version} {answer.status} {reason}",
             f"Server: {self.server_version}",
-            f"Date: {self.date_time_string()}",
+            *([] if sim.faults.no_date else [f"Date: {self.date_time_string()}"]),
             f"Content-Type: {answer.content_type}",
             f"Content-Length: {len(answer.body)}",
             f"Connection: {'close' if self.close_connection else 'keep-alive'}",

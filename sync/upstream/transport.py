@@ -81,8 +81,8 @@ class RateLimiter:
             wait = 0.0 if self._tokens >= 1 else (1 - self._tokens) / self._rate
             if deadline is not None and now + wait > deadline:
                 raise TransientError(
-                    "too many requests queued for upstream.rate_limit_per_s to send this one in time",
-                    hint="raise upstream.rate_limit_per_s or lower upstream.concurrency",
+                    "排队请求太多，按 upstream.rate_limit_per_s 无法按时发出 / too many requests queued for upstream.rate_limit_per_s to send this one in time",
+                    hint="调高 upstream.rate_limit_per_s 或调低 upstream.concurrency / raise upstream.rate_limit_per_s or lower upstream.concurrency",
                 )
             # Reserve now (the balance may go negative): later callers queue behind this one.
             self._tokens -= 1
@@ -311,14 +311,14 @@ class Transport:
                     response.close()
             except requests.exceptions.SSLError as exc:
                 raise ConfigError(
-                    f"TLS verification of {self._up.base_url} failed ({type(exc).__name__})",
+                    f"TLS 证书校验失败 / TLS verification of {self._up.base_url} failed ({type(exc).__name__})",
                     hint="设置 upstream.ca_bundle 为医院/平台的 CA 证书 / set upstream.ca_bundle to the CA "
                     "certificate file (verify_tls: false only as a last resort)",
                 ) from None
             except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
                 raise ConfigError(
-                    f"upstream.base_url {self._up.base_url!r} is not a usable URL ({type(exc).__name__})",
-                    hint="e.g. http://11.6.226.2:9091",
+                    f"upstream.base_url {self._up.base_url!r} 不是可用的地址 / is not a usable URL ({type(exc).__name__})",
+                    hint="例如 / e.g. http://11.6.226.2:9091",
                 ) from None
             except (requests.exceptions.RequestException, OSError, TransientError) as exc:
                 # Never chain the original: its text holds the signed URL.

@@ -219,6 +219,14 @@ def test_check_tests_the_platform_with_the_shared_token_and_never_logs_in_anew(w
     assert "[ OK ] label lookup" not in offline.stdout
 
 
+def test_check_warns_when_the_platform_clock_cannot_be_compared(world: Path, sim: Simulator) -> None:
+    sim.faults.no_date = True  # a gateway that strips the Date header
+    r = cli(world, "check")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[WARN] clock: 平台应答没有 Date 头，无法比较时钟" in r.stdout and "chrony/ntp" in r.stdout
+    assert "[ OK ] clock" not in r.stdout
+
+
 def test_check_fails_an_unreachable_platform_naming_host_and_cause(world: Path) -> None:
     with socket.socket() as closed:  # bound, never listening: refuses connections
         closed.bind(("127.0.0.1", 0))

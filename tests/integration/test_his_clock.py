@@ -18,7 +18,7 @@ from sync.app import make_pipeline
 from sync.doctor import run_checks
 from sync.outbox.store import Store
 from sync.settings import Settings
-from sync.upstream.simulator import SimConfig, Simulator
+from sync.upstream.simulator import Simulator
 from tests.support import His, capture_all_logs, his_now, make_visit, write_settings
 
 
@@ -51,12 +51,6 @@ class Site:
     def close(self) -> None:
         self.pipeline.close()
         self.store.dispose()
-
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator(SimConfig()) as s:
-        yield s
 
 
 @pytest.fixture

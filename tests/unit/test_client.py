@@ -54,12 +54,6 @@ def record(lsh: str = "ZY2024000001", **overrides: Any) -> str:
 
 
 @pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator() as s:
-        yield s
-
-
-@pytest.fixture
 def client(sim: Simulator) -> Iterator[Client]:
     c = Client(settings(sim), MemoryTokenStore())
     yield c

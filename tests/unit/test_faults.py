@@ -5,105 +5,20 @@ driven cycle by cycle (with a controllable clock where simulated time is needed)
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 
 from sync import cli
-from sync.app import make_client, make_pipeline
 from sync.outbox.schema import sync_outbox
-from sync.outbox.store import Store
-from sync.settings import Settings
 from sync.stats import CycleStats
 from sync.upstream.simulator import SimConfig, Simulator
-from tests.support import His, capture_all_logs, expected_payload, his_now, make_visit, write_settings
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-def _past(minutes: float) -> datetime:
-    return his_now() - timedelta(minutes=minutes)
-
-
-class FakeClock:
-    """Outbox time the test moves by hand: naive UTC, as the Pipeline's clock returns."""
-
-    def __init__(self, start: datetime) -> None:
-        self.now = start
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-class World:
-    """A HIS, an outbox, a client and a pipeline against one simulator."""
-
-    def __init__(
-        self, tmp: Path, sim: Simulator, *, clock: FakeClock | None = None, **overrides: dict[str, object]
-    ) -> None:
-        self.sim = sim
-        self.settings_path = tmp / "settings.yaml"
-        self.his = His(f"sqlite:///{tmp / 'his.db'}")
-        self.settings: Settings = write_settings(
-            self.settings_path, his_url=self.his.url, outbox_url=f"sqlite:///{tmp / 'outbox.db'}",
-            base_url=sim.url, overrides=overrides,
-        )
-        self.store = Store(self.settings.outbox.url.get_secret_value(), lease_s=60)
-        self.store.ensure_schema()
-        self.client = make_client(self.settings, self.store)
-        if clock is None:
-            self.pipeline = make_pipeline(self.settings, self.store, client=self.client)
-        else:
-            self.pipeline = make_pipeline(self.settings, self.store, client=self.client, clock=clock)
-
-    def rows(self) -> dict[str, dict[str, Any]]:
-        with self.store.engine.connect() as conn:
-            return {r["lsh"]: dict(r) for r in conn.execute(sa.select(sync_outbox)).mappings()}
-
-    def counts(self) -> dict[str, int]:
-        return self.store.summary(now=_utcnow()).counts
-
-    def waiting(self) -> int:
-        counts = self.counts()
-        return counts["pending"] + counts["failed"]
-
-    def login_now(self) -> None:
-        """Put a token in the shared store, so the next request is the one under test."""
-        self.store.token_store().renew(None, self.client.login)
-
-    def close(self) -> None:
-        self.pipeline.close()
-        self.store.dispose()
-        self.his.dispose()
-
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator(SimConfig()) as s:
-        yield s
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """``cli.main`` configures logging for a process; put this process's set-up back afterwards."""
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    structlog.configure(**saved)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
+from tests.support import capture_all_logs, expected_payload, make_visit
+from tests.world import FakeClock, World, past, utcnow
 
 # -- 1. a flaky platform ------------------------------------------------------------------
 
@@ -122,7 +37,7 @@ def test_flaky_platform_with_token_storms_delivers_everything_with_few_logins(tm
             upstream={"concurrency": 4, "timeout_s": 5, "token_ttl_h": 12},
             retry={"first_delay_s": 0.05, "max_delay_s": 0.2},
         )
-        visits = [make_visit(n, changed=_past(400 - n)) for n in range(1, 301)]
+        visits = [make_visit(n, changed=past(400 - n)) for n in range(1, 301)]
         w.his.insert(visits)
 
         kicks = 0
@@ -199,7 +114,7 @@ def test_trickled_answer_is_cut_at_the_deadline_then_sent_when_the_server_recove
 ) -> None:
     w = World(tmp_path, sim, upstream={"timeout_s": 2, "concurrency": 1}, retry={"first_delay_s": 0.2})
     try:
-        visit = make_visit(1, changed=_past(10))
+        visit = make_visit(1, changed=past(10))
         w.his.insert([visit])
         w.login_now()
         sim.faults.trickle_s = 1.0  # one byte a second: a read timeout alone would never fire
@@ -220,7 +135,7 @@ def test_trickled_answer_is_cut_at_the_deadline_then_sent_when_the_server_recove
         sim.faults.trickle_s = 0.0
         next_probe = w.pipeline.next_probe_at
         assert next_probe is not None
-        time.sleep(max(0.0, (next_probe - _utcnow()).total_seconds()) + 0.05)
+        time.sleep(max(0.0, (next_probe - utcnow()).total_seconds()) + 0.05)
         stats = w.pipeline.cycle()
 
         assert stats.sent == 1 and w.rows()["LSH000001"]["status"] == "sent"
@@ -236,11 +151,11 @@ def test_trickled_answer_is_cut_at_the_deadline_then_sent_when_the_server_recove
 def test_hours_of_downtime_charge_no_record_probe_politely_and_drain_when_back(
     tmp_path: Path, sim: Simulator
 ) -> None:
-    clock = FakeClock(_utcnow())
+    clock = FakeClock(utcnow())
     start = clock.now
     w = World(tmp_path, sim, clock=clock, retry={"first_delay_s": 30, "max_delay_s": 3600})
     try:
-        visits = [make_visit(n, changed=_past(60 - n)) for n in range(1, 41)]
+        visits = [make_visit(n, changed=past(60 - n)) for n in range(1, 41)]
         w.his.insert(visits)
         w.login_now()
         sim.faults.down = True
@@ -286,7 +201,7 @@ def test_dead_rows_of_earlier_versions_come_back_on_retry(
 ) -> None:
     w = World(tmp_path, sim)
     try:
-        visits = [make_visit(n, changed=_past(30 - n)) for n in range(1, 4)]
+        visits = [make_visit(n, changed=past(30 - n)) for n in range(1, 4)]
         w.his.insert(visits)
         w.login_now()
         sim.faults.down = True
@@ -316,7 +231,7 @@ def test_revoked_app_key_mid_run_pauses_at_once_without_burning_attempts_then_re
     concurrency = 4
     w = World(tmp_path, sim, upstream={"concurrency": concurrency})
     try:
-        visits = [make_visit(n, changed=_past(300 - n)) for n in range(1, 201)]
+        visits = [make_visit(n, changed=past(300 - n)) for n in range(1, 201)]
         w.his.insert(visits)
         w.login_now()
         sim.faults.latency_s = 0.02  # the backlog takes a second: time for the key to be revoked mid-batch
@@ -398,10 +313,10 @@ def test_a_payload_that_crashes_the_upload_is_parked_invalid_after_three_crashes
     """A DBA edits a pending row's payload into broken JSON: the upload path raises where no
     platform answer is involved. It used to be released and crash again every cycle, for ever,
     never gaining an attempt or a status."""
-    clock = FakeClock(_utcnow())
+    clock = FakeClock(utcnow())
     w = World(tmp_path, sim, clock=clock)
     try:
-        w.his.insert([make_visit(1, changed=_past(5)), make_visit(2, changed=_past(4))])
+        w.his.insert([make_visit(1, changed=past(5)), make_visit(2, changed=past(4))])
         w.pipeline.poll(CycleStats())
         with w.store.engine.begin() as conn:
             conn.execute(sa.update(sync_outbox).where(sync_outbox.c.lsh == "LSH000001").values(payload='{"lsh": "LSH0'))

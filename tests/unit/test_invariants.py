@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -37,7 +35,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 
 from sync import cli
 from sync.app import make_client, make_pipeline
@@ -314,17 +311,6 @@ def _verdict(run: Run) -> None:
         assert r["lease_owner"] is None, lsh
         if want == "sent":
             assert r["last_answer"] in ("新增成功", "修改成功"), (lsh, r["last_answer"])
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    structlog.configure(**saved)
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.parametrize("seed", _seeds())

@@ -14,14 +14,8 @@ import sqlalchemy as sa
 from sync.app import make_client, make_pipeline
 from sync.outbox.store import Store
 from sync.settings import Settings
-from sync.upstream.simulator import TEST_IDS, SimConfig, Simulator
+from sync.upstream.simulator import TEST_IDS, Simulator
 from tests.support import His, expected_payload, his_now, make_visit, write_settings
-
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator(SimConfig()) as s:
-        yield s
 
 
 class World:

@@ -68,7 +68,6 @@ schedule:
 retry:
   first_delay_s: 10
   max_delay_s: 600
-  give_up_after_h: 48
   max_generic_attempts: 3
 log:
   format: console
@@ -150,7 +149,7 @@ def test_full_settings_file_is_read_as_written(tmp_path: Path) -> None:
     assert s.schedule.reconcile_time.hour == 3
     assert s.schedule.reconcile_time.minute == 15
     assert (s.schedule.poll_every_s, s.schedule.reconcile_days) == (60, 45)
-    assert (s.retry.first_delay_s, s.retry.max_delay_s, s.retry.give_up_after_h) == (10, 600, 48)
+    assert (s.retry.first_delay_s, s.retry.max_delay_s) == (10, 600)
     assert s.retry.max_generic_attempts == 3
     assert (s.log.format, s.log.level) == ("console", "debug")
     assert s.metrics.listen == "127.0.0.1:9464"

@@ -181,12 +181,6 @@ def _dumps(record: dict[str, Any]) -> bytes:
 
 
 @pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator() as s:
-        yield s
-
-
-@pytest.fixture
 def decoded_sim() -> Iterator[Simulator]:
     with Simulator(SimConfig(key_form="decoded")) as s:
         yield s

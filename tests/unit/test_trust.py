@@ -8,107 +8,45 @@ Real simulator over loopback, SQLite HIS and outbox, the Pipeline driven cycle b
 from __future__ import annotations
 
 import json
-import logging
 import random
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-import structlog
 
 from sync import cli, intake
-from sync.app import make_client, make_pipeline
+from sync.app import make_pipeline
 from sync.outbox.model import Status
-from sync.outbox.schema import sync_outbox
 from sync.outbox.store import Store
-from sync.settings import Settings
 from sync.stats import CycleStats
 from sync.upstream.client import KICKS_TO_PAUSE
 from sync.upstream.signing import ENDPOINTS
-from sync.upstream.simulator import TEST_IDS, TEST_USERNAME, SimConfig, Simulator
-from tests.support import His, capture_all_logs, expected_payload, his_now, id_number, make_visit, write_settings
+from sync.upstream.simulator import TEST_IDS, TEST_USERNAME, Simulator
+from tests.support import capture_all_logs, expected_payload, his_now, id_number, make_visit
+from tests.world import World as BaseWorld
+from tests.world import past, utcnow
 
 UPLOAD_PATH = ENDPOINTS["upload"].path
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-def _past(minutes: float) -> datetime:
-    return his_now() - timedelta(minutes=minutes)
-
-
-class World:
-    """A HIS, an outbox, a client and a pipeline against one simulator."""
+class World(BaseWorld):
+    """The installation as `run` and `once` drive it: the only sender (leases of a dead
+    process come back at once), long leases, quick retries."""
 
     def __init__(self, tmp: Path, sim: Simulator, **overrides: dict[str, object]) -> None:
-        self.sim = sim
-        self.tmp = tmp
-        self.settings_path = tmp / "settings.yaml"
-        self.his = His(f"sqlite:///{tmp / 'his.db'}")
         overrides.setdefault("retry", {"first_delay_s": 0.05, "max_delay_s": 0.5})
-        self.settings: Settings = write_settings(
-            self.settings_path, his_url=self.his.url, outbox_url=f"sqlite:///{tmp / 'outbox.db'}",
-            base_url=sim.url, overrides=overrides,
-        )
-        self.store = Store(self.settings.outbox.url.get_secret_value(), lease_s=300)
-        self.store.ensure_schema()
-        self.client = make_client(self.settings, self.store)
-        self.pipeline = make_pipeline(self.settings, self.store, client=self.client, sole_sender=True)
-
-    def rows(self) -> dict[str, dict[str, Any]]:
-        with self.store.engine.connect() as conn:
-            return {r["lsh"]: dict(r) for r in conn.execute(sa.select(sync_outbox)).mappings()}
-
-    def counts(self) -> dict[str, int]:
-        return self.store.summary(now=_utcnow()).counts
-
-    def login_now(self) -> None:
-        self.store.token_store().renew(None, self.client.login)
-
-    def uploads(self) -> list[dict[str, Any]]:
-        """Every upload body the platform received, in order."""
-        return [json.loads(r.body) for r in list(self.sim.requests_log) if r.path == UPLOAD_PATH]
-
-    def cli(self, *args: str) -> int:
-        return cli.main([*args, "--config", str(self.settings_path)])
-
-    def close(self) -> None:
-        self.pipeline.close()
-        self.store.dispose()
-        self.his.dispose()
-
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator(SimConfig()) as s:
-        yield s
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """``cli.main`` configures logging for a process; put this process's set-up back afterwards."""
-    saved = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    structlog.configure(**saved)
-    root.handlers[:] = handlers
-    root.setLevel(level)
+        super().__init__(tmp, sim, lease_s=300, sole_sender=True, **overrides)
 
 
 def _wait_probe(w: World) -> None:
     nxt = w.pipeline.next_probe_at
     if nxt is not None:
-        time.sleep(max(0.0, (nxt - _utcnow()).total_seconds()) + 0.02)
+        time.sleep(max(0.0, (nxt - utcnow()).total_seconds()) + 0.02)
 
 
 # -- 1. the key-population decision ----------------------------------------------------------------
@@ -125,8 +63,8 @@ def test_a_failed_lookup_never_lets_another_visit_of_that_person_through(
     person = id_number(random.Random(3))
     w = World(tmp_path, sim, key_crowd={"source": "lookup"})
     try:
-        visits = [make_visit(n, changed=_past(40 - n), id_no=person, is_key=None) for n in range(1, 4)]
-        visits += [make_visit(n, changed=_past(40 - n), id_no=TEST_IDS[0], is_key=None) for n in range(4, 6)]
+        visits = [make_visit(n, changed=past(40 - n), id_no=person, is_key=None) for n in range(1, 4)]
+        visits += [make_visit(n, changed=past(40 - n), id_no=TEST_IDS[0], is_key=None) for n in range(4, 6)]
         w.his.insert(visits)
         w.login_now()
         sim.faults.labels_fail = {person: fault}
@@ -165,8 +103,8 @@ def test_a_requeued_skipped_visit_is_decided_again_never_sent_as_not_key(
     w = World(tmp_path, sim, key_crowd={"source": "lookup"})
     try:
         w.his.insert([
-            make_visit(1, changed=_past(20), id_no=NOT_KEY, is_key=None),
-            make_visit(2, changed=_past(19), id_no=TEST_IDS[0], is_key=None),
+            make_visit(1, changed=past(20), id_no=NOT_KEY, is_key=None),
+            make_visit(2, changed=past(19), id_no=TEST_IDS[0], is_key=None),
         ])
         w.pipeline.cycle()
         assert w.rows()["LSH000001"]["status"] == "skipped"
@@ -197,7 +135,7 @@ def test_column_mode_requeue_of_a_skipped_visit_stays_home(
 ) -> None:
     w = World(tmp_path, sim)  # key_crowd.source: column
     try:
-        w.his.insert([make_visit(1, changed=_past(20), is_key="0"), make_visit(2, changed=_past(19))])
+        w.his.insert([make_visit(1, changed=past(20), is_key="0"), make_visit(2, changed=past(19))])
         w.pipeline.cycle()
         assert w.cli("retry", "--status", "skipped") == 0
         assert w.cli("retry", "--lsh", "LSH000001", "LSH000002") == 0
@@ -214,9 +152,9 @@ def test_upload_only_key_crowd_off_sends_known_non_key_as_0_and_unknown_never(tm
     try:
         unknown = id_number(random.Random(9))
         w.his.insert([
-            make_visit(1, changed=_past(20), id_no=NOT_KEY, is_key=None),
-            make_visit(2, changed=_past(19), id_no=TEST_IDS[0], is_key=None),
-            make_visit(3, changed=_past(18), id_no=unknown, is_key=None),
+            make_visit(1, changed=past(20), id_no=NOT_KEY, is_key=None),
+            make_visit(2, changed=past(19), id_no=TEST_IDS[0], is_key=None),
+            make_visit(3, changed=past(18), id_no=unknown, is_key=None),
         ])
         w.login_now()
         sim.faults.labels_fail = {unknown: "middle"}
@@ -238,7 +176,7 @@ def test_retry_of_an_invalid_row_validates_the_values_the_his_returned(
     w = World(tmp_path, sim)
     try:
         today = his_now().date()
-        good = make_visit(9, changed=_past(30))
+        good = make_visit(9, changed=past(30))
         canonical = {
             "lsh": "LSH000009", "code": good["visit_no"], "card_type": "10", "card_no": good["id_no"],
             "visit_type": good["kind"], "enter_date": good["admitted"], "leave_date": good["discharged"],
@@ -254,12 +192,12 @@ def test_retry_of_an_invalid_row_validates_the_values_the_his_returned(
         }
         items = [intake.incoming(r, key_crowd=w.settings.key_crowd, today=today) for r in rows.values()]
         assert {i.status for i in items} == {Status.INVALID}
-        w.store.queue.enqueue(items, now=_utcnow())
+        w.store.queue.enqueue(items, now=utcnow())
         # A row parked by an earlier version, in the old untyped form (bytes already hex text).
         legacy_json = json.dumps({**{k: str(v) for k, v in canonical.items()}, "lsh": "OLD1",
                                   "card_no": "510100198506020036"})
         w.store.queue.enqueue([replace(items[0], lsh="OLD1", payload_json=legacy_json, payload_hash="0" * 64)],
-                        now=_utcnow())
+                        now=utcnow())
         before = {lsh: r["last_error"] for lsh, r in w.rows().items()}
 
         assert w.cli("retry", "--status", "invalid") == 0
@@ -287,7 +225,7 @@ def test_only_the_documents_success_answers_make_a_record_sent(
 ) -> None:
     w = World(tmp_path, sim, upstream={"concurrency": 1})
     try:
-        visit = make_visit(1, changed=_past(10))
+        visit = make_visit(1, changed=past(10))
         w.his.insert([visit])
         w.login_now()
         sim.faults.fake = (kind,)
@@ -321,7 +259,7 @@ def test_an_outage_pauses_sending_charges_nothing_and_logs_in_once_per_step(
 ) -> None:
     w = World(tmp_path, sim, retry={"first_delay_s": 0.2, "max_delay_s": 1})
     try:
-        visits = [make_visit(n, changed=_past(60 - n)) for n in range(1, 43)]
+        visits = [make_visit(n, changed=past(60 - n)) for n in range(1, 43)]
         w.his.insert(visits)
         sim.faults.down = True
         sim.faults.down_with = down_with
@@ -373,7 +311,7 @@ def test_an_outage_pauses_sending_charges_nothing_and_logs_in_once_per_step(
 def test_once_during_an_outage_exits_75(tmp_path: Path, sim: Simulator, restore_logging: None) -> None:
     w = World(tmp_path, sim)
     try:
-        w.his.insert([make_visit(1, changed=_past(10))])
+        w.his.insert([make_visit(1, changed=past(10))])
         sim.faults.down = True
         assert w.cli("once") == cli.EXIT_TEMPFAIL
         sim.faults.down = False
@@ -384,7 +322,7 @@ def test_once_during_an_outage_exits_75(tmp_path: Path, sim: Simulator, restore_
 def test_a_record_the_platform_keeps_refusing_does_not_hold_up_the_others(tmp_path: Path, sim: Simulator) -> None:
     w = World(tmp_path, sim)
     try:
-        visits = [make_visit(n, changed=_past(40 - n)) for n in range(1, 21)]
+        visits = [make_visit(n, changed=past(40 - n)) for n in range(1, 21)]
         w.his.insert(visits)
         sim.faults.reject_lsh = {"LSH000003": "middle", "LSH000007": "invalid"}
         for _ in range(4):
@@ -402,7 +340,7 @@ def test_a_record_the_platform_keeps_refusing_does_not_hold_up_the_others(tmp_pa
 def test_the_platform_refusing_everything_pauses_sending(tmp_path: Path, sim: Simulator) -> None:
     w = World(tmp_path, sim)
     try:
-        w.his.insert(make_visit(n, changed=_past(60 - n)) for n in range(1, 43))
+        w.his.insert(make_visit(n, changed=past(60 - n)) for n in range(1, 43))
         w.login_now()
         sim.faults.p_fake = 1.0
         sim.faults.fake = ("middle",)
@@ -423,7 +361,7 @@ def test_leases_of_a_pipeline_that_died_mid_dispatch_are_taken_back_at_once(tmp_
     dead_store = Store(w.settings.outbox.url.get_secret_value(), lease_s=300)
     crashed = make_pipeline(w.settings, dead_store)
     try:
-        visits = [make_visit(n, changed=_past(60 - n)) for n in range(1, 41)]
+        visits = [make_visit(n, changed=past(60 - n)) for n in range(1, 41)]
         w.his.insert(visits)
         w.login_now()
         sim.faults.latency_s = 0.01
@@ -455,9 +393,9 @@ def test_leases_of_a_pipeline_that_died_mid_dispatch_are_taken_back_at_once(tmp_
 def test_only_the_instance_lock_holder_takes_other_leases(tmp_path: Path, sim: Simulator) -> None:
     w = World(tmp_path, sim)
     try:
-        w.his.insert([make_visit(1, changed=_past(10))])
+        w.his.insert([make_visit(1, changed=past(10))])
         w.pipeline.poll(CycleStats())
-        claimed = w.store.leases.claim_due(now=_utcnow(), limit=5, owner="elsewhere:1:dead")
+        claimed = w.store.leases.claim_due(now=utcnow(), limit=5, owner="elsewhere:1:dead")
         assert [c.lsh for c in claimed] == ["LSH000001"]
         other = make_pipeline(w.settings, w.store, client=w.client)  # not the lock holder
         try:
@@ -480,7 +418,7 @@ def test_first_production_login_pauses_with_the_web_sites_address(
 ) -> None:
     w = World(tmp_path, sim)
     try:
-        w.his.insert(make_visit(n, changed=_past(60 - n)) for n in range(1, 43))
+        w.his.insert(make_visit(n, changed=past(60 - n)) for n in range(1, 43))
         sim.config.password_change = {TEST_USERNAME}
         stats = w.pipeline.cycle()
         assert stats.paused and sim.counters["requests_login"] == 1
@@ -503,7 +441,7 @@ def test_another_program_logging_in_again_and_again_pauses_with_faq_4s_fix(tmp_p
     w = World(tmp_path, sim, upstream={"concurrency": 2})
     stop = threading.Event()
     try:
-        w.his.insert(make_visit(n, changed=_past(100 - n)) for n in range(1, 81))
+        w.his.insert(make_visit(n, changed=past(100 - n)) for n in range(1, 81))
         sim.faults.latency_s = 0.01
 
         def other_program() -> None:
@@ -543,7 +481,7 @@ def test_healthz_and_metrics_say_platform_unreachable(tmp_path: Path, sim: Simul
     w = World(tmp_path, sim)
     try:
         metrics = Metrics(store=w.store, poll_every_s=120)
-        w.his.insert([make_visit(1, changed=_past(10))])
+        w.his.insert([make_visit(1, changed=past(10))])
         sim.faults.down = True
         stats = w.pipeline.cycle()
         metrics.job_finished("cycle", stats=stats, error=None, duration_s=0.1)
@@ -568,7 +506,7 @@ def test_healthz_and_metrics_say_platform_unreachable(tmp_path: Path, sim: Simul
 def test_money_survives_every_path_as_decimal(tmp_path: Path, sim: Simulator) -> None:
     w = World(tmp_path, sim)
     try:
-        w.his.insert([make_visit(1, changed=_past(10), total=Decimal("0.30"), insurance=Decimal("0.10"))])
+        w.his.insert([make_visit(1, changed=past(10), total=Decimal("0.30"), insurance=Decimal("0.10"))])
         w.pipeline.cycle()
         assert sim.records["LSH000001"]["totalFee"] == Decimal("0.30")
     finally:
