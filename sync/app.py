@@ -25,17 +25,20 @@ from sync.settings import NOT_LOADED, Settings
 from sync.upstream.client import Client
 from sync.upstream.signing import app_key_texts
 from sync.upstream.tokens import TokenStore
+from sync.upstream.transport import RateLimiter
 
 log = structlog.get_logger(__name__)
 
 
 def register_secrets(settings: Settings) -> None:
     """Every secret the settings hold is masked in logs and messages from now on."""
-    key = settings.upstream.app_key.get_secret_value()
-    if key != NOT_LOADED:
-        logs.register_secret(*app_key_texts(key))
-    if settings.upstream.password.get_secret_value() != NOT_LOADED:
-        logs.register_secret(settings.upstream.password.get_secret_value())
+    for member in settings.members:
+        up = member.upstream
+        key = up.app_key.get_secret_value() if up.app_key is not None else NOT_LOADED
+        if key != NOT_LOADED:
+            logs.register_secret(*app_key_texts(key))
+        if up.password is not None and up.password.get_secret_value() != NOT_LOADED:
+            logs.register_secret(up.password.get_secret_value())
     for url in (settings.his.url.get_secret_value(), settings.outbox.url.get_secret_value()):
         try:
             pw = make_url(url).password
@@ -51,17 +54,32 @@ def open_store(settings: Settings, *, create: bool = True) -> Store:
     return Store(settings.outbox.url.get_secret_value(), lease_s=settings.outbox.lease_s, create=create)
 
 
-def make_client(settings: Settings, store: Store, *, tokens: TokenStore | None = None) -> Client:
-    """The platform client, through the outbox's shared token (a login of its own would push
-    the running service out, FAQ 4) and its remembered reading of the app key. ``tokens``:
-    that shared token seen through a wrapper (`check` refuses to replace a valid one)."""
-    return Client(settings.upstream, tokens or store.token_store(), key_forms=store.key_form_memory())
+def make_client(
+    settings: Settings, store: Store, *, tokens: TokenStore | None = None, institution: str | None = None,
+    limiter: RateLimiter | None = None,
+) -> Client:
+    """The platform client of one institution (None: the only one), through the outbox's
+    shared token of that institution (a login of its own would push the running service out,
+    FAQ 4) and its remembered reading of the app key. ``tokens``: that shared token seen
+    through a wrapper (`check` refuses to replace a valid one)."""
+    member = settings.member(institution)
+    return Client(
+        member.upstream, tokens or store.token_store(member.code), key_forms=store.key_form_memory(member.code),
+        limiter=limiter,
+    )
+
+
+def make_clients(settings: Settings, store: Store) -> dict[str, Client]:
+    """One client per institution, all under one rate limit (one platform)."""
+    limiter = RateLimiter(settings.upstream.rate_limit_per_s)
+    return {m.code: make_client(settings, store, institution=m.code, limiter=limiter) for m in settings.members}
 
 
 def make_his(settings: Settings) -> HisSource:
     """The HIS database, seen through his.query (nothing is connected yet)."""
     return HisSource(
-        settings.his, need_key_crowd=settings.key_crowd.source == "column", zone=settings.his_timezone
+        settings.his, need_key_crowd=settings.key_crowd.source == "column", zone=settings.his_timezone,
+        need_institution=len(settings.members) > 1,
     )
 
 
@@ -71,9 +89,9 @@ def make_pipeline(
 ) -> Pipeline:
     """The pipeline over ``store``, with its own client and HIS source unless given.
     ``sole_sender``: the caller holds the instance lock (run, once, reconcile)."""
+    clients = {settings.members[0].code: client} if client is not None else make_clients(settings, store)
     return Pipeline(
-        settings, store=store, client=client or make_client(settings, store), his=his or make_his(settings),
-        clock=clock, sole_sender=sole_sender,
+        settings, store=store, clients=clients, his=his or make_his(settings), clock=clock, sole_sender=sole_sender,
     )
 
 

@@ -30,7 +30,7 @@ import structlog
 
 from sync import localtime
 from sync.errors import AuthError, ConfigError, PlatformUnavailable, SyncError, describe
-from sync.outbox.model import Claimed
+from sync.outbox.model import DEFAULT_INSTITUTION, Claimed
 from sync.outbox.store import Store
 from sync.policy import RetryPolicy
 from sync.stats import CycleStats
@@ -119,11 +119,15 @@ class Halt:
 
 
 class Circuit:
-    """Whether sending is paused (``config_error``) or waits for the platform (``platform_down``),
-    and when to probe it next; kept in the outbox's state rows for every process."""
+    """Whether one institution's sending is paused (``config_error``: its key, its account) or
+    waits for the platform (``platform_down``, shared: one platform), and when to probe it
+    next; kept in the outbox's state rows for every process."""
 
-    def __init__(self, store: Store, *, probes: RetryPolicy, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self, store: Store, *, probes: RetryPolicy, clock: Callable[[], datetime], institution: str = DEFAULT_INSTITUTION
+    ) -> None:
         self._store = store
+        self.institution = institution
         self._probes = probes
         self._clock = clock
         # While the platform is unreachable: when to probe it next (outbox time).
@@ -131,7 +135,7 @@ class Circuit:
 
     def state(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """(the configuration error holding sending back, the platform found unreachable)."""
-        return self._store.state.get_config_error(), self._store.state.get_platform_down()
+        return self._store.state.get_config_error(self.institution), self._store.state.get_platform_down()
 
     def waiting(self, stats: CycleStats, *, paused: dict[str, Any] | None, down: dict[str, Any] | None) -> bool:
         """The platform is unreachable and its next probe is not due yet: no request at all."""
@@ -190,8 +194,8 @@ class Circuit:
                             next_probe_at=localtime.text(nxt))
             return True
         if paused:
-            self._store.state.clear_config_error()
-            log.warning("sending_resumed", after=paused.get("message"))
+            self._store.state.clear_config_error(self.institution)
+            log.warning("sending_resumed", after=paused.get("message"), institution=self.institution)
         if down is not None:
             self._store.state.clear_platform_down()
             log.warning("platform_reachable_again", unreachable_since=down.get("since"), probes=down.get("probes"))
@@ -200,10 +204,13 @@ class Circuit:
 
     def pause(self, exc: ConfigError) -> None:
         """Hold sending back until the configuration is fixed (said once per new error)."""
-        already = self._store.state.get_config_error()
-        self._store.state.set_config_error(message=describe(exc), hint=exc.hint, now=self._clock())
+        already = self._store.state.get_config_error(self.institution)
+        self._store.state.set_config_error(
+            message=describe(exc), hint=exc.hint, now=self._clock(), institution=self.institution
+        )
         if not already or already.get("message") != describe(exc):
-            log.error("sending_paused", error=exc.message, fix=exc.hint, platform_message=exc.platform_message)
+            log.error("sending_paused", error=exc.message, fix=exc.hint, platform_message=exc.platform_message,
+                      institution=self.institution)
 
 
 def unreachable_text(state: Mapping[str, Any]) -> str:

@@ -23,7 +23,7 @@ from typing import Any, NoReturn, TextIO
 
 import structlog
 
-from sync import __version__, app, demo, doctor, idcard, localtime, logs, report
+from sync import __version__, app, demo, demo_alliance, doctor, idcard, localtime, logs, report
 from sync import settings as settings_mod
 from sync.clock import current as his_clock_now
 from sync.clock import utcnow
@@ -102,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     sh.add_argument("lsh", metavar="LSH", help="就诊流水号 / the visit's serial number")
     sh.add_argument("--unmask", action="store_true", help="显示完整证件号 / show ID numbers in full (masked by default)")
     sh.add_argument("--json", action="store_true", help="机器可读输出 / machine-readable output")
+    sh.add_argument("--institution", metavar="CODE",
+                    help="医共体：该机构的就诊 / in an alliance: that institution's visit (default: the first found)")
     rt = add("retry", "立即重新排队 / requeue records now")
     grp = rt.add_mutually_exclusive_group(required=True)
     grp.add_argument("--lsh", nargs="+", metavar="LSH", help="这些流水号 / these visits")
@@ -110,9 +112,13 @@ def _parser() -> argparse.ArgumentParser:
     ck = add("check", "体检：配置、HIS、outbox、时钟、平台（用共享令牌查询一次标签）/ doctor: settings, HIS, outbox, "
              "clocks, the platform (one label lookup with the shared token)")
     ck.add_argument("--offline", action="store_true", help="不检查平台 / skip the platform checks")
+    ck.add_argument("--institution", metavar="CODE", help="只检查该机构的账号 / check this institution's key and "
+                    "account only (default: each institution's)")
     lk = add("lookup", "查询一个身份证号的重点人群标签 / ask the label API about one resident ID number")
     lk.add_argument("id_number", metavar="ID_NUMBER", help="18 位居民身份证号 / an 18-character resident ID number")
     lk.add_argument("--json", action="store_true", help="机器可读输出 / machine-readable output")
+    lk.add_argument("--institution", metavar="CODE", help="以该机构的账号查询 / ask with this institution's account "
+                    "(institutions[].code; default: the only one)")
     add("migrate", "把 outbox 数据库升级到当前结构 / bring the outbox database to the current schema")
     rp = add("report", "按省平台口径统计某月已上传的重点人群就诊 / the month's uploaded key-population visits as the "
              "province counts them")
@@ -128,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
         help="模拟平台签名所用的授权码读法 / which reading of the app key the simulated platform signs "
         "(the demo's settings keep auto)",
     )
+    demo.add_argument("--institutions", type=int, default=1, metavar="N",
+                      help="医共体演示：N 个机构共用一个 HIS / an alliance of N institutions sharing one HIS (default 1)")
     sim = add("simulator", "单独运行内置平台模拟器（默认仅本机）/ run the built-in platform simulator alone (loopback by default)")
     sim.add_argument("--port", type=int, default=18080, help="端口 / port to listen on (default 18080)")
     sim.add_argument("--host", default="127.0.0.1", help="监听地址 / address to listen on (default 127.0.0.1)")
@@ -208,6 +216,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return _simulator(args)
         if args.command == "demo":
             logs.configure(level="warning", fmt="console")
+            if args.institutions > 1:
+                return demo_alliance.main(args.dir, out=out, institutions=args.institutions)
             return demo.main(args.dir, out=out, key_form=args.key_form)
         offline = args.command in OFFLINE_COMMANDS or (args.command == "check" and args.offline)
         settings = _load_settings(getattr(args, "config", None), platform=not offline)
@@ -277,8 +287,12 @@ def _load_settings(path: str | None, *, platform: bool = True) -> Settings:
     return settings
 
 
-def _exit_after_run(store: Store) -> int:
-    return exit_for(store.summary(now=utcnow()))
+def _exit_after_run(store: Store, settings: Settings) -> int:
+    return exit_for(store.summary(now=utcnow(), institutions=codes(settings)))
+
+
+def codes(settings: Settings) -> tuple[str, ...]:
+    return tuple(m.code for m in settings.members)
 
 
 # -- commands ---------------------------------------------------------------------
@@ -287,7 +301,8 @@ def _exit_after_run(store: Store) -> int:
 def cmd_migrate(_args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     store = app.open_store(settings)
     try:
-        before, after = store.migrate()
+        # Rows already there (an outbox of one institution) are the first institution's.
+        before, after = store.migrate(institution=settings.members[0].code)
     finally:
         store.dispose()
     print(f"outbox {store.url_for_humans}: schema {before or '(empty)'} -> {after}", file=out)
@@ -326,7 +341,7 @@ def _one_shot(args: argparse.Namespace, settings: Settings, out: TextIO, kind: s
                     "upstream.base_url, then run the command again later",
                 )
             )
-        return _exit_after_run(store)
+        return _exit_after_run(store, settings)
     return EXIT_UNEXPECTED  # pragma: no cover - ExitStack does not swallow
 
 
@@ -356,7 +371,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     try:
         store.ensure_schema()
         now = utcnow()
-        summary = store.summary(now=now)
+        summary = store.summary(now=now, institutions=codes(settings))
         cursor = store.queue.get_cursor()
         his_clock = his_clock_now(store.state.get_his_clock(), cursor[0] if cursor else None, now_utc=now)
         service = store.service()
@@ -387,7 +402,7 @@ def cmd_failures(args: argparse.Namespace, settings: Settings, out: TextIO) -> i
         return EXIT_OK
     print(failures.render_failures(
         items, statuses=statuses, since=args.since, outbox=store.url_for_humans, zone=settings.schedule.timezone,
-        offset=localtime.offset_text(tz), columns=_columns(),
+        offset=localtime.offset_text(tz), columns=_columns(), institutions=len(settings.members) > 1,
     ), file=out)
     return EXIT_OK
 
@@ -396,14 +411,15 @@ def cmd_show(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     store = app.open_store(settings, create=False)
     try:
         store.ensure_schema()
-        row = store.visit(args.lsh)
+        row = store.visit(args.lsh, args.institution)
         if row is None:
             raise ConfigError(
                 f"outbox 中没有流水号 / no visit with lsh {args.lsh!r} in the outbox {store.url_for_humans}",
                 hint="check the lsh (it is case-sensitive); `crowd-sync failures --status skipped` lists the others "
                 "not sent; a visit the HIS query never returned is not in the outbox",
             )
-        attempts = store.attempts(args.lsh)
+        # An alliance: equal lsh of two institutions are two visits, each with its own story.
+        attempts = store.attempts(args.lsh, row["institution"] if len(settings.members) > 1 else None)
         labels = store.cached_labels(str(row["card_no"])) if row.get("card_no") else None
     finally:
         store.dispose()
@@ -443,14 +459,15 @@ def cmd_lookup(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     try:
         store.ensure_schema()
         # Through the outbox's shared token: a login of its own would push the daemon out (FAQ 4).
-        client = app.make_client(settings, store)
+        member = settings.member(args.institution)
+        client = app.make_client(settings, store, institution=member.code)
         try:
             result = client.lookup(id_number)
         finally:
             client.close()
     finally:
         store.dispose()
-    data = person_data(result.person, id_number, settings.institution)
+    data = person_data(result.person, id_number, member.institution)
     if args.json:
         print(json.dumps(data, ensure_ascii=False, indent=2), file=out)
     else:
@@ -497,9 +514,13 @@ def cmd_report(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
     try:
         store.ensure_schema()
         figures = report.month_report(store, args.month)
+        # An alliance: each member apart after the whole.
+        apart = [report.month_report(store, args.month, m.code, m.label) for m in (settings.members if len(settings.members) > 1 else ())]
     finally:
         store.dispose()
     print(report.render_table(figures, outbox=store.url_for_humans), file=out)
+    for member_figures in apart:
+        print("\n" + report.render_table(member_figures), file=out)
     if args.csv:
         try:
             write_private(Path(args.csv), report.csv_bytes(figures))
@@ -513,7 +534,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    found = doctor.run_checks(settings, out=out, offline=args.offline)
+    found = doctor.run_checks(settings, out=out, offline=args.offline, institution=args.institution)
     if not found:
         return EXIT_OK
     # 75 only when every failure may pass by itself (something unreachable); one thing to fix makes it 2.

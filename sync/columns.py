@@ -30,9 +30,11 @@ COLUMNS: tuple[str, ...] = (
     "deficient_fee",
     "settlement_date",
     "changed_at",
+    "institution",
 )
-# key_crowd is needed only with `key_crowd.source: column`.
-OPTIONAL_COLUMNS: frozenset[str] = frozenset({"key_crowd"})
+# key_crowd is needed only with `key_crowd.source: column`; institution (the code of the
+# visit's institution, `institutions[].code`) only when the settings list several.
+OPTIONAL_COLUMNS: frozenset[str] = frozenset({"key_crowd", "institution"})
 REQUIRED_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in OPTIONAL_COLUMNS)
 _CANONICAL_KEYS: frozenset[str] = frozenset(COLUMNS)
 
@@ -71,11 +73,13 @@ def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
     return {str(key).strip().lower(): value for key, value in row.items()}
 
 
-def check_columns(columns: Iterable[str], *, need_key_crowd: bool) -> None:
+def check_columns(columns: Iterable[str], *, need_key_crowd: bool, need_institution: bool = False) -> None:
     """Raise ConfigError unless the query returns exactly the contract's columns (any case)."""
     seen: list[str] = [str(c).strip().lower() for c in columns]
     present = set(seen)
-    required = list(REQUIRED_COLUMNS) + (["key_crowd"] if need_key_crowd else [])
+    required = (
+        list(REQUIRED_COLUMNS) + (["key_crowd"] if need_key_crowd else []) + (["institution"] if need_institution else [])
+    )
     missing = [c for c in required if c not in present]
     extra = sorted({c for c in seen if c not in COLUMNS})
     twice = sorted({c for c in seen if seen.count(c) > 1})
@@ -86,6 +90,8 @@ def check_columns(columns: Iterable[str], *, need_key_crowd: bool) -> None:
         fix = f"add `... AS {column}` to his.query"
         if column == "key_crowd":
             fix += " (needed by key_crowd.source: column), or set key_crowd.source: lookup"
+        if column == "institution":
+            fix += " (the code of each visit's institution, one of institutions[].code: the settings list several)"
         problems.append(f"缺少列 / missing column {column}: {fix}")
     problems.extend(f"未知列 / unknown column {c}: remove or rename it" for c in extra)
     problems.extend(f"列重复 / column {c} appears more than once (names are case-insensitive): keep one" for c in twice)
@@ -102,5 +108,6 @@ def check_columns(columns: Iterable[str], *, need_key_crowd: bool) -> None:
         hint="his.query 须返回下列列（大小写、顺序不限）/ his.query must return these columns, in any case and order: "
         + ", ".join(REQUIRED_COLUMNS)
         + (", key_crowd" if need_key_crowd else "")
+        + (", institution" if need_institution else "")
         + "; see the product contract's column table",
     )

@@ -89,6 +89,7 @@ class Daemon:
             poll_every_s=settings.schedule.poll_every_s,
             logins=lambda: pipeline.client.counters["logins"],
             progress_at=lambda: pipeline.progress.at,
+            institutions=[m.code for m in settings.members],
         )
         pipeline.client.on_answer = self.metrics.upstream_answered
         pipeline.his.on_query = self.metrics.his_queried
@@ -143,7 +144,9 @@ class Daemon:
         """systemd's STATUS= (what the job did, what waits, a pause or outage) and the next
         jobs for `status`; neither may stop the service."""
         try:
-            summary = self.pipeline.store.summary(now=self.pipeline.clock())
+            summary = self.pipeline.store.summary(
+                now=self.pipeline.clock(), institutions=[m.code for m in self.pipeline.settings.members]
+            )
             waiting = sum(summary.counts.get(s, 0) for s in ("pending", "failed"))
             paused = (summary.config_error or {}).get("message")
             down = summary.platform_down

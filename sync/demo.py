@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -123,14 +124,25 @@ class DemoFacts:
     broken: list[str]  # lsh of visits broken on purpose
 
 
-def build_his(path: Path, *, now: datetime, visits: int = 300, seed: int = DEMO_SEED) -> DemoFacts:
-    """Create the demo HIS database; returns what the demo expects to see upstream."""
+# A county medical alliance's HIS: the institution of each visit in `org`; serial numbers
+# are unique only within one institution (the document: lsh 只能保证院内唯一).
+ALLIANCE_SCHEMA = HIS_SCHEMA.replace("serial_no    TEXT NOT NULL UNIQUE,", "serial_no    TEXT NOT NULL,").replace(
+    "discharged_at TEXT\n", "discharged_at TEXT,\n    org          TEXT NOT NULL          -- 医共体成员机构编码\n"
+)
+ALLIANCE_QUERY = HIS_QUERY.replace("s.settled_at       AS changed_at", "s.settled_at       AS changed_at,\n       v.org AS institution")
+
+
+def build_his(
+    path: Path, *, now: datetime, visits: int = 300, seed: int = DEMO_SEED, members: Sequence[str] = ()
+) -> DemoFacts:
+    """Create the demo HIS database; returns what the demo expects to see upstream. ``members``:
+    the codes of an alliance's institutions sharing it (visits dealt out in turn)."""
     rng = random.Random(seed)
     if path.exists():
         path.unlink()
     touch_private(path)
     db = sqlite3.connect(path)
-    db.executescript(HIS_SCHEMA)
+    db.executescript(ALLIANCE_SCHEMA if members else HIS_SCHEMA)
     patients: list[tuple[int, str, str, str]] = []
     key_cards: list[str] = list(TEST_IDS)
     for pid in range(1, 121):
@@ -147,6 +159,7 @@ def build_his(path: Path, *, now: datetime, visits: int = 300, seed: int = DEMO_
     db.executemany("INSERT INTO patient VALUES (?, ?, ?, ?)", patients)
 
     broken: list[str] = []
+    numbered = dict.fromkeys(members, 0)
     for vid in range(1, visits + 1):
         pid = rng.randrange(1, len(patients) + 1)
         if vid % 4 == 0:
@@ -162,6 +175,10 @@ def build_his(path: Path, *, now: datetime, visits: int = 300, seed: int = DEMO_
         deposit = _money(0 if rng.random() < 0.7 or not inpatient else rng.choice((500, 1000, 2000)))
         owed = _money(float(total - insurance) if deposit == 0 and rng.random() < 0.5 else 0)
         serial = f"{'ZY' if inpatient else 'MZ'}{settled:%Y%m%d}{vid:05d}"
+        org = members[rng.randrange(len(members))] if members else ""
+        if members:
+            numbered[org] += 1
+            serial = f"{'ZY' if inpatient else 'MZ'}{numbered[org]:06d}"  # each member numbers its own
         if vid in (17, 93):
             total = -total  # a negative total: rejected locally, never sent
             broken.append(serial)
@@ -169,11 +186,12 @@ def build_his(path: Path, *, now: datetime, visits: int = 300, seed: int = DEMO_
             inpatient, discharged = True, None  # an inpatient without a discharge date
             broken.append(serial)
         kind = "住院" if inpatient else "门诊"
-        db.execute(
-            "INSERT INTO visit VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (vid, serial, f"{'Z' if inpatient else 'M'}{vid:07d}", pid, kind,
-             f"{admitted:%Y-%m-%d %H:%M:%S}", f"{discharged:%Y-%m-%d %H:%M:%S}" if discharged else None),
-        )
+        row = (vid, serial, f"{'Z' if inpatient else 'M'}{vid:07d}", pid, kind,
+               f"{admitted:%Y-%m-%d %H:%M:%S}", f"{discharged:%Y-%m-%d %H:%M:%S}" if discharged else None)
+        if members:
+            db.execute("INSERT INTO visit VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (*row, org))
+        else:
+            db.execute("INSERT INTO visit VALUES (?, ?, ?, ?, ?, ?, ?)", row)
         code, name = rng.choice(DIAGNOSES)
         db.execute("INSERT INTO diagnosis VALUES (?, 1, ?, ?)", (vid, code, name))
         db.execute(
@@ -197,7 +215,7 @@ def resettle_one(path: Path, *, lsh: str, now: datetime) -> None:
     db.close()
 
 
-def _his_now() -> datetime:
+def his_now() -> datetime:
     """Now as the demo HIS writes its times: in schedule.timezone, which the demo settings leave at
     its default and so is the HIS's zone (his.timezone), whatever this host's own zone."""
     zone = ZoneInfo(str(settings_mod.Schedule.model_fields["timezone"].default))
@@ -247,7 +265,7 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
     for f in (outbox_db, outbox_db.with_name(outbox_db.name + "-wal"), outbox_db.with_name(outbox_db.name + "-shm")):
         f.unlink(missing_ok=True)
 
-    now = _his_now()
+    now = his_now()
     facts = build_his(his_db, now=now)
     print(f"1. 演示 HIS / demo HIS: {his_db} (300 visits, {len(facts.broken)} broken on purpose)", file=out)
 
@@ -278,7 +296,7 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
                 file=out,
             )
             sent_lsh = next(iter(sorted(sim.records)))
-            resettle_one(his_db, lsh=sent_lsh, now=_his_now() - timedelta(seconds=1))
+            resettle_one(his_db, lsh=sent_lsh, now=his_now() - timedelta(seconds=1))
             s2 = pipeline.cycle("once")
             print(
                 f"4. 反结算后重新结算 / re-settlement of {sent_lsh}: read {s2.rows_read}, "
@@ -291,7 +309,7 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
             pipeline.close()
         summary = store.summary(now=utcnow())
         print("", file=out)
-        print(_status_text(store, settings, summary), file=out)
+        print(status_text(store, settings, summary), file=out)
         counters = sim.counters
         print(
             f"\n平台收到 / the simulator saw: {counters['logins']} login(s) "
@@ -330,7 +348,7 @@ def main(directory: str, *, out: TextIO, key_form: str = "as_printed") -> int:
     return 0 if ok else 1
 
 
-def _status_text(store: Store, settings: Settings, summary: Summary) -> str:
+def status_text(store: Store, settings: Settings, summary: Summary) -> str:
     """What `crowd-sync status` prints for the demo's outbox."""
     now = utcnow()
     cursor = store.queue.get_cursor()

@@ -34,7 +34,7 @@ from sync.errors import (
     describe,
 )
 from sync.keycrowd import Decision, LabelResult, LabelState, Verdict
-from sync.outbox.model import Claimed, Status
+from sync.outbox.model import DEFAULT_INSTITUTION, Claimed, Status
 from sync.outbox.store import Store
 from sync.outcomes import Outcomes
 from sync.policy import RetryPolicy
@@ -49,15 +49,18 @@ _NOT_ASKED = LabelResult.not_asked()
 
 
 class Dispatcher:
-    """Sends what the outbox holds due; one per pipeline."""
+    """Sends what the outbox holds due for one institution, with its client (its key and token)."""
 
     def __init__(
         self, settings: Settings, *, store: Store, client: Client, owner: str, clock: Callable[[], datetime],
-        sole_sender: bool, progress: Progress, stop: threading.Event,
+        sole_sender: bool, progress: Progress, stop: threading.Event, institution: str = DEFAULT_INSTITUTION,
+        pool: ThreadPoolExecutor | None = None, outcomes: Outcomes | None = None,
     ) -> None:
         """``owner`` names this process's leases; ``sole_sender``: it holds the instance lock, so
         leases held by any other owner belong to a process that died; ``stop``: set to take no
-        more work."""
+        more work. ``pool`` and ``outcomes``: shared by the institutions of one pipeline (one
+        ``upstream.concurrency``, one writer of outcomes)."""
+        self.institution = institution
         self.settings = settings
         self.store = store
         self.client = client
@@ -67,9 +70,9 @@ class Dispatcher:
         self.progress = progress
         self._stop = stop
         self.policy = RetryPolicy(first_delay_s=settings.retry.first_delay_s, max_delay_s=settings.retry.max_delay_s)
-        self.circuit = Circuit(store, probes=self.policy.probes(), clock=clock)
-        self._pool = ThreadPoolExecutor(max_workers=settings.upstream.concurrency, thread_name_prefix="upload")
-        self.outcomes = Outcomes(
+        self.circuit = Circuit(store, probes=self.policy.probes(), clock=clock, institution=institution)
+        self._pool = pool or ThreadPoolExecutor(max_workers=settings.upstream.concurrency, thread_name_prefix="upload")
+        self.outcomes = outcomes or Outcomes(
             store, policy=self.policy, max_generic_attempts=settings.retry.max_generic_attempts, clock=clock
         )
         self._labels = LabelLookups(settings.key_crowd, store=store, client=client, pool=self._pool, clock=clock)
@@ -86,7 +89,9 @@ class Dispatcher:
                 return
             if paused or down:
                 # One record first; the backlog follows only once the platform takes it.
-                claims = self.store.leases.claim_due(now=self.clock(), limit=1, owner=self.owner)
+                claims = self.store.leases.claim_due(
+                    now=self.clock(), limit=1, owner=self.owner, institution=self.institution
+                )
                 if not claims:
                     self.circuit.note(stats, paused=paused, down=down)
                     return
@@ -96,7 +101,7 @@ class Dispatcher:
                     if self.circuit.next_probe_at is not None:
                         # The next probe takes another record: one the platform cannot take
                         # must not keep the others waiting.
-                        self.store.leases.postpone([c.lsh for c in claims], until=self.circuit.next_probe_at)
+                        self.store.leases.postpone(claims, until=self.circuit.next_probe_at)
                     return
             halt = self._stream(stats, looked_up)
             self.circuit.settle(halt, stats, paused=None, down=None)
@@ -140,7 +145,9 @@ class Dispatcher:
                 drained = False  # records went back untouched after a platform fault: try them again
             # Claimed before the queue runs dry: no slot waits for a batch's slowest upload.
             if not halted and not drained and len(queue) < concurrency:
-                claims = self.store.leases.claim_due(now=self.clock(), limit=batch_size, owner=self.owner)
+                claims = self.store.leases.claim_due(
+                    now=self.clock(), limit=batch_size, owner=self.owner, institution=self.institution
+                )
                 if claims:
                     self.progress.tick()
                     self._prepare(claims, stats, looked_up, queue, halt)

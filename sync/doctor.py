@@ -24,7 +24,7 @@ from sync.logs import mask_id
 from sync.outbox.engine import describe_error
 from sync.outbox.migrate import head_revision
 from sync.outbox.store import Store
-from sync.settings import Settings
+from sync.settings import Member, Settings
 from sync.upstream.client import Client
 from sync.upstream.keyform import FORM_NAMES
 from sync.upstream.tokens import Token, TokenStore, utcnow
@@ -85,11 +85,15 @@ class NoNewLogin:
         self._store.discard(value)
 
 
-def run_checks(settings: Settings, *, out: TextIO, offline: bool = False) -> list[SyncError]:
-    """Run every check, print one line each; return what failed (empty when nothing did)."""
+def run_checks(
+    settings: Settings, *, out: TextIO, offline: bool = False, institution: str | None = None
+) -> list[SyncError]:
+    """Run every check, print one line each; return what failed (empty when nothing did).
+    The platform is checked with each institution's key and account (``institution``: one)."""
     checkup = _Checkup(settings, out)
     try:
-        checkup.run(offline=offline)
+        members = [settings.member(institution)] if institution is not None else list(settings.members)
+        checkup.run(offline=offline, members=members)
     finally:
         checkup.close()
     if checkup.failures:
@@ -114,8 +118,9 @@ class _Checkup:
         self.his: HisSource | None = None
         self.client: Client | None = None
         self.held: Token | None = None  # the shared token, when still valid
+        self.member = settings.members[0]
 
-    def run(self, *, offline: bool) -> None:
+    def run(self, *, offline: bool, members: list[Member]) -> None:
         """Every check in order."""
         self.say("OK", "settings", f"{self.settings.source_path} 已读取并校验 / read, every setting known and valid")
         outbox_ok = self.report("outbox", self.outbox)
@@ -131,24 +136,34 @@ class _Checkup:
             self.say("SKIP", "platform", "未测试：需要 outbox（共享登录令牌存在其中）/ not tested: it needs the "
                      "outbox (it keeps the shared login token)")
             return
-        shared = self.store.token_store()
+        for member in members:
+            self.platform(member, named=len(self.settings.members) > 1)
+
+    def platform(self, member: Member, *, named: bool) -> None:
+        """The platform checks with one institution's key, account and shared token."""
+        assert self.store is not None
+        if self.client is not None:
+            self.client.close()
+        self.member = member
+        of = f" [{member.label}]" if named else ""
+        shared = self.store.token_store(member.code)
         tok = shared.current()
         self.held = tok if tok is not None and tok.valid_at(utcnow()) else None
         # Never a login of check's own while the service's token is valid (FAQ 4).
         self.client = app.make_client(
-            self.settings, self.store, tokens=NoNewLogin(shared, may_login=self.held is None)
+            self.settings, self.store, tokens=NoNewLogin(shared, may_login=self.held is None), institution=member.code
         )
-        logged_in = self.report("platform login", self.login) or self.held is not None
+        logged_in = self.report("platform login" + of, self.login) or self.held is not None
         answered = False
         if logged_in:
-            answered = self.report("label lookup", self.lookup)
+            answered = self.report("label lookup" + of, self.lookup)
         else:
-            self.say("SKIP", "label lookup", "未测试：没有可用的登录令牌 / not tested: no login token to ask with")
-        self.report("app key reading", self.key_form)
+            self.say("SKIP", "label lookup" + of, "未测试：没有可用的登录令牌 / not tested: no login token to ask with")
+        self.report("app key reading" + of, self.key_form)
         if answered:
-            self.report("clock", self.clock)
+            self.report("clock" + of, self.clock)
         else:
-            self.say("SKIP", "clock", "未测试：平台没有应答 / not tested: no answer from the platform to compare with")
+            self.say("SKIP", "clock" + of, "未测试：平台没有应答 / not tested: no answer from the platform to compare with")
 
     def close(self) -> None:
         if self.client is not None:
@@ -224,8 +239,8 @@ class _Checkup:
                 f"running service's session (FAQ 4); it is tested when the token is renewed, at {renewal}"
             )
         assert self.store is not None
-        tok = self.store.token_store().renew(None, self._client().login)
-        user = self.settings.upstream.username
+        tok = self.store.token_store(self.member.code).renew(None, self._client().login)
+        user = self.member.upstream.username
         return ok(
             f"已以 {user} 登录，密码有效 / logged in as {user}: the password works; the token is shared with the "
             f"service until {localtime.text(tok.expires_at)}"

@@ -159,9 +159,12 @@ def newest_sql(query: str, dialect: Dialect, changed: str) -> sa.TextClause:
 class HisSource:
     """The hospital database, seen through ``his.query``."""
 
-    def __init__(self, his: His, *, need_key_crowd: bool, zone: str | None = None) -> None:
+    def __init__(
+        self, his: His, *, need_key_crowd: bool, zone: str | None = None, need_institution: bool = False
+    ) -> None:
         self._his = his
         self._need_key_crowd = need_key_crowd
+        self._need_institution = need_institution
         # The zone the HIS writes its datetimes in (Settings.his_timezone).
         self.zone = zone or his.timezone or str(Schedule.model_fields["timezone"].default)
         self._tz = tz_of(self.zone)
@@ -385,7 +388,7 @@ class HisSource:
             result.close()
         except _DB_ERRORS as exc:
             raise self._error(exc, doing="running his.query") from None
-        check_columns(columns, need_key_crowd=self._need_key_crowd)
+        check_columns(columns, need_key_crowd=self._need_key_crowd, need_institution=self._need_institution)
         return columns
 
     def _connect_error(self, exc: sa.exc.SQLAlchemyError) -> ConfigError | TransientError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Any
@@ -21,20 +21,62 @@ from sync import keycrowd, records
 from sync.columns import Unreadable, normalize_row
 from sync.errors import InvalidRecord
 from sync.keycrowd import LabelResult, Verdict
-from sync.outbox.model import Incoming, Status
+from sync.outbox.model import DEFAULT_INSTITUTION, Incoming, Status
 from sync.records import RESIDENT_ID
 from sync.settings import KeyCrowd
 
 # The outbox keys rows by lsh in a column of 255 characters; the platform allows 50.
 _MAX_KEY = 255
+# sync_outbox.institution holds 40 characters.
+_MAX_INSTITUTION = 40
 # The keyCrowd a pending payload of a resident ID card holds in lookup mode (see incoming()).
 _PAYLOAD_KEY_CROWD = "1"
 _NOT_ASKED = LabelResult.not_asked()
 
 
-def incoming(raw: Mapping[str, Any], *, key_crowd: KeyCrowd, today: date) -> Incoming:
-    """One HIS row -> what the outbox should hold for it (pending, skipped or invalid)."""
+def institution_of(row: Mapping[str, Any], institutions: Sequence[str]) -> tuple[str, str | None]:
+    """(the outbox's institution of a canonical row, why it is none of ``institutions``).
+
+    One institution: every row is its own, whatever the column says. Several: the row's
+    ``institution`` column names it; a value that is none of them is kept (cut to the
+    column's size) with the reason and the fix."""
+    if len(institutions) == 1:
+        return institutions[0], None
+    value = row.get("institution")
+    text = "" if value is None or isinstance(value, Unreadable) else str(value).strip()
+    if text in institutions:
+        return text, None
+    said = f"{text!r}" if text else "empty" if value is None or text == "" else repr(value)
+    reason = (
+        f"机构编码 {said} 不在配置的 institutions 中 / institution {said} is none of the settings' institutions[].code ({', '.join(institutions)}): "
+        "add that institution (its code, app key and account) to institutions:, or make his.query's "
+        "institution column return one of these codes; then `crowd-sync retry --status invalid`"
+    )
+    return (text or "(none)")[:_MAX_INSTITUTION], reason
+
+
+def incoming(
+    raw: Mapping[str, Any], *, key_crowd: KeyCrowd, today: date, institutions: Sequence[str] = (DEFAULT_INSTITUTION,)
+) -> Incoming:
+    """One HIS row -> what the outbox should hold for it (pending, skipped or invalid), under
+    its institution (``institutions``: the codes of the settings)."""
     row = normalize_row(raw)
+    institution, stranger = institution_of(row, institutions)
+    if stranger is not None:
+        lsh_text = "" if row.get("lsh") is None else str(row.get("lsh")).strip()
+        text = raw_json(row)
+        return _parked(
+            _outbox_key(lsh_text, text), text, row, reason=stranger, changed_at=_changed_at(row), institution=institution
+        )
+    return _incoming(row, key_crowd=key_crowd, today=today, institution=institution)
+
+
+def _changed_at(row: Mapping[str, Any]) -> datetime | None:
+    changed_at = row.get("changed_at")
+    return changed_at if isinstance(changed_at, datetime) else None
+
+
+def _incoming(row: dict[str, Any], *, key_crowd: KeyCrowd, today: date, institution: str) -> Incoming:
     lsh_raw = row.get("lsh")
     lsh = "" if lsh_raw is None else str(lsh_raw).strip()
     # The raw row's JSON is needed only to park an invalid row or name one without lsh:
@@ -65,7 +107,8 @@ def incoming(raw: Mapping[str, Any], *, key_crowd: KeyCrowd, today: date) -> Inc
     try:
         payload = records.build(row, key_crowd=decided, today=today)
     except InvalidRecord as exc:
-        return _parked(key, raw_text or raw_json(row), row, reason=str(exc), changed_at=changed_at)
+        return _parked(key, raw_text or raw_json(row), row, reason=str(exc), changed_at=changed_at,
+                       institution=institution)
     text = records.payload_json(payload)
     status = Status.PENDING
     reason: str | None = None
@@ -80,6 +123,7 @@ def incoming(raw: Mapping[str, Any], *, key_crowd: KeyCrowd, today: date) -> Inc
         if d.verdict is Verdict.SKIP:
             status, reason = Status.SKIPPED, d.how
     return Incoming(
+        institution=institution,
         lsh=key,
         payload_json=text,
         payload_hash=records.text_hash(text),
@@ -129,7 +173,10 @@ def rebuild(lsh: str, stored: str, *, key_crowd: KeyCrowd, today: date) -> Incom
     return incoming(row, key_crowd=key_crowd, today=today)
 
 
-def _parked(key: str, raw_text: str, row: Mapping[str, Any], *, reason: str, changed_at: datetime | None) -> Incoming:
+def _parked(
+    key: str, raw_text: str, row: Mapping[str, Any], *, reason: str, changed_at: datetime | None,
+    institution: str = DEFAULT_INSTITUTION,
+) -> Incoming:
     """An invalid row: its raw HIS values kept, with what the DBA can read of them beside."""
     card_type = _decoded(records.decode_card_type, row.get("card_type"))
     card_no = records.optional_text(row.get("card_no"))
@@ -137,6 +184,7 @@ def _parked(key: str, raw_text: str, row: Mapping[str, Any], *, reason: str, cha
         card_no = card_no.upper()
     settled = row.get("settlement_date")
     return Incoming(
+        institution=institution,
         lsh=key,
         payload_json=raw_text,
         payload_hash=records.text_hash(raw_text),

@@ -25,7 +25,7 @@ import platform
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,7 +40,7 @@ from prometheus_client.registry import Collector
 
 from sync import __version__, clock, logs
 from sync.errors import ConfigError, SyncError
-from sync.outbox.model import Status
+from sync.outbox.model import DEFAULT_INSTITUTION, Status
 from sync.outbox.store import Store
 from sync.stats import CycleStats
 
@@ -75,6 +75,8 @@ class Health:
     # The HIS clock's offset from this host and the cursor's lag behind the HIS clock (s).
     his_clock_offset_s: float | None = None
     cursor_lag_s: float | None = None
+    # Several institutions: each one's state (ok, or paused: why), apart from the whole above.
+    institutions: dict[str, str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +84,7 @@ class Health:
             "reason": self.reason,
             "last_success_age_s": None if self.last_success_age_s is None else round(self.last_success_age_s, 1),
             "his_clock_offset_s": self.his_clock_offset_s,
+            **({"institutions": self.institutions} if self.institutions else {}),
             "cursor_lag_s": self.cursor_lag_s,
         }
 
@@ -97,8 +100,11 @@ class Metrics:
         logins: Callable[[], int] = lambda: 0,
         progress_at: Callable[[], float] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        institutions: Sequence[str] = (DEFAULT_INSTITUTION,),
     ) -> None:
         self.store = store
+        # The codes of the settings: figures per institution carry an `institution` label.
+        self.institutions = tuple(institutions)
         self.stale_after_s = STALE_POLLS * poll_every_s
         self._logins = logins
         self._progress_at = progress_at
@@ -230,7 +236,10 @@ class Metrics:
                 self._running_since, self._last_ok_at, self._last_error, self._paused, self._unreachable
             )
         reading = self.his_clock() or {}
-        figures = {"his_clock_offset_s": reading.get("offset_s"), "cursor_lag_s": reading.get("cursor_lag_s")}
+        figures: dict[str, Any] = {
+            "his_clock_offset_s": reading.get("offset_s"), "cursor_lag_s": reading.get("cursor_lag_s"),
+            "institutions": self.institution_states(),
+        }
         age = None if last_ok is None else now - last_ok
         if last_error is not None:
             kind, error = last_error
@@ -268,6 +277,18 @@ class Metrics:
             )
         return Health(ok=True, status="ok", reason=None, last_success_age_s=age, **figures)
 
+    def institution_states(self) -> dict[str, str] | None:
+        """Several institutions: ``ok`` or ``paused: why`` for each (None with one)."""
+        if len(self.institutions) < 2:
+            return None
+        try:
+            return {
+                code: f"paused: {error.get('message')}" if (error := self.store.state.get_config_error(code)) else "ok"
+                for code in self.institutions
+            }
+        except (sa.exc.SQLAlchemyError, SyncError, OSError):
+            return None
+
     def paused_by_last_job(self) -> bool:
         with self._lock:
             return bool(self._paused)
@@ -294,7 +315,7 @@ class _OutboxCollector(Collector):
         )
         now = datetime.now(UTC).replace(tzinfo=None)
         try:
-            summary = self._m.store.summary(now=now)
+            summary = self._m.store.summary(now=now, institutions=self._m.institutions)
         except (sa.exc.SQLAlchemyError, SyncError, OSError) as exc:  # a scrape answers even when the database does not
             log.warning("metrics_outbox_unreadable", error=logs.redact(f"{type(exc).__name__}: {exc}"))
             up.add_metric([], 0)
@@ -323,6 +344,21 @@ class _OutboxCollector(Collector):
         for status in Status:
             records.add_metric([status.value], summary.counts.get(status.value, 0))
         yield records
+        # Each institution apart (a county medical alliance): its records, and its own pause.
+        apart = GaugeMetricFamily(
+            "crowd_sync_institution_records", "Outbox records by institution and status", labels=["institution", "status"]
+        )
+        paused = GaugeMetricFamily(
+            "crowd_sync_institution_config_error",
+            "1 while a configuration error (its key, its account) holds this institution's sending back",
+            labels=["institution"],
+        )
+        for code, mine in summary.institutions.items():
+            for status in Status:
+                apart.add_metric([code, status.value], mine["counts"].get(status.value, 0))
+            paused.add_metric([code], 1 if mine.get("config_error") else 0)
+        yield apart
+        yield paused
         oldest = summary.oldest_pending_at
         age = GaugeMetricFamily(
             "crowd_sync_oldest_pending_age_seconds",

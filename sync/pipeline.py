@@ -12,17 +12,17 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import date, datetime, timedelta
 
 import structlog
 
 from sync.clock import utcnow
-from sync.dispatch import Dispatcher
 from sync.errors import SyncError
 from sync.his import HisSource
 from sync.outbox.store import Store
 from sync.poll import Poller
+from sync.routing import Routes
 from sync.settings import Settings
 from sync.stats import CycleStats, Progress
 from sync.upstream.client import Client
@@ -38,23 +38,31 @@ class Pipeline:
         settings: Settings,
         *,
         store: Store,
-        client: Client,
+        client: Client | None = None,
         his: HisSource,
         clock: Callable[[], datetime] = utcnow,
         sole_sender: bool = False,
+        clients: Mapping[str, Client] | None = None,
     ) -> None:
         """``sole_sender``: this process holds the instance lock (run, once, reconcile), so any
-        lease held by another owner belongs to a process that died and is released at once."""
+        lease held by another owner belongs to a process that died and is released at once.
+        ``clients``: one per institution code (``client``: the only institution's)."""
         self.settings = settings
         self.store = store
-        self.client = client
+        if clients is None:
+            if client is None:
+                raise ValueError("Pipeline needs client or clients")
+            clients = {settings.members[0].code: client}
+        self.clients = dict(clients)
+        # The first institution's client (the counters of /metrics).
+        self.client = client or self.clients[settings.members[0].code]
         self.his = his
         self.clock = clock
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.progress = Progress()
         self._stop = threading.Event()
-        self.dispatcher = Dispatcher(
-            settings, store=store, client=client, owner=self.owner, clock=clock, sole_sender=sole_sender,
+        self.dispatcher = Routes(
+            settings, store=store, clients=self.clients, owner=self.owner, clock=clock, sole_sender=sole_sender,
             progress=self.progress, stop=self._stop,
         )
         self.poller = Poller(settings, store=store, his=his, clock=clock, progress=self.progress, stop=self._stop)
@@ -76,17 +84,18 @@ class Pipeline:
         # Outcomes first: releasing the leases before would let them be claimed and sent again.
         self.dispatcher.close(wait_s=wait_s)
         self.store.leases.release_owner(self.owner)
-        self.client.close()
+        for client in self.clients.values():
+            client.close()
         self.his.dispose()
 
     @property
     def next_probe_at(self) -> datetime | None:
         """While the platform is unreachable: when to probe it next (outbox time)."""
-        return self.dispatcher.circuit.next_probe_at
+        return self.dispatcher.next_probe_at
 
     def probe_due(self, now: datetime | None = None) -> bool:
         """Whether a probe of the unreachable platform is due (the daemon runs a dispatch then)."""
-        return self.dispatcher.circuit.probe_due(now)
+        return self.dispatcher.probe_due(now)
 
     # -- cycles ------------------------------------------------------------
 

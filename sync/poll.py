@@ -103,12 +103,13 @@ class Poller:
         last: tuple[datetime, str] | None = None
         size = self._settings.his.batch_size
         today = datetime.now(self._settings.schedule.tz).date()
+        codes = tuple(m.code for m in self._settings.members)
         writer = _BatchWriter(lambda b, c: self._enqueue(b, stats, c))
         self._progress.reading(since, until)
         try:
             for row in self._his.rows(since, until):
                 stats.rows_read += 1
-                item = intake.incoming(row, key_crowd=self._settings.key_crowd, today=today)
+                item = intake.incoming(row, key_crowd=self._settings.key_crowd, today=today, institutions=codes)
                 batch.append(item)
                 changed_at = row.get("changed_at")
                 if isinstance(changed_at, datetime):

@@ -121,6 +121,7 @@ class MonthReport:
     # the province's key-population figures.
     sent_not_key_crowd: Mapping[str, int] = field(default_factory=dict)
     unreadable: int = 0  # sent rows whose payload is not JSON (never written by crowd-sync)
+    institution: str | None = None  # one institution of an alliance ("code name"); None: all
 
     @property
     def label(self) -> str:
@@ -145,8 +146,9 @@ def _visit_type(value: Any) -> str:
     return text if text in (INPATIENT, OUTPATIENT) else UNKNOWN
 
 
-def month_report(store: Store, month: date) -> MonthReport:
-    """Read the month's figures from the outbox (read-only, streamed)."""
+def month_report(store: Store, month: date, institution: str | None = None, label: str | None = None) -> MonthReport:
+    """Read the month's figures from the outbox (read-only, streamed); of one institution
+    (``label``: how it is named) when ``institution`` is given."""
     first, after = month_bounds(month)
     uploaded: dict[str, Uploaded] = {t: Uploaded() for t in VISIT_TYPES}
     not_upstream: dict[str, dict[str, int]] = {s.value: dict.fromkeys(VISIT_TYPES, 0) for s in NOT_UPSTREAM}
@@ -154,13 +156,13 @@ def month_report(store: Store, month: date) -> MonthReport:
     not_key = dict.fromkeys(VISIT_TYPES, 0)
     unreadable = 0
     # Counts of what is not upstream: the database aggregates, no payload travels.
-    for status, visit_type, n in store.month_counts(first, after):
+    for status, visit_type, n in store.month_counts(first, after, institution):
         kind = _visit_type(visit_type)
         if status == Status.SKIPPED.value:
             skipped[kind] += n
         elif status in not_upstream:
             not_upstream[status][kind] += n
-    for lsh, text in store.month_sent(first, after):
+    for lsh, text in store.month_sent(first, after, institution):
         try:
             payload = json.loads(text, parse_float=Decimal)
         except (TypeError, ValueError):
@@ -176,7 +178,7 @@ def month_report(store: Store, month: date) -> MonthReport:
         uploaded[kind] = uploaded[kind] + Uploaded.of(payload)
     return MonthReport(
         month=first, uploaded=uploaded, not_upstream=not_upstream, skipped=skipped,
-        sent_not_key_crowd=not_key, unreadable=unreadable,
+        sent_not_key_crowd=not_key, unreadable=unreadable, institution=label if institution is not None else None,
     )
 
 
@@ -264,6 +266,8 @@ def render_table(r: MonthReport, *, outbox: str | None = None) -> str:
         return "  ".join(cells).rstrip()
 
     out = [f"crowd-sync 月报 / monthly report {r.label} (按结算日期 by settlement date)"]
+    if r.institution:
+        out[0] += f" — 机构 institution {r.institution}"
     if outbox:
         out.append(f"outbox {outbox}")
     out += ["", fmt(headers), fmt(headers_en), "-" * _display.width(fmt(headers_en)), *(fmt(row) for row in rows), ""]

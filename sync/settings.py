@@ -1,9 +1,6 @@
 """Load and validate ``settings.yaml``.
 
-- ``${NAME}`` anywhere in a string value is replaced by that environment variable
-  (``$$`` writes a literal ``$``); an unset variable is a problem naming it.
-- A secret may come from a file instead: ``password_file: /path`` (also
-  ``app_key_file``, ``username_file``, and ``url_file`` under ``his``/``outbox``).
+- ``${NAME}`` variables and secret files (``password_file: /path``): settings_secrets.py.
   systemd credentials are files too: ``password_file: ${CREDENTIALS_DIRECTORY}/password``.
 - Every problem is collected and reported at once, each naming its key and the fix.
 
@@ -16,8 +13,8 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import warnings
+from dataclasses import dataclass
 from datetime import date, time, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any, Literal
@@ -37,20 +34,20 @@ from pydantic import (
 
 from sync import counties
 from sync.errors import ConfigError
-from sync.settings_file import placeholders, read_query_file, warn_retired
+from sync.outbox.model import DEFAULT_INSTITUTION
+from sync.settings_file import MANY, describe_errors, placeholders, read_query_file, warn_retired
+from sync.settings_secrets import (
+    FILE_KEYS,
+    interpolate,
+    read_secret_files,
+    without_unneeded_secrets,
+)
+from sync.settings_secrets import NOT_LOADED as NOT_LOADED  # re-exported: commands and app use it
+from sync.settings_secrets import SecretFileWarning as SecretFileWarning
 from sync.sqltext import QUERY_PARAMETERS, code_only, query_parameters, url_dialect
 
 DEFAULT_CONFIG_NAME = "settings.yaml"
 CONFIG_ENV = "CROWD_SYNC_CONFIG"
-
-# Keys that may be given as `<key>_file:` and are read from that file.
-_FILE_KEYS = {
-    "upstream": ("app_key", "username", "password"),
-    "his": ("url",),
-    "outbox": ("url",),
-}
-
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class _Model(BaseModel):
@@ -58,6 +55,9 @@ class _Model(BaseModel):
 
 
 class Institution(_Model):
+    # The value of his.query's `institution` column for this institution; in the
+    # single-institution form it may stay empty (the outbox then keys its rows by DEFAULT_CODE).
+    code: str = Field(default="", max_length=40)
     name: str = ""
     county_code: str | None = Field(default=None, description="the platform's county code, document section 5")
     # HIS county code -> platform county code, where the two differ (document 3.1.2 note 1).
@@ -101,12 +101,13 @@ class EventCodes(_Model):
 class Upstream(_Model):
     env: Literal["test", "prod"] = "test"
     base_url: str = "http://183.220.195.216:9080"
-    app_key: SecretStr
+    # The credentials of the single-institution form; with `institutions:` each entry has its own.
+    app_key: SecretStr | None = None
     # Which text of the app key the platform signs (docs/signing.md): auto learns it at the
     # first login and remembers it in the outbox; decoded or as_printed pins it.
     app_key_form: Literal["auto", "decoded", "as_printed"] = "auto"
-    username: str
-    password: SecretStr
+    username: str | None = None
+    password: SecretStr | None = None
     timeout_s: float = Field(default=15.0, gt=0, le=600)
     connect_timeout_s: float = Field(default=5.0, gt=0, le=120)
     concurrency: int = Field(default=4, ge=1, le=64)
@@ -127,17 +128,76 @@ class Upstream(_Model):
 
     @field_validator("username")
     @classmethod
-    def _username(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("is empty")
-        return v.strip()
+    def _username(cls, v: str | None) -> str | None:
+        return None if v is None else not_empty_text(v)
 
     @field_validator("app_key", "password")
     @classmethod
-    def _not_empty(cls, v: SecretStr) -> SecretStr:
-        if not v.get_secret_value().strip():
-            raise ValueError("is empty")
-        return SecretStr(v.get_secret_value().strip())
+    def _not_empty(cls, v: SecretStr | None) -> SecretStr | None:
+        return None if v is None else not_empty_secret(v)
+
+    def credentials(self) -> tuple[str, str, str]:
+        """(app key, username, password); ConfigError naming the setting when one is absent."""
+        if self.app_key is None or self.username is None or self.password is None:
+            raise ConfigError(
+                "缺少平台凭据 / the platform credentials are missing",
+                hint="填写 upstream.app_key、username、password，或在 institutions: 中为每个机构填写 / set "
+                "upstream.app_key, upstream.username and upstream.password, or list each institution with its own "
+                "under institutions:",
+            )
+        return self.app_key.get_secret_value(), self.username, self.password.get_secret_value()
+
+
+def not_empty_text(v: str) -> str:
+    if not v.strip():
+        raise ValueError("is empty")
+    return v.strip()
+
+
+def not_empty_secret(v: SecretStr) -> SecretStr:
+    if not v.get_secret_value().strip():
+        raise ValueError("is empty")
+    return SecretStr(v.get_secret_value().strip())
+
+
+# The outbox's institution of the single-institution form when `institution.code` is not set.
+DEFAULT_CODE = DEFAULT_INSTITUTION
+
+
+class InstitutionEntry(Institution):
+    """One member of a county medical alliance (医共体): its code in his.query's `institution`
+    column and its own platform credentials ("每个对接机构都有自己的hie_app_key")."""
+
+    code: str = Field(min_length=1, max_length=40)
+    app_key: SecretStr
+    username: str
+    password: SecretStr
+
+    @field_validator("code", "username")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        return not_empty_text(v)
+
+    @field_validator("app_key", "password")
+    @classmethod
+    def _secret(cls, v: SecretStr) -> SecretStr:
+        return not_empty_secret(v)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Member:
+    """One institution crowd-sync uploads for: the outbox's code for it, what the platform
+    knows of it, and ``upstream`` with its own credentials (the rest shared)."""
+
+    code: str
+    institution: Institution
+    upstream: Upstream
+
+    @property
+    def label(self) -> str:
+        """``code name`` for people (the code alone when unnamed)."""
+        name = self.institution.name
+        return f"{self.code} {name}" if name and name != self.code else self.code
 
 
 class His(_Model):
@@ -316,6 +376,8 @@ class Metrics(_Model):
 
 class Settings(_Model):
     institution: Institution = Field(default_factory=Institution)
+    # A county medical alliance: several institutions on one HIS, each with its own credentials.
+    institutions: list[InstitutionEntry] | None = None
     upstream: Upstream
     his: His
     key_crowd: KeyCrowd = Field(default_factory=KeyCrowd)
@@ -327,6 +389,67 @@ class Settings(_Model):
 
     # Where the settings came from (for messages); not a setting.
     source_path: str | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Settings:
+        if self.institutions is None:
+            return self
+        problems: list[str] = []
+        if not self.institutions:
+            problems.append("institutions: is empty; list each institution, or remove it and use institution:")
+        if "institution" in self.model_fields_set:
+            problems.append("institution: give either institution: (one institution) or institutions: (several), not both")
+        for key in ("app_key", "username", "password"):
+            if getattr(self.upstream, key) is not None:
+                problems.append(
+                    f"upstream.{key}: with institutions:, each institution has its own; move it into its entry"
+                )
+        for attr in ("code", "username"):
+            seen: dict[str, int] = {}
+            for i, entry in enumerate(self.institutions):
+                value = getattr(entry, attr)
+                if value in seen:
+                    why = " (each institution must use its own account, document FAQ 4 and 14)" if attr == "username" else ""
+                    problems.append(
+                        f"institutions[{i}].{attr}: {value!r} is institutions[{seen[value]}]'s already{why}; "
+                        f"give each institution its own {attr}"
+                    )
+                seen.setdefault(value, i)
+        if problems:
+            raise ValueError(MANY + MANY.join(problems))
+        return self
+
+    @property
+    def members(self) -> tuple[Member, ...]:
+        """Every institution uploaded for, in the order of the settings (one in the single form)."""
+        if self.institutions is None:
+            return (Member(code=self.institution.code or DEFAULT_CODE, institution=self.institution,
+                           upstream=self.upstream),)
+        return tuple(
+            Member(
+                code=e.code,
+                institution=Institution(name=e.name, county_code=e.county_code, county_map=e.county_map),
+                upstream=self.upstream.model_copy(
+                    update={"app_key": e.app_key, "username": e.username, "password": e.password}
+                ),
+            )
+            for e in self.institutions
+        )
+
+    def member(self, code: str | None) -> Member:
+        """The institution ``code`` (None: the only one); ConfigError naming the codes otherwise."""
+        members = self.members
+        if code is None and len(members) == 1:
+            return members[0]
+        for m in members:
+            if m.code == code:
+                return m
+        codes = ", ".join(m.code for m in members)
+        raise ConfigError(
+            f"配置中没有机构 {code!r} / no institution {code!r} in the settings" if code
+            else "配置了多个机构，请指定一个 / there are several institutions: name one",
+            hint=f"用 --institution 指定 / pass --institution with one of: {codes}",
+        )
 
     @property
     def his_timezone(self) -> str:
@@ -378,41 +501,8 @@ def load(path: str | Path | None = None, *, env: dict[str, str] | None = None, p
         ) from None
     environ = os.environ.copy() if env is None else env
     if not platform:
-        raw = _without_unneeded_secrets(raw, environ)
+        raw = without_unneeded_secrets(raw, environ)
     return parse(raw, env=environ, base_dir=p.resolve().parent, source=str(p))
-
-
-# Stands in for a secret that a command using only the outbox has no need to read.
-NOT_LOADED = "(not loaded: this command uses only the outbox)"
-
-
-def _without_unneeded_secrets(raw: Any, env: dict[str, str]) -> Any:
-    """Replace the platform credentials and the HIS URL by a placeholder where they
-    cannot be resolved here (unset variable, unreadable or missing file, absent)."""
-    if not isinstance(raw, dict):
-        return raw
-    out = dict(raw)
-    for section in ("upstream", "his"):
-        block = dict(out.get(section) or {}) if isinstance(out.get(section) or {}, dict) else None
-        if block is None:
-            continue
-        for key in _FILE_KEYS[section]:
-            file_key = f"{key}_file"
-            scratch: list[str] = []
-            if file_key in block:
-                path = _interpolate(block[file_key], env, file_key, scratch, set())
-                if not scratch and isinstance(path, str) and os.access(path, os.R_OK) and Path(path).is_file():
-                    continue
-                del block[file_key]
-                block[key] = NOT_LOADED
-            elif key in block:
-                _interpolate(block[key], env, key, scratch, set())
-                if scratch:
-                    block[key] = NOT_LOADED
-            else:
-                block[key] = NOT_LOADED
-        out[section] = block
-    return out
 
 
 def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "settings") -> Settings:
@@ -429,15 +519,23 @@ def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "setti
             f"{type(raw).__name__}",
             hint="以示例 settings.yaml 为起点 / start from the example settings.yaml",
         )
-    data = _interpolate(raw, env, "", problems, reported)
+    data = interpolate(raw, env, "", problems, reported)
     # A section whose keys are all commented out reads as null: it means "all defaults".
     for section in Settings.model_fields:
         if section in data and data[section] is None:
             del data[section]
     data.pop("source_path", None)
-    _read_secret_files(data, problems, reported)
+    read_secret_files(data, problems, reported)
     read_query_file(data, base_dir, problems, reported)
     problems.extend(placeholders(data, ""))
+    upstream = data.get("upstream")
+    if not data.get("institutions") and isinstance(upstream, dict):
+        # The single-institution form: the credentials are upstream's (the model lets them be
+        # absent because with institutions: they are each entry's).
+        problems.extend(
+            f"upstream.{key}: required setting is missing / 缺少必填项"
+            for key in FILE_KEYS["upstream"] if key not in upstream and f"upstream.{key}" not in reported
+        )
     warn_retired(data)
     if isinstance(data.get("outbox", {}), dict):
         # The embedded default is relative too, and must not depend on the working directory.
@@ -450,7 +548,7 @@ def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "setti
     try:
         settings = Settings.model_validate({**data, "source_path": source})
     except ValidationError as exc:
-        problems.extend(p for loc, p in _describe(exc) if loc not in reported)
+        problems.extend(p for loc, p in describe_errors(exc) if loc not in reported)
         settings = None
     if problems or settings is None:
         raise ConfigError(
@@ -460,87 +558,6 @@ def parse(raw: Any, *, env: dict[str, str], base_dir: Path, source: str = "setti
             hint="逐项修改后运行 `crowd-sync check` / fix each key listed, then run `crowd-sync check`",
         )
     return settings
-
-
-def _interpolate(value: Any, env: dict[str, str], where: str, problems: list[str], reported: set[str]) -> Any:
-    if isinstance(value, dict):
-        return {
-            k: _interpolate(v, env, f"{where}.{k}" if where else str(k), problems, reported) for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [_interpolate(v, env, f"{where}[{i}]", problems, reported) for i, v in enumerate(value)]
-    if isinstance(value, str):
-
-        def sub(m: re.Match[str]) -> str:
-            if m.group(0) == "$$":
-                return "$"
-            name = m.group(1)
-            if name not in env:
-                reported.add(where)
-                problems.append(
-                    f"{where}: environment variable {name} is not set "
-                    f"(export {name}=..., or put it in the service's environment file) / 环境变量 {name} 未设置"
-                )
-                return ""
-            return env[name]
-
-        return _VAR.sub(sub, value)
-    return value
-
-
-def _read_secret_files(data: dict[str, Any], problems: list[str], reported: set[str]) -> None:
-    for section, keys in _FILE_KEYS.items():
-        block = data.get(section)
-        if not isinstance(block, dict):
-            continue
-        for key in keys:
-            file_key = f"{key}_file"
-            if file_key not in block:
-                continue
-            path_value = block.pop(file_key)
-            where = f"{section}.{file_key}"
-            if where in reported:
-                # The path itself is broken (unset variable): reading it would only add noise.
-                reported.add(f"{section}.{key}")
-                continue
-            if key in block:
-                problems.append(f"{where}: give either {section}.{key} or {where}, not both")
-                continue
-            reported.add(f"{section}.{key}")
-            if not isinstance(path_value, str) or not path_value.strip():
-                problems.append(f"{where}: must be the path of a file holding the secret")
-                continue
-            path = Path(path_value.strip())
-            try:
-                content = path.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                problems.append(
-                    f"{where}: cannot read {path} ({exc.strerror or type(exc).__name__}); "
-                    "check the path and that the service user may read it"
-                )
-                continue
-            except UnicodeDecodeError:
-                problems.append(f"{where}: {path} is not UTF-8 text")
-                continue
-            if not content:
-                problems.append(f"{where}: {path} is empty; write the secret into it")
-                continue
-            reported.discard(f"{section}.{key}")
-            try:
-                mode = path.stat().st_mode
-            except OSError:
-                mode = 0
-            if mode & (stat.S_IRGRP | stat.S_IROTH | stat.S_IWOTH):
-                warnings.warn(
-                    f"{where}: {path} is readable by other users; run `chmod 600 {path}`",
-                    SecretFileWarning,
-                    stacklevel=2,
-                )
-            block[key] = content
-
-
-class SecretFileWarning(UserWarning):
-    """A secret file is readable by users other than its owner."""
 
 
 class CountyCodeWarning(UserWarning):
@@ -554,38 +571,3 @@ def resolve_sqlite_url(url: str, base_dir: Path) -> str:
         return url
     path_part, sep, query = m.group(2).partition("?")
     return f"{m.group(1)}:///{(base_dir / path_part).resolve()}{sep}{query}"
-
-
-def _describe(exc: ValidationError) -> list[tuple[str, str]]:
-    """(key, problem) for each validation error; secret values are never echoed."""
-    out: list[tuple[str, str]] = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        kind = err["type"]
-        msg = err["msg"]
-        if kind == "missing":
-            out.append((loc, f"{loc}: required setting is missing / 缺少必填项"))
-        elif kind == "extra_forbidden":
-            out.append(
-                (loc, f"{loc}: unknown setting (check its spelling and indentation; see settings.yaml for the keys) / 未知配置项")
-            )
-        else:
-            value = err.get("input")
-            shown = ""
-            # Our own validators already describe the value; echo it only for type and range
-            # errors, never for a secret, and not when it is a block of text (the query).
-            if kind != "value_error" and not _looks_secret(err["loc"]) and not isinstance(value, dict | list):
-                shown = f" (got {value!r})" if len(repr(value)) <= 80 else ""
-            msg = msg.removeprefix("Value error, ")
-            if msg.startswith("Input should be "):
-                msg = "must be " + msg.removeprefix("Input should be ")
-            if kind == "string_type":
-                # YAML turns unquoted 0123 into a number (octal 83 in YAML 1.1), so quoting is the fix.
-                msg = "must be text; put the value in quotes / 应为文本，请加引号"
-            out.append((loc, f"{loc}: {msg}{shown}"))
-    return out
-
-
-def _looks_secret(loc: tuple[int | str, ...]) -> bool:
-    # The last part names the field: `upstream.password`, `his.url`; `upstream.base_url` is no secret.
-    return bool(loc) and str(loc[-1]) in {"password", "app_key", "url", "username"}

@@ -10,6 +10,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 __all__ = ["DeprecatedSettingWarning", "placeholders", "read_query_file", "warn_retired"]
 
 
@@ -75,3 +77,46 @@ def warn_retired(data: dict[str, Any]) -> None:
 
 class DeprecatedSettingWarning(UserWarning):
     """A setting that no longer does anything is still in the settings file."""
+
+
+# Several problems in one validator's error: split into one line each by ``describe_errors``.
+MANY = "\n\x00"
+
+
+def describe_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """(key, problem) for each validation error; secret values are never echoed."""
+    out: list[tuple[str, str]] = []
+    for err in exc.errors():
+        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".")
+        kind = err["type"]
+        msg = err["msg"]
+        if MANY in msg:
+            # A validator of the whole settings: each problem names its own key.
+            out.extend((loc, p) for p in msg.split(MANY)[1:])
+            continue
+        if kind == "missing":
+            out.append((loc, f"{loc}: required setting is missing / 缺少必填项"))
+        elif kind == "extra_forbidden":
+            out.append(
+                (loc, f"{loc}: unknown setting (check its spelling and indentation; see settings.yaml for the keys) / 未知配置项")
+            )
+        else:
+            value = err.get("input")
+            shown = ""
+            # Our own validators already describe the value; echo it only for type and range
+            # errors, never for a secret, and not when it is a block of text (the query).
+            if kind != "value_error" and not _looks_secret(err["loc"]) and not isinstance(value, dict | list):
+                shown = f" (got {value!r})" if len(repr(value)) <= 80 else ""
+            msg = msg.removeprefix("Value error, ")
+            if msg.startswith("Input should be "):
+                msg = "must be " + msg.removeprefix("Input should be ")
+            if kind == "string_type":
+                # YAML turns unquoted 0123 into a number (octal 83 in YAML 1.1), so quoting is the fix.
+                msg = "must be text; put the value in quotes / 应为文本，请加引号"
+            out.append((loc, f"{loc}: {msg}{shown}"))
+    return out
+
+
+def _looks_secret(loc: tuple[int | str, ...]) -> bool:
+    # The last part names the field: `upstream.password`, `his.url`; `upstream.base_url` is no secret.
+    return bool(loc) and str(loc[-1]) in {"password", "app_key", "url", "username"}

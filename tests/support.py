@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import textwrap
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -115,6 +115,37 @@ def expected_payload(v: Mapping[str, Any], *, key_crowd: str = "1") -> dict[str,
     return p
 
 
+# One HIS shared by the members of a county medical alliance: `org` names each visit's
+# institution, and serial numbers are unique only within one (the document: 院内唯一).
+his_alliance_visits = sa.Table(
+    "his_alliance_settlement",
+    his_meta,
+    sa.Column("org", sa.String(40), primary_key=True),
+    *(sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable) for c in his_visits.columns),
+)
+ALLIANCE_QUERY = HIS_QUERY.replace("FROM his_settlement", ", org AS institution\nFROM his_alliance_settlement")
+
+
+def alliance_settings(
+    path: Path, *, his_url: str, outbox_url: str, base_url: str, members: Sequence[Mapping[str, str]],
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Settings:
+    """Settings of an alliance over ALLIANCE_QUERY: ``members`` are institutions: entries."""
+    data: dict[str, Any] = {
+        "institutions": [dict(m) for m in members],
+        "upstream": {"env": "test", "base_url": base_url, "timeout_s": 5, "concurrency": 4, "rate_limit_per_s": 1000},
+        "his": {"url": his_url, "query": ALLIANCE_QUERY, "settle_delay_s": 0, "lookback_s": 600},
+        "key_crowd": {"source": "column"},
+        "outbox": {"url": outbox_url},
+        "retry": {"first_delay_s": 1, "max_delay_s": 60},
+        "log": {"format": "json", "level": "info"},
+    }
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return settings_mod.load(path)
+
+
 class His:
     """A HIS database under test: create, insert, re-settle."""
 
@@ -132,6 +163,13 @@ class His:
     def update(self, serial_no: str, **values: Any) -> None:
         with self.engine.begin() as conn:
             conn.execute(his_visits.update().where(his_visits.c.serial_no == serial_no).values(**values))
+
+    def insert_alliance(self, org: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Visits of one member of the alliance (``his_alliance_settlement``)."""
+        rows = [{**r, "org": org} for r in rows]
+        if rows:
+            with self.engine.begin() as conn:
+                conn.execute(his_alliance_visits.insert(), rows)
 
     def now(self) -> datetime:
         from sync.his import HisSource

@@ -7,7 +7,7 @@ own clock, kept as its wall time (``wall``); see ``sync.outbox.schema``.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -241,12 +241,21 @@ def skip_locked_ok(dialect: sa.Dialect) -> bool:
     return False
 
 
+def by_institution(keys: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """(institution, lsh) keys grouped by institution: ``IN`` lists of one column work on
+    every dialect (SQL Server has no tuple ``IN``)."""
+    out: dict[str, list[str]] = {}
+    for institution, lsh in keys:
+        out.setdefault(institution, []).append(lsh)
+    return out
+
+
 # -- the raw-insert fast path ---------------------------------------------------------
 
 
 # The columns a new outbox row gets from ``enqueue``, in the order of ``RawInsert`` rows.
 _INSERT_COLUMNS: tuple[str, ...] = (
-    "lsh", "status", "payload", "payload_hash", "key_crowd", "card_type", "card_no", "visit_type",
+    "institution", "lsh", "status", "payload", "payload_hash", "key_crowd", "card_type", "card_no", "visit_type",
     "settlement_date", "attempts", "generic_failures", "first_failed_at", "next_attempt_at", "last_error",
     "last_http_status", "first_seen_at", "updated_at", "source_changed_at",
 )
@@ -303,7 +312,7 @@ class RawInsert:
         for item in items:
             status = Status(item.status)
             rows.append((
-                item.lsh, status.value, item.payload_json, item.payload_hash, fit(item.key_crowd, 1),
+                item.institution, item.lsh, status.value, item.payload_json, item.payload_hash, fit(item.key_crowd, 1),
                 fit(item.card_type, 8), fit(item.card_no, 64), fit(item.visit_type, 1),
                 day(item.settlement_date), 0, 0, None, at if status is Status.PENDING else None, item.reason,
                 None, at, at, stamp(wall(item.source_changed_at)),

@@ -19,7 +19,7 @@ from sync.outbox.schema import sync_attempt, sync_label_cache, sync_outbox, sync
 
 # Columns of sync_outbox that `failures` lists.
 _PROBLEM_COLUMNS = (
-    "lsh", "status", "attempts", "last_error", "last_http_status", "last_answer", "visit_type", "card_type",
+    "institution", "lsh", "status", "attempts", "last_error", "last_http_status", "last_answer", "visit_type", "card_type",
     "settlement_date", "source_changed_at", "first_failed_at", "next_attempt_at", "updated_at", "key_crowd",
 )
 
@@ -31,7 +31,9 @@ def _text(value: Any, size: int | None = None) -> str | None:
     return masked if size is None else masked[:size]
 
 
-def attempt_row(lsh: str, values: Mapping[str, Any], *, kind: str | None = None) -> dict[str, Any]:
+def attempt_row(
+    lsh: str, values: Mapping[str, Any], *, kind: str | None = None, institution: str | None = None
+) -> dict[str, Any]:
     """The ``sync_attempt`` row of one outcome, from the columns it sets on the outbox row
     (``status``, ``last_error``, ``last_http_status``, ``last_answer``, ``updated_at``).
 
@@ -49,6 +51,7 @@ def attempt_row(lsh: str, values: Mapping[str, Any], *, kind: str | None = None)
             kind = "check"
     return {
         "lsh": lsh,
+        "institution": institution,
         "at": values.get("updated_at"),
         "kind": kind,
         "outcome": status,
@@ -64,14 +67,13 @@ def insert_attempts(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> N
         conn.execute(sa.insert(sync_attempt), list(rows))
 
 
-def attempts(conn: sa.Connection, lsh: str) -> list[dict[str, Any]]:
-    """Every attempt kept for ``lsh``, oldest first."""
+def attempts(conn: sa.Connection, lsh: str, institution: str | None = None) -> list[dict[str, Any]]:
+    """Every attempt kept for ``lsh`` (of ``institution``, when given), oldest first."""
     a = sync_attempt
-    rows = conn.execute(
-        sa.select(a.c.at, a.c.kind, a.c.outcome, a.c.http_status, a.c.answer, a.c.error)
-        .where(a.c.lsh == lsh)
-        .order_by(a.c.at, a.c.id)
-    )
+    query = sa.select(a.c.at, a.c.kind, a.c.outcome, a.c.http_status, a.c.answer, a.c.error).where(a.c.lsh == lsh)
+    if institution is not None:
+        query = query.where(a.c.institution == institution)
+    rows = conn.execute(query.order_by(a.c.at, a.c.id))
     return [dict(r._mapping) for r in rows]
 
 
@@ -84,9 +86,12 @@ def problems(conn: sa.Connection, statuses: Sequence[str], *, since: datetime | 
     return [dict(r._mapping) for r in conn.execute(query.order_by(o.c.updated_at, o.c.lsh))]
 
 
-def visit(conn: sa.Connection, lsh: str) -> dict[str, Any] | None:
-    """The whole outbox row of ``lsh``."""
-    row = conn.execute(sa.select(sync_outbox).where(sync_outbox.c.lsh == lsh)).first()
+def visit(conn: sa.Connection, lsh: str, institution: str | None = None) -> dict[str, Any] | None:
+    """The whole outbox row of ``lsh`` (of ``institution``, when given; else the first)."""
+    query = sa.select(sync_outbox).where(sync_outbox.c.lsh == lsh)
+    if institution is not None:
+        query = query.where(sync_outbox.c.institution == institution)
+    row = conn.execute(query.order_by(sync_outbox.c.institution)).first()
     return None if row is None else dict(row._mapping)
 
 

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 import structlog
 
 from sync.outbox import history
-from sync.outbox.engine import chunks, fit, skip_locked_ok, utc
+from sync.outbox.engine import by_institution, chunks, fit, skip_locked_ok, utc
 from sync.outbox.model import DUE, Claimed, Failed, Outcome, Sent, Status
 from sync.outbox.schema import sync_outbox
 
@@ -41,8 +41,8 @@ class Leases:
             threading.Lock() if self._dialect == "sqlite" else contextlib.nullcontext()
         )
 
-    def claim_due(self, *, now: datetime, limit: int, owner: str) -> list[Claimed]:
-        """Lease up to ``limit`` due rows to ``owner``, oldest due first.
+    def claim_due(self, *, now: datetime, limit: int, owner: str, institution: str | None = None) -> list[Claimed]:
+        """Lease up to ``limit`` due rows to ``owner``, oldest due first (``institution``'s only, when given).
 
         Concurrent claimers never get the same row: ``FOR UPDATE SKIP LOCKED`` where
         the dialect has it, SQLite's BEGIN IMMEDIATE elsewhere, and the UPDATE only
@@ -54,35 +54,46 @@ class Leases:
         o = sync_outbox
         free = sa.or_(o.c.lease_until.is_(None), o.c.lease_until < now)
         due = sa.and_(o.c.status.in_(DUE), o.c.next_attempt_at <= now, free)
+        if institution is not None:
+            due = sa.and_(o.c.institution == institution, due)
         until = now + timedelta(seconds=self.lease_s)
         with self._claim_connection() as conn, conn.begin():
             if self._dialect == "oracle":
                 # Oracle refuses FOR UPDATE together with FETCH FIRST (ORA-02014):
                 # pick candidates first, then lock those still free.
-                candidates = conn.scalars(sa.select(o.c.lsh).where(due).order_by(o.c.next_attempt_at).limit(limit)).all()
-                lshs = conn.scalars(
-                    sa.select(o.c.lsh).where(o.c.lsh.in_(candidates), due).with_for_update(skip_locked=True)
-                ).all() if candidates else []
+                candidates = conn.execute(
+                    sa.select(o.c.institution, o.c.lsh).where(due).order_by(o.c.next_attempt_at).limit(limit)
+                ).all()
+                keys = [
+                    (r.institution, r.lsh)
+                    for inst, chunk in by_institution((c.institution, c.lsh) for c in candidates).items()
+                    for r in conn.execute(
+                        sa.select(o.c.institution, o.c.lsh)
+                        .where(o.c.institution == inst, o.c.lsh.in_(chunk), due)
+                        .with_for_update(skip_locked=True)
+                    )
+                ]
             else:
-                query = sa.select(o.c.lsh).where(due).order_by(o.c.next_attempt_at, o.c.lsh).limit(limit)
+                query = sa.select(o.c.institution, o.c.lsh).where(due).order_by(o.c.next_attempt_at, o.c.lsh).limit(limit)
                 if self._dialect != "sqlite":
                     query = query.with_for_update(skip_locked=skip_locked_ok(self._engine.dialect))
-                lshs = conn.scalars(query).all()
-            if not lshs:
+                keys = [(r.institution, r.lsh) for r in conn.execute(query)]
+            if not keys:
                 return []
-            conn.execute(
-                sa.update(o).where(o.c.lsh.in_(lshs), free).values(lease_owner=owner, lease_until=until)
-            )
-            rows = conn.execute(
-                sa.select(
-                    o.c.lsh, o.c.payload, o.c.payload_hash, o.c.key_crowd, o.c.card_type, o.c.card_no,
-                    o.c.attempts, o.c.generic_failures, o.c.first_failed_at, o.c.next_attempt_at,
-                ).where(o.c.lsh.in_(lshs), o.c.lease_owner == owner)
-            ).all()
-        rows = sorted(rows, key=lambda r: (r.next_attempt_at, r.lsh))
+            rows: list[Any] = []
+            for inst, lshs in by_institution(keys).items():
+                mine = sa.and_(o.c.institution == inst, o.c.lsh.in_(lshs))
+                conn.execute(sa.update(o).where(mine, free).values(lease_owner=owner, lease_until=until))
+                rows += conn.execute(
+                    sa.select(
+                        o.c.institution, o.c.lsh, o.c.payload, o.c.payload_hash, o.c.key_crowd, o.c.card_type,
+                        o.c.card_no, o.c.attempts, o.c.generic_failures, o.c.first_failed_at, o.c.next_attempt_at,
+                    ).where(mine, o.c.lease_owner == owner)
+                ).all()
+        rows = sorted(rows, key=lambda r: (r.next_attempt_at, r.lsh, r.institution))
         claims = [
             Claimed(
-                lsh=r.lsh, payload_json=r.payload, payload_hash=r.payload_hash, key_crowd=r.key_crowd,
+                institution=r.institution, lsh=r.lsh, payload_json=r.payload, payload_hash=r.payload_hash, key_crowd=r.key_crowd,
                 card_type=r.card_type, card_no=r.card_no, attempts=r.attempts, generic_failures=r.generic_failures,
                 first_failed_at=r.first_failed_at, lease_owner=owner,
             )
@@ -115,11 +126,14 @@ class Leases:
         written: list[bool] = []
         columns = [_columns(item) for item in outcomes]
         # Each attempt stays in the history even when its outcome is dropped: it happened.
-        tried = [history.attempt_row(item.claimed.lsh, values) for item, values in zip(outcomes, columns, strict=True)]
+        tried = [
+            history.attempt_row(item.claimed.lsh, values, institution=item.claimed.institution)
+            for item, values in zip(outcomes, columns, strict=True)
+        ]
         with self._outcome_lock, self._engine.begin() as conn:
             for item, values in zip(outcomes, columns, strict=True):
                 c = item.claimed
-                ours = sa.and_(o.c.lsh == c.lsh, o.c.lease_owner == c.lease_owner)
+                ours = sa.and_(o.c.institution == c.institution, o.c.lsh == c.lsh, o.c.lease_owner == c.lease_owner)
                 done = conn.execute(
                     sa.update(o)
                     .where(ours, o.c.payload_hash == c.payload_hash)
@@ -144,12 +158,13 @@ class Leases:
         poison record stops being tried every cycle. None when the row is no longer ours."""
         now = utc(now)
         o = sync_outbox
-        ours = sa.and_(o.c.lsh == c.lsh, o.c.lease_owner == c.lease_owner, o.c.payload_hash == c.payload_hash)
+        held = sa.and_(o.c.institution == c.institution, o.c.lsh == c.lsh, o.c.lease_owner == c.lease_owner)
+        ours = sa.and_(held, o.c.payload_hash == c.payload_hash)
         with self._outcome_lock, self._engine.begin() as conn:
             crashes = conn.execute(sa.select(o.c.crashes).where(ours)).scalar()
             if crashes is None:
                 conn.execute(
-                    sa.update(o).where(o.c.lsh == c.lsh, o.c.lease_owner == c.lease_owner)
+                    sa.update(o).where(held)
                     .values(lease_owner=None, lease_until=None)
                 )
                 return None
@@ -165,42 +180,43 @@ class Leases:
             )
             history.insert_attempts(
                 conn, [history.attempt_row(c.lsh, {"status": status.value, "last_error": error, "updated_at": now},
-                                           kind="crash")]
+                                           kind="crash", institution=c.institution)]
             )
         return status
 
     def release(self, claims: Iterable[Claimed], *, now: datetime) -> None:
         """Drop leases and change nothing else (configuration pause, shutdown)."""
-        by_owner: dict[str, list[str]] = {}
+        by_owner: dict[tuple[str, str], list[str]] = {}
         for c in claims:
-            by_owner.setdefault(c.lease_owner, []).append(c.lsh)
+            by_owner.setdefault((c.lease_owner, c.institution), []).append(c.lsh)
         if not by_owner:
             return
         o = sync_outbox
         with self._engine.begin() as conn:
-            for owner, lshs in by_owner.items():
+            for (owner, institution), lshs in by_owner.items():
                 for chunk in chunks(lshs):
                     conn.execute(
                         sa.update(o)
-                        .where(o.c.lsh.in_(chunk), o.c.lease_owner == owner)
+                        .where(o.c.institution == institution, o.c.lsh.in_(chunk), o.c.lease_owner == owner)
                         .values(lease_owner=None, lease_until=None)
                     )
 
-    def postpone(self, lshs: Sequence[str], *, until: datetime) -> None:
-        """Due rows among ``lshs`` that are free become due only at ``until`` (nothing else
+    def postpone(self, claims: Sequence[Claimed], *, until: datetime) -> None:
+        """Due rows among ``claims`` that are free become due only at ``until`` (nothing else
         changes: no attempt is counted). A failed probe of the platform rotates this way."""
         until = utc(until)
         o = sync_outbox
         with self._engine.begin() as conn:
-            for chunk in chunks(list(lshs)):
-                conn.execute(
-                    sa.update(o)
-                    .where(
-                        o.c.lsh.in_(chunk), o.c.status.in_(DUE), o.c.lease_owner.is_(None),
-                        o.c.next_attempt_at < until,
+            for institution, lshs in by_institution((c.institution, c.lsh) for c in claims).items():
+                for chunk in chunks(lshs):
+                    conn.execute(
+                        sa.update(o)
+                        .where(
+                            o.c.institution == institution, o.c.lsh.in_(chunk), o.c.status.in_(DUE),
+                            o.c.lease_owner.is_(None), o.c.next_attempt_at < until,
+                        )
+                        .values(next_attempt_at=until)
                     )
-                    .values(next_attempt_at=until)
-                )
 
     def release_other_leases(self, owner: str) -> int:
         """Drop every lease held by anyone but ``owner``.

@@ -326,20 +326,25 @@ class InstanceLock:
 # -- the token renewal lock ---------------------------------------------------------------------
 
 
-def renewal_lock(engine: sa.Engine, *, wait_s: float) -> contextlib.AbstractContextManager[None] | None:
+def renewal_lock(
+    engine: sa.Engine, *, wait_s: float, scope: str = ""
+) -> contextlib.AbstractContextManager[None] | None:
     """A lock that one process at a time holds while it logs in, outside any outbox transaction:
     a file lock beside a SQLite outbox, a named lock of the server elsewhere. None where there is
     no such lock (Oracle, whose users cannot be assumed to have DBMS_LOCK): the caller then
     locks the token row instead, which on Oracle blocks no reader. Raises ``TimeoutError``
-    when another process holds it longer than ``wait_s``."""
+    when another process holds it longer than ``wait_s``. ``scope``: whose login (each
+    institution's token is renewed apart; empty for the first, as before)."""
     dialect = engine.dialect.name
-    name = "crowd_sync_token:" + (engine.url.database or "")
+    # The scope first: MySQL cuts long lock names at the end.
+    name = (f"{scope}:" if scope else "") + "crowd_sync_token:" + (engine.url.database or "")
     if dialect == "sqlite":
         database = engine.url.database
         if not database or database == ":memory:" or database.startswith("file:"):
             return contextlib.nullcontext()  # no other process can open this database
         path = Path(database).expanduser().resolve()
-        return _file_lock(path.with_name(path.name + ".token-lock"), wait_s)
+        suffix = f".{hashlib.sha256(scope.encode()).hexdigest()[:12]}" if scope else ""
+        return _file_lock(path.with_name(path.name + ".token-lock" + suffix), wait_s)
     if dialect in ("mysql", "mariadb"):
         return _server_lock(
             engine, wait_s,

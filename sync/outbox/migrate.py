@@ -53,17 +53,20 @@ def current_revision(engine: sa.Engine) -> str | None:
         return _current_on(conn)
 
 
-def _upgrade_on(conn: sa.Connection) -> None:
+def _upgrade_on(conn: sa.Connection, institution: str | None = None) -> None:
     cfg = _alembic_config()
     cfg.attributes["connection"] = conn
+    # Revision 0007: the institution the rows already there belong to.
+    cfg.attributes["institution"] = institution
     command.upgrade(cfg, "head")
 
 
-def render_offline(dialect_url: str) -> str:
+def render_offline(dialect_url: str, institution: str | None = None) -> str:
     """The DDL of every migration as SQL text for a DBA to run by hand (Alembic ``--sql``)."""
     buf = io.StringIO()
     cfg = _alembic_config(buf)
     cfg.attributes["url"] = dialect_url
+    cfg.attributes["institution"] = institution
     command.upgrade(cfg, "head", sql=True)
     return buf.getvalue()
 
@@ -101,11 +104,12 @@ def ensure_schema(engine: sa.Engine, *, create: bool, shown: str) -> None:
     )
 
 
-def upgrade(engine: sa.Engine, *, shown: str) -> tuple[str | None, str]:
-    """Bring the database to head; returns the revisions before and after."""
+def upgrade(engine: sa.Engine, *, shown: str, institution: str | None = None) -> tuple[str | None, str]:
+    """Bring the database to head; returns the revisions before and after. ``institution``:
+    the code the rows already there belong to (the first of the settings)."""
     with engine.begin() as conn:
         before = _current_on(conn)
-        _upgrade_on(conn)
+        _upgrade_on(conn, institution)
     after = current_revision(engine)
     assert after is not None
     log.info("outbox_migrated", url=shown, before=before, after=after)

@@ -11,7 +11,7 @@ except ``source_changed_at``, which is the HIS's own clock.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from enum import StrEnum
 from typing import Any
@@ -26,14 +26,19 @@ class Status(StrEnum):
     SKIPPED = "skipped"
 
 
+# The institution of the outbox's rows when the settings name none (the single-institution
+# form without institution.code). Not empty: Oracle stores '' as NULL, and it is part of the key.
+DEFAULT_INSTITUTION = "default"
+
 # Rows dispatch takes once their next_attempt_at has come.
 DUE = (Status.PENDING.value, Status.FAILED.value)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Incoming:
-    """One visit read from the HIS, after local validation."""
+    """One visit read from the HIS, after local validation; the key is (institution, lsh)."""
 
+    institution: str = DEFAULT_INSTITUTION
     lsh: str
     payload_json: str
     payload_hash: str
@@ -61,6 +66,7 @@ class EnqueueResult:
 class Claimed:
     """A row leased to one worker for uploading."""
 
+    institution: str = DEFAULT_INSTITUTION
     lsh: str
     payload_json: str
     payload_hash: str
@@ -143,3 +149,7 @@ class Summary:
     key_form: dict[str, Any] | None = None
     # While the platform is unreachable: {since, reason, probes, next_probe_at} (ISO text, UTC).
     platform_down: dict[str, Any] | None = None
+    # Each institution apart (code -> {counts, config_error, key_form}); ``counts``,
+    # ``config_error`` (the first institution paused) and ``key_form`` (the first one's) above
+    # are all of them together.
+    institutions: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -18,8 +18,8 @@ import structlog
 from sync.crashpoints import crash_point
 from sync.outbox import history
 from sync.outbox.cache import LabelCache
-from sync.outbox.engine import RawInsert, chunks, fit, utc, wall
-from sync.outbox.model import EnqueueResult, Incoming, Status
+from sync.outbox.engine import RawInsert, by_institution, chunks, fit, utc, wall
+from sync.outbox.model import DUE, EnqueueResult, Incoming, Status
 from sync.outbox.schema import sync_cursor, sync_outbox
 from sync.records import RESIDENT_ID
 
@@ -102,44 +102,48 @@ class Queue:
         A changed row starts over: its new status, attempts reset, due now if pending.
         """
         now = utc(now)
-        latest: dict[str, Incoming] = {}
+        o = sync_outbox
+        latest: dict[tuple[str, str], Incoming] = {}
         for item in items:
-            if len(item.lsh) > sync_outbox.c.lsh.type.length:  # type: ignore[attr-defined]
+            if len(item.lsh) > o.c.lsh.type.length:  # type: ignore[attr-defined]
                 log.warning("lsh_too_long_to_store", lsh=item.lsh[:60], length=len(item.lsh))
                 continue
-            latest[item.lsh] = item  # duplicates inside a batch: the last wins
+            latest[(item.institution, item.lsh)] = item  # duplicates inside a batch: the last wins
         inserts: list[Incoming] = []
         updates: list[dict[str, Any]] = []
         with self._engine.begin() as conn:
-            known: dict[str, str] = {}
-            for chunk in chunks(list(latest)):
-                rows = conn.execute(
-                    sa.select(sync_outbox.c.lsh, sync_outbox.c.payload_hash).where(sync_outbox.c.lsh.in_(chunk))
-                )
-                known.update({r.lsh: r.payload_hash for r in rows})
-            for lsh, item in latest.items():
-                if lsh not in known:
+            known: dict[tuple[str, str], str] = {}
+            for institution, lshs in by_institution(latest).items():
+                for chunk in chunks(lshs):
+                    rows = conn.execute(
+                        sa.select(o.c.lsh, o.c.payload_hash).where(o.c.institution == institution, o.c.lsh.in_(chunk))
+                    )
+                    known.update({(institution, r.lsh): r.payload_hash for r in rows})
+            for key, item in latest.items():
+                if key not in known:
                     inserts.append(item)
-                elif known[lsh] != item.payload_hash:
-                    updates.append({**self._incoming_values(item, now), "b_lsh": lsh})
+                elif known[key] != item.payload_hash:
+                    updates.append({**self._incoming_values(item, now), "b_institution": key[0], "b_lsh": key[1]})
             if inserts:
                 self._insert(conn, inserts, now)
             crash_point("mid_enqueue")
             if updates:
                 stmt = (
-                    sa.update(sync_outbox)
-                    .where(sync_outbox.c.lsh == sa.bindparam("b_lsh"))
-                    .values({k: sa.bindparam(k) for k in updates[0] if k != "b_lsh"})
+                    sa.update(o)
+                    .where(o.c.institution == sa.bindparam("b_institution"), o.c.lsh == sa.bindparam("b_lsh"))
+                    .values({k: sa.bindparam(k) for k in updates[0] if not k.startswith("b_")})
                 )
                 conn.execute(stmt, updates)
             if cursor is not None:
                 self._move_cursor(conn, cursor, now)
             # Rows parked at once (local validation, the key_crowd column) start their story here.
             history.insert_attempts(conn, [
-                history.attempt_row(i.lsh, {"status": Status(i.status).value, "last_error": i.reason, "updated_at": now})
+                history.attempt_row(i.lsh, {"status": Status(i.status).value, "last_error": i.reason, "updated_at": now},
+                                    institution=i.institution)
                 for i in inserts if i.status is not Status.PENDING
             ] + [
-                history.attempt_row(v["b_lsh"], v) for v in updates if v["status"] != Status.PENDING.value
+                history.attempt_row(v["b_lsh"], v, institution=v["b_institution"])
+                for v in updates if v["status"] != Status.PENDING.value
             ])
         written = [Status(i.status).value for i in inserts] + [v["status"] for v in updates]
         result = EnqueueResult(
@@ -159,7 +163,11 @@ class Queue:
             return
         conn.execute(
             sa.insert(sync_outbox),
-            [{**self._incoming_values(item, now), "lsh": item.lsh, "first_seen_at": now} for item in items],
+            [
+                {**self._incoming_values(item, now), "institution": item.institution, "lsh": item.lsh,
+                 "first_seen_at": now}
+                for item in items
+            ],
         )
 
     @functools.cached_property
@@ -191,6 +199,34 @@ class Queue:
             "last_http_status": None,
             "updated_at": now,
         }
+
+    # -- institutions --------------------------------------------------------------------
+    def park_unrouted(self, institutions: Sequence[str], *, now: datetime) -> int:
+        """Due rows of an institution the settings do not list (removed since, or requeued while
+        still unknown) are parked ``invalid`` with the fix: no credentials to send them with."""
+        now = utc(now)
+        o = sync_outbox
+        stray = sa.and_(o.c.status.in_(DUE), o.c.institution.not_in(list(institutions)), o.c.lease_owner.is_(None))
+        with self._engine.begin() as conn:
+            keys = conn.execute(sa.select(o.c.institution, o.c.lsh).where(stray)).all()
+            if not keys:
+                return 0
+            rows = []
+            for institution, lshs in by_institution((k.institution, k.lsh) for k in keys).items():
+                reason = (
+                    f"机构 {institution!r} 不在配置中 / institution {institution!r} is none of the settings' institutions[].code "
+                    f"({', '.join(institutions)}): add it to institutions: with its own app key and account, "
+                    "then `crowd-sync retry --status invalid`"
+                )
+                values = {"status": Status.INVALID.value, "last_error": reason, "next_attempt_at": None,
+                          "updated_at": now}
+                for chunk in chunks(lshs):
+                    conn.execute(sa.update(o).where(o.c.institution == institution, o.c.lsh.in_(chunk), stray)
+                                 .values(values))
+                rows += [history.attempt_row(lsh, values, institution=institution) for lsh in lshs]
+            history.insert_attempts(conn, rows)
+        log.warning("institution_unknown", records=len(keys), fix="add the institution to institutions: in the settings")
+        return len(keys)
 
     # -- due again -----------------------------------------------------------------------
     def requeue(

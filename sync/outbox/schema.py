@@ -18,6 +18,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import mssql, mysql, oracle
 
+from sync.outbox.model import DEFAULT_INSTITUTION
+
 # Constraint and index names are spelled out so that every dialect (and Alembic)
 # agrees on them; Oracle and SQL Server would otherwise invent their own.
 NAMING_CONVENTION: dict[str, str] = {
@@ -45,9 +47,14 @@ Key = (
 
 STATUSES = ("pending", "sent", "failed", "invalid", "dead", "skipped")
 
+# The code of an institution (institutions[].code): lsh is unique only within one (0007).
+Code = sa.String(40)
+
 sync_outbox = sa.Table(
     "sync_outbox",
     metadata,
+    sa.Column("institution", Code, primary_key=True, default=DEFAULT_INSTITUTION,
+              comment="code of the visit's institution (institutions[].code; lsh is unique only within one) / 机构编码"),
     sa.Column("lsh", Key, primary_key=True,
               comment="visit serial number, the platform's upsert key (the platform allows 50 characters; longer ones are kept to be reported invalid) / 就诊流水号"),
     sa.Column("status", sa.String(16), nullable=False,
@@ -90,6 +97,8 @@ sync_outbox = sa.Table(
     sa.Column("lease_until", Timestamp, nullable=True,
               comment="UTC, the lease ends here; a crashed worker's rows come back after it / 租约到期时间(UTC)"),
     sa.Index(None, "status", "next_attempt_at"),
+    sa.Index(None, "lsh"),
+    sa.Index(None, "institution", "status"),
     sa.Index(None, "card_no"),
     sa.Index(None, "source_changed_at"),
     sa.Index(None, "settlement_date"),
@@ -137,6 +146,8 @@ sync_token = sa.Table(
     sa.Column("obtained_at", Timestamp, nullable=True, comment="UTC, login time / 登录时间(UTC)"),
     sa.Column("expires_at", Timestamp, nullable=True, comment="UTC, when the token is renewed / 过期时间(UTC)"),
     sa.Column("updated_at", Timestamp, nullable=True, comment="UTC, last change / 更新时间(UTC)"),
+    sa.Column("institution", Code, nullable=True,
+              comment="whose token: each institution logs in with its own account / 机构编码"),
     comment="the shared login token: one login serves every worker / 共享登录令牌",
 )
 
@@ -169,6 +180,7 @@ sync_attempt = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, sa.Identity(), primary_key=True, comment="attempt number / 编号"),
     sa.Column("lsh", Key, nullable=False, comment="visit serial number (sync_outbox.lsh) / 就诊流水号"),
+    sa.Column("institution", Code, nullable=True, comment="code of the visit's institution / 机构编码"),
     sa.Column("at", Timestamp, nullable=False, comment="UTC, when the attempt ended / 时间(UTC)"),
     sa.Column("kind", sa.String(16), nullable=False,
               comment="upload (a request to the platform) | check (local validation) | decision "

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 import structlog
 
 from sync.outbox.engine import utc
+from sync.outbox.model import DEFAULT_INSTITUTION
 from sync.outbox.schema import sync_state
 from sync.upstream.keyform import KeyFormMemory
 from sync.upstream.signing import KEY_FORMS, KeyForm
@@ -29,6 +30,14 @@ KEY_FORM = "app_key_form"
 INSTANCE = "instance"
 # The running service's next poll and next reconcile (`status`).
 SCHEDULE = "schedule"
+# Facts of one institution (each has its own key and account): the row is named
+# `config_error:CODE`, `app_key_form:CODE`. The platform being down is shared.
+PER_INSTITUTION = (CONFIG_ERROR, KEY_FORM)
+
+
+def named(fact: str, institution: str) -> str:
+    """The sync_state row of one institution's ``fact``."""
+    return f"{fact}:{institution}"
 
 
 class State:
@@ -82,22 +91,26 @@ class State:
         return self.get(HIS_CLOCK)
 
     # -- sending held back ------------------------------------------------------------------
-    def set_config_error(self, *, message: str, hint: str, now: datetime) -> None:
-        """Hold sending back until the configuration is fixed; ``since`` keeps the first occurrence."""
-        previous = self.get_config_error()
+    def set_config_error(
+        self, *, message: str, hint: str, now: datetime, institution: str = DEFAULT_INSTITUTION
+    ) -> None:
+        """Hold ``institution``'s sending back until its configuration is fixed; ``since`` keeps
+        the first occurrence."""
+        previous = self.get_config_error(institution)
         since = previous.get("since") if previous else None
         self.put(
-            CONFIG_ERROR,
+            named(CONFIG_ERROR, institution),
             {"message": message, "hint": hint, "since": since or utc(now).isoformat(timespec="seconds")},
             now=now,
         )
 
-    def get_config_error(self) -> dict[str, Any] | None:
-        """``{message, hint, since}`` (since: ISO text, UTC) while sending is held back, else None."""
-        return self.get(CONFIG_ERROR)
+    def get_config_error(self, institution: str = DEFAULT_INSTITUTION) -> dict[str, Any] | None:
+        """``{message, hint, since}`` (since: ISO text, UTC) while ``institution``'s sending is held
+        back, else None."""
+        return self.get(named(CONFIG_ERROR, institution))
 
-    def clear_config_error(self) -> None:
-        self.delete(CONFIG_ERROR)
+    def clear_config_error(self, institution: str = DEFAULT_INSTITUTION) -> None:
+        self.delete(named(CONFIG_ERROR, institution))
 
     def get_platform_down(self) -> dict[str, Any] | None:
         """``{since, reason, probes, next_probe_at}`` (ISO text, UTC) while the platform is unreachable."""
@@ -121,32 +134,35 @@ class State:
         self.delete(PLATFORM_DOWN)
 
     # -- the reading of the app key -----------------------------------------------------------
-    def get_key_form(self) -> KeyForm | None:
-        """The reading of the app key the platform last accepted, shared by every process."""
-        value = self.get(KEY_FORM)
+    def get_key_form(self, institution: str = DEFAULT_INSTITUTION) -> KeyForm | None:
+        """The reading of ``institution``'s app key the platform last accepted, shared by every process."""
+        value = self.get(named(KEY_FORM, institution))
         form = value.get("form") if value else None
         return next((f for f in KEY_FORMS if f == form), None)
 
-    def put_key_form(self, form: KeyForm, *, now: datetime) -> None:
-        self.put(KEY_FORM, {"form": form, "accepted_at": utc(now).isoformat(timespec="seconds")}, now=now)
+    def put_key_form(self, form: KeyForm, *, now: datetime, institution: str = DEFAULT_INSTITUTION) -> None:
+        self.put(
+            named(KEY_FORM, institution), {"form": form, "accepted_at": utc(now).isoformat(timespec="seconds")}, now=now
+        )
 
-    def key_form_memory(self) -> KeyFormMemory:
-        """For ``Client(key_forms=...)``: the accepted reading kept in ``sync_state``."""
-        return _KeyFormRow(self)
+    def key_form_memory(self, institution: str = DEFAULT_INSTITUTION) -> KeyFormMemory:
+        """For ``Client(key_forms=...)``: the accepted reading of ``institution``'s key kept in ``sync_state``."""
+        return _KeyFormRow(self, institution)
 
 
 class _KeyFormRow:
-    """``sync.upstream.keyform.KeyFormMemory`` on the outbox's ``app_key_form`` state row."""
+    """``sync.upstream.keyform.KeyFormMemory`` on an institution's ``app_key_form`` state row."""
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, institution: str) -> None:
         self._state = state
+        self._institution = institution
 
     def recall(self) -> KeyForm | None:
-        return self._state.get_key_form()
+        return self._state.get_key_form(self._institution)
 
     def remember(self, form: KeyForm) -> None:
         try:
-            self._state.put_key_form(form, now=datetime.now(UTC))
+            self._state.put_key_form(form, now=datetime.now(UTC), institution=self._institution)
         except sa.exc.SQLAlchemyError as exc:
             # Not worth failing an upload for: without it, the next process tries both readings again.
             log.warning(

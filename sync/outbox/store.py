@@ -31,10 +31,10 @@ from sync.outbox.cache import LabelCache, card_hash
 from sync.outbox.engine import make_engine, utc
 from sync.outbox.leases import Leases
 from sync.outbox.lock import InstanceLock, holder_alive
-from sync.outbox.model import DUE, Status, Summary
+from sync.outbox.model import DEFAULT_INSTITUTION, DUE, Status, Summary
 from sync.outbox.queue import Queue
 from sync.outbox.schema import sync_outbox, sync_run
-from sync.outbox.state import CONFIG_ERROR, INSTANCE, KEY_FORM, PLATFORM_DOWN, SCHEDULE, State
+from sync.outbox.state import CONFIG_ERROR, INSTANCE, KEY_FORM, PLATFORM_DOWN, SCHEDULE, State, named
 from sync.outbox.tokens import DbTokenStore
 from sync.upstream.keyform import KeyFormMemory
 from sync.upstream.tokens import TokenStore
@@ -57,7 +57,7 @@ class Store:
         self.leases = Leases(self.engine, lease_s=lease_s)
         self.state = State(self.engine)
         self.labels = LabelCache(self.engine)
-        self._token_store: DbTokenStore | None = None
+        self._token_stores: dict[str, DbTokenStore] = {}
 
     @property
     def lease_s(self) -> int:
@@ -69,23 +69,24 @@ class Store:
         unless this store only reads)."""
         migrate.ensure_schema(self.engine, create=self.create, shown=self.url_for_humans)
 
-    def migrate(self) -> tuple[str | None, str]:
-        """Upgrade to head; returns the revisions before and after."""
-        return migrate.upgrade(self.engine, shown=self.url_for_humans)
+    def migrate(self, *, institution: str | None = None) -> tuple[str | None, str]:
+        """Upgrade to head; returns the revisions before and after. ``institution``: the code
+        of the rows already there (the institution this outbox served so far)."""
+        return migrate.upgrade(self.engine, shown=self.url_for_humans, institution=institution)
 
     def dispose(self) -> None:
         self.engine.dispose()
 
     # -- shared with the platform client ----------------------------------------------------
-    def token_store(self) -> TokenStore:
-        """The login token shared through ``sync_token`` by every thread and process."""
-        if self._token_store is None:
-            self._token_store = DbTokenStore(self.engine)
-        return self._token_store
+    def token_store(self, institution: str = DEFAULT_INSTITUTION) -> TokenStore:
+        """``institution``'s login token, shared through ``sync_token`` by every thread and process."""
+        if institution not in self._token_stores:
+            self._token_stores[institution] = DbTokenStore(self.engine, institution=institution)
+        return self._token_stores[institution]
 
-    def key_form_memory(self) -> KeyFormMemory:
-        """For ``Client(key_forms=...)``: the reading of the app key the platform accepted."""
-        return self.state.key_form_memory()
+    def key_form_memory(self, institution: str = DEFAULT_INSTITUTION) -> KeyFormMemory:
+        """For ``Client(key_forms=...)``: the reading of ``institution``'s app key the platform accepted."""
+        return self.state.key_form_memory(institution)
 
     # -- single instance ----------------------------------------------------------------------
     def instance_lock(self, *, command: str) -> InstanceLock:
@@ -133,14 +134,23 @@ class Store:
             )
 
     # -- what people read ------------------------------------------------------------------------
-    def summary(self, *, now: datetime) -> Summary:
-        """What ``crowd-sync status``, /metrics and the exit codes are made of."""
+    def summary(self, *, now: datetime, institutions: Sequence[str] = (DEFAULT_INSTITUTION,)) -> Summary:
+        """What ``crowd-sync status``, /metrics and the exit codes are made of; ``institutions``:
+        the codes of the settings (those the outbox holds rows of are shown too)."""
         now = utc(now)
         o = sync_outbox
         with self.engine.connect() as conn:
             counts = {s.value: 0 for s in Status}
-            for status, n in conn.execute(sa.select(o.c.status, sa.func.count()).group_by(o.c.status)):
-                counts[str(status)] = int(n)
+            apart: dict[str, dict[str, Any]] = {code: {"counts": {s.value: 0 for s in Status}} for code in institutions}
+            grouped = sa.select(o.c.institution, o.c.status, sa.func.count()).group_by(o.c.institution, o.c.status)
+            for institution, status, n in conn.execute(grouped):
+                counts[str(status)] += int(n)
+                mine = apart.setdefault(str(institution), {"counts": {s.value: 0 for s in Status}})
+                mine["counts"][str(status)] = int(n)
+            for code, mine in apart.items():
+                mine["config_error"] = State.read(conn, named(CONFIG_ERROR, code))
+                mine["key_form"] = State.read(conn, named(KEY_FORM, code))
+                mine["configured"] = code in institutions
             oldest = conn.execute(
                 sa.select(sa.func.min(sa.func.coalesce(o.c.first_failed_at, o.c.updated_at))).where(o.c.status.in_(DUE))
             ).scalar()
@@ -153,25 +163,31 @@ class Store:
                 .order_by(sync_run.c.id.desc())
                 .limit(1)
             ).first()
-            config_error = State.read(conn, CONFIG_ERROR)
-            key_form = State.read(conn, KEY_FORM)
             platform_down = State.read(conn, PLATFORM_DOWN)
+        paused = [(code, mine["config_error"]) for code, mine in apart.items() if mine["config_error"]]
+        config_error = paused[0][1] if paused else None
+        if config_error is not None and len(apart) > 1:
+            config_error = {**config_error, "institution": paused[0][0]}
         return Summary(
             counts=counts, oldest_pending_at=oldest, last_sent_at=last_sent, last_run=_row_dict(last_run),
             last_successful_run=_row_dict(last_ok), config_error=config_error, leased=int(leased or 0),
-            key_form=key_form, platform_down=platform_down,
+            key_form=apart[institutions[0]]["key_form"] if institutions else None, platform_down=platform_down,
+            institutions=apart,
         )
 
-    def month_counts(self, first: date, after: date) -> list[tuple[str, str | None, int]]:
-        """(status, visit type, visits) of the rows not sent, settled in ``[first, after)``."""
-        counts, _ = month_queries(first, after)
+    def month_counts(
+        self, first: date, after: date, institution: str | None = None
+    ) -> list[tuple[str, str | None, int]]:
+        """(status, visit type, visits) of the rows not sent, settled in ``[first, after)``
+        (of ``institution``, when given)."""
+        counts, _ = month_queries(first, after, institution)
         with self.engine.connect() as conn:
             return [(str(status), visit_type, int(n)) for status, visit_type, n in conn.execute(counts)]
 
-    def month_sent(self, first: date, after: date) -> Iterator[tuple[str, str]]:
-        """(lsh, payload) of the sent rows settled in ``[first, after)``, streamed: a month of
-        a large hospital need not fit in memory."""
-        _, sent = month_queries(first, after)
+    def month_sent(self, first: date, after: date, institution: str | None = None) -> Iterator[tuple[str, str]]:
+        """(lsh, payload) of the sent rows settled in ``[first, after)`` (of ``institution``, when
+        given), streamed: a month of a large hospital need not fit in memory."""
+        _, sent = month_queries(first, after, institution)
         with self.engine.connect() as conn:
             for row in conn.execution_options(stream_results=True, yield_per=_BATCH).execute(sent):
                 yield row.lsh, row.payload
@@ -183,15 +199,16 @@ class Store:
         with self.engine.connect() as conn:
             return history.problems(conn, statuses, since=None if since is None else utc(since))
 
-    def visit(self, lsh: str) -> dict[str, Any] | None:
-        """The whole outbox row of one visit; None when the outbox has none."""
+    def visit(self, lsh: str, institution: str | None = None) -> dict[str, Any] | None:
+        """The whole outbox row of one visit (of ``institution``: lsh is unique only within one;
+        None: the first); None when the outbox has none."""
         with self.engine.connect() as conn:
-            return history.visit(conn, lsh)
+            return history.visit(conn, lsh, institution)
 
-    def attempts(self, lsh: str) -> list[dict[str, Any]]:
-        """Each attempt kept for one visit, oldest first (``sync_attempt``)."""
+    def attempts(self, lsh: str, institution: str | None = None) -> list[dict[str, Any]]:
+        """Each attempt kept for one visit (of ``institution``, when given), oldest first (``sync_attempt``)."""
         with self.engine.connect() as conn:
-            return history.attempts(conn, lsh)
+            return history.attempts(conn, lsh, institution)
 
     def cached_labels(self, card_no: str) -> dict[str, Any] | None:
         """What the label cache holds for one person (codes, key_crowd, fetched_at)."""
@@ -231,7 +248,9 @@ class Store:
             return history.put_timezone(conn, zone=zone, offset_minutes=offset_minutes, now=utc(now))
 
 
-def month_queries(first: date, after: date) -> tuple[sa.Select[Any], sa.Select[Any]]:
+def month_queries(
+    first: date, after: date, institution: str | None = None
+) -> tuple[sa.Select[Any], sa.Select[Any]]:
     """The two reads of a month: counts of rows not sent, and the sent payloads.
 
     Both filter on settlement_date in SQL with a half-open range (no function
@@ -239,6 +258,8 @@ def month_queries(first: date, after: date) -> tuple[sa.Select[Any], sa.Select[A
     """
     o = sync_outbox
     in_month = sa.and_(o.c.settlement_date >= first, o.c.settlement_date < after)
+    if institution is not None:
+        in_month = sa.and_(in_month, o.c.institution == institution)
     counts = (
         sa.select(o.c.status, o.c.visit_type, sa.func.count())
         .where(in_month, o.c.status != Status.SENT.value)

@@ -18,6 +18,7 @@ import structlog
 from sync.errors import TransientError
 from sync.outbox.engine import utc
 from sync.outbox.lock import renewal_lock
+from sync.outbox.model import DEFAULT_INSTITUTION
 from sync.outbox.schema import sync_token
 from sync.upstream.tokens import Token
 
@@ -37,10 +38,15 @@ class DbTokenStore:
     # Longer than any one login (upstream.timeout_s is at most 600 s).
     RENEWAL_WAIT_S = 900.0
 
-    def __init__(self, engine: sa.Engine, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self, engine: sa.Engine, clock: Callable[[], datetime] | None = None, *, institution: str = DEFAULT_INSTITUTION
+    ) -> None:
         self._engine = engine
         self._lock = threading.Lock()
         self._clock = clock or (lambda: datetime.now(UTC))
+        # Each institution logs in with its own account: its own row, its own single flight.
+        self.institution = institution
+        self._id: int | None = None
 
     @staticmethod
     def _token(row: sa.Row[Any] | None) -> Token | None:
@@ -52,17 +58,45 @@ class DbTokenStore:
             expires_at=row.expires_at.replace(tzinfo=UTC),
         )
 
+    def _row_id(self) -> int:
+        """The id of this institution's row, created on first use (the migration made the first one's)."""
+        if self._id is not None:
+            return self._id
+        t = sync_token
+        for attempt in (1, 2):
+            with self._engine.begin() as conn:
+                found = conn.execute(sa.select(t.c.id).where(t.c.institution == self.institution)).scalar()
+                if found is None:
+                    # Not claimed yet: the migration's row (id 1) if it belongs to no one, else a new one.
+                    unclaimed = conn.execute(sa.select(t.c.id).where(t.c.id == 1, t.c.institution.is_(None))).scalar()
+                    if unclaimed is not None:
+                        conn.execute(sa.update(t).where(t.c.id == 1).values(institution=self.institution))
+                        found = 1
+                    else:
+                        found = int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(t.c.id), 0))).scalar() or 0) + 1
+                        try:
+                            conn.execute(sa.insert(t).values(id=found, institution=self.institution))
+                        except sa.exc.IntegrityError:
+                            if attempt == 2:
+                                raise
+                            continue  # another process took that id first: look again
+            self._id = int(found)
+            return self._id
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _select(self) -> sa.Select[Any]:
         t = sync_token
-        return sa.select(t.c.token, t.c.obtained_at, t.c.expires_at).where(t.c.id == 1)
+        return sa.select(t.c.token, t.c.obtained_at, t.c.expires_at).where(t.c.id == self._row_id())
 
     def current(self) -> Token | None:
+        select = self._select()
         with self._engine.connect() as conn:
-            return self._token(conn.execute(self._select()).first())
+            return self._token(conn.execute(select).first())
 
     def renew(self, stale: str | None, login: Callable[[], Token]) -> Token:
         with self._lock:
-            guard = renewal_lock(self._engine, wait_s=self.RENEWAL_WAIT_S)
+            scope = "" if self._row_id() == 1 else self.institution
+            guard = renewal_lock(self._engine, wait_s=self.RENEWAL_WAIT_S, scope=scope)
             if guard is None:
                 return self._renew_holding_the_row(stale, login)
             try:
@@ -97,15 +131,16 @@ class DbTokenStore:
             "token": tok.value, "obtained_at": utc(tok.obtained_at), "expires_at": utc(tok.expires_at),
             "updated_at": utc(self._clock()),
         }
-        if not conn.execute(sa.update(sync_token).where(sync_token.c.id == 1).values(values)).rowcount:
+        row_id = self._row_id()
+        if not conn.execute(sa.update(sync_token).where(sync_token.c.id == row_id).values(values)).rowcount:
             # The migration inserts the row; recreate it if someone deleted it.
-            conn.execute(sa.insert(sync_token).values(id=1, **values))
+            conn.execute(sa.insert(sync_token).values(id=row_id, institution=self.institution, **values))
         log.info("token_stored", expires_at=tok.expires_at.isoformat())
 
     def discard(self, value: str) -> None:
         with self._lock, self._engine.begin() as conn:
             conn.execute(
                 sa.update(sync_token)
-                .where(sync_token.c.id == 1, sync_token.c.token == value)
+                .where(sync_token.c.id == self._row_id(), sync_token.c.token == value)
                 .values(token=None, obtained_at=None, expires_at=None, updated_at=utc(self._clock()))
             )

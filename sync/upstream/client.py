@@ -41,7 +41,7 @@ from sync.upstream.keyform import FORM_NAMES, KeyFormMemory, KeyFormState, KeySi
 from sync.upstream.person import Person, parse_person
 from sync.upstream.signing import EHRKEY_HEADER, ENDPOINTS, EndpointName, KeyForm, app_key_texts, event_code
 from sync.upstream.tokens import Token, TokenStore
-from sync.upstream.transport import NETWORK_FIX, Transport
+from sync.upstream.transport import NETWORK_FIX, RateLimiter, Transport
 
 log = structlog.get_logger(__name__)
 
@@ -81,15 +81,16 @@ class Client:
 
     def __init__(
         self, upstream: Upstream, store: TokenStore, *, wall_clock: Callable[[], float] = time.time,
-        key_forms: KeyFormMemory | None = None,
+        key_forms: KeyFormMemory | None = None, limiter: RateLimiter | None = None,
     ) -> None:
         """``key_forms`` remembers which reading of the app key the platform accepts
-        (the outbox's ``Store.key_form_memory()``; in this process only when None)."""
+        (the outbox's ``Store.key_form_memory()``; in this process only when None);
+        ``limiter``: the rate limit shared by the clients of several institutions."""
         self._up = upstream
         self._store = store
         self._wall = wall_clock
-        raw_key = upstream.app_key.get_secret_value()
-        register_secret(*app_key_texts(raw_key), upstream.password.get_secret_value())
+        raw_key, self._username, self._password = upstream.credentials()
+        register_secret(*app_key_texts(raw_key), self._password)
         self._signer = KeySigner(raw_key, upstream.app_key_form, key_forms)
         self._codes = {name: event_code(upstream.env, name, upstream.event_codes) for name in ENDPOINTS}
         self._lock = threading.Lock()
@@ -108,21 +109,21 @@ class Client:
         self.counters: collections.Counter[str] = collections.Counter()
         # Called with (endpoint, seconds) for every request the platform answered (metrics).
         self.on_answer: Callable[[str, float], None] | None = None
-        self._transport = Transport(upstream, count=self._count)
+        self._transport = Transport(upstream, count=self._count, limiter=limiter)
 
     # -- public calls
 
     def login(self) -> Token:
         """One real login; the store calls this when the token must be renewed."""
         body = json.dumps(
-            {"username": self._up.username, "password": self._up.password.get_secret_value()}, ensure_ascii=False
+            {"username": self._username, "password": self._password}, ensure_ascii=False
         ).encode("utf-8")
         self._count("logins")
         answer = self._send("login", body=body, token=None)
         token_value = answer.data.get("token") if answer.ok and isinstance(answer.data, Mapping) else None
         if not isinstance(token_value, str) or not token_value:
             log.warning(
-                "login_failed", username=self._up.username, outcome=str(answer.outcome),
+                "login_failed", username=self._username, outcome=str(answer.outcome),
                 http_status=answer.http_status, platform_message=answer.message,
             )
             error = to_error(answer)
@@ -138,7 +139,7 @@ class Client:
         crash_point("during_login")
         now = self._now()
         token = Token(value=token_value, obtained_at=now, expires_at=now + timedelta(hours=self._up.token_ttl_h))
-        log.info("login_succeeded", username=self._up.username, expires_at=token.expires_at.isoformat())
+        log.info("login_succeeded", username=self._username, expires_at=token.expires_at.isoformat())
         return token
 
     def lookup(self, id_number: str) -> LookupResult:
@@ -246,7 +247,7 @@ class Client:
             raise ConfigError(
                 f"该账号的令牌被挤掉 {kicks} 次 / the platform pushed this account's token out {kicks} times within "
                 f"{KICK_WINDOW_S / 60:g} minutes: another program is logging in with upstream.username "
-                f"{self._up.username!r} (FAQ 4)",
+                f"{self._username!r} (FAQ 4)",
                 hint=faq(4).fix + "；停止另一个程序或为其申请单独账号后，发送自动恢复 / stop the other program or "
                 "give it an account of its own; sending resumes by itself once the token stays valid",
                 platform_message=answer.message or None,

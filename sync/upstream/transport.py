@@ -260,12 +260,15 @@ class Raw:
 class Transport:
     """Sends prepared requests for one client; safe to share between threads."""
 
-    def __init__(self, upstream: Upstream, *, count: Callable[[str], None]) -> None:
-        """``count`` is told of each network error (the client's counters)."""
+    def __init__(
+        self, upstream: Upstream, *, count: Callable[[str], None], limiter: RateLimiter | None = None
+    ) -> None:
+        """``count`` is told of each network error (the client's counters); ``limiter``: the
+        rate limit shared with the other institutions' clients (one platform, one limit)."""
         self._up = upstream
         self._count = count
         self._verify: bool | str = upstream.ca_bundle or upstream.verify_tls
-        self._limiter = RateLimiter(upstream.rate_limit_per_s)
+        self._limiter = limiter or RateLimiter(upstream.rate_limit_per_s)
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()

@@ -68,6 +68,7 @@ def failure_items(rows: Iterable[Mapping[str, Any]], tz: tzinfo) -> list[dict[st
         lsh, status = str(row["lsh"]), str(row["status"])
         reason, fix = split_reason(row.get("last_error"), lsh)
         items.append({
+            "institution": row.get("institution"),
             "lsh": lsh,
             "status": status,
             "status_zh": STATUS_NAMES.get(status, status),
@@ -87,9 +88,10 @@ def failure_items(rows: Iterable[Mapping[str, Any]], tz: tzinfo) -> list[dict[st
 
 def render_failures(
     items: Sequence[Mapping[str, Any]], *, statuses: Sequence[str], since: date | None, outbox: str, zone: str,
-    offset: str, columns: int = 120,
+    offset: str, columns: int = 120, institutions: bool = False,
 ) -> str:
-    """The table of `crowd-sync failures`."""
+    """The table of `crowd-sync failures`; ``institutions``: the settings list several (each row
+    names its own: lsh is unique only within one)."""
     counts = {s: sum(1 for i in items if i["status"] == s) for s in statuses}
     head = ", ".join(f"{STATUS_NAMES.get(s, s)} {s} {n}" for s, n in counts.items())
     lines = [
@@ -102,8 +104,12 @@ def render_failures(
         lines.append("没有 / none")
         return "\n".join(lines)
     headers = ["流水号 lsh", "状态 status", "次数 tries", f"更新 updated ({offset})", "原因与处理 reason and fix"]
+    several = institutions or len({i.get("institution") for i in items}) > 1
+    if several:
+        headers[0] = "机构/流水号 institution/lsh"
     fixed = [
-        [str(i["lsh"]), f"{i['status_zh']} {i['status']}", str(i["attempts"] or 0), _short(i["updated_at"])]
+        [f"{i['institution']}/{i['lsh']}" if several else str(i["lsh"]), f"{i['status_zh']} {i['status']}",
+         str(i["attempts"] or 0), _short(i["updated_at"])]
         for i in items
     ]
     widths = [max(display.width(h), *(display.width(r[k]) for r in fixed)) for k, h in enumerate(headers[:4])]

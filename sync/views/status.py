@@ -30,6 +30,14 @@ def status_data(
     data["his_clock"] = _his_clock_local(his_clock, tz)
     data["daemon"] = daemon(holder, alive, tz)
     data["schedule"] = next_jobs(settings, data["daemon"], schedule, now=now)
+    if len(settings.members) > 1 or set(summary.institutions) - {m.code for m in settings.members}:
+        names = {m.code: m.institution.name for m in settings.members}
+        data["institutions"] = [
+            {"code": code, "name": names.get(code, ""), "configured": apart.get("configured", False),
+             "counts": apart["counts"], "config_error": _local(apart.get("config_error"), tz),
+             "app_key_form": (apart.get("key_form") or {}).get("form")}
+            for code, apart in summary.institutions.items()
+        ]
     return data
 
 
@@ -154,6 +162,7 @@ def render_status(d: dict[str, Any]) -> str:
     wide = max(display.width(n) for n in names)
     for (name, _zh), label in zip(STATUS_NAMES.items(), names, strict=True):
         lines.append(f"  {display.ljust(label, wide)} {d['counts'].get(name, 0):>8}")
+    lines.extend(_render_institutions(d.get("institutions") or []))
     lines.extend(_render_daemon(d.get("daemon"), d.get("schedule")))
     age = d["oldest_pending_age_s"]
     lines.append(
@@ -188,6 +197,24 @@ def render_status(d: dict[str, Any]) -> str:
             f"(failed probes: {down.get('probes') or 0}) / sending paused, no record is charged"
         )
     return "\n".join(lines)
+
+
+def _render_institutions(members: list[dict[str, Any]]) -> list[str]:
+    """Each institution of an alliance apart: its counts, and its pause (its own key and account)."""
+    if not members:
+        return []
+    lines = ["  各机构 by institution:"]
+    for m in members:
+        counts = m["counts"]
+        text = ", ".join(f"{name} {counts.get(name, 0)}" for name in STATUS_NAMES if counts.get(name))
+        label = f"{m['code']} {m['name']}".strip()
+        if not m.get("configured"):
+            label += " (不在配置中 not in the settings)"
+        lines.append(f"    {label}: {text or '无记录 no records'}")
+        ce = m.get("config_error")
+        if ce:
+            lines.append(f"      !! 该机构发送已暂停 paused since {ce.get('since')}: {ce.get('message')}")
+    return lines
 
 
 def _render_daemon(dm: dict[str, Any] | None, sch: dict[str, Any] | None) -> list[str]:

@@ -277,7 +277,7 @@ def test_crash_recovery_requeue_of_skipped_and_the_unreachable_platform_on_every
 
     # A probe that failed goes to the back: due only at the next probe.
     later = T0 + timedelta(seconds=30)
-    store.leases.postpone([mine[0].lsh], until=later)
+    store.leases.postpone([mine[0]], until=later)
     assert mine[0].lsh not in [c.lsh for c in store.leases.claim_due(now=T0, limit=10, owner="host:2:me")]
 
     assert store.state.get_platform_down() is None

@@ -35,7 +35,7 @@ def test_sql_server_text_columns_hold_chinese() -> None:
 
 
 def test_head_is_the_newest_revision() -> None:
-    assert head_revision() == "0006"
+    assert head_revision() == "0007"
 
 
 def test_lsh_gets_a_binary_collation_where_the_default_ignores_case() -> None:
@@ -58,3 +58,12 @@ def test_the_label_cache_keeps_no_label_data_object() -> None:
         upgrade = render_offline(url).split("Running upgrade 0003 -> 0004")[1]
         assert "DELETE FROM sync_label_cache" in upgrade
         assert "DROP COLUMN data" in upgrade
+
+
+@pytest.mark.parametrize("url", ["oracle+oracledb://", "mssql+pymssql://"])
+def test_offline_ddl_keys_the_outbox_by_institution_and_tags_existing_rows(url: str) -> None:
+    sql = render_offline(url, "450001")
+    upgrade = sql[sql.index("upgrade 0006 -> 0007"):]
+    assert "ADD CONSTRAINT pk_sync_outbox PRIMARY KEY (institution, lsh)" in upgrade
+    assert "DEFAULT '450001'" in upgrade  # every row already there is the institution's it served
+    assert "name = 'config_error:450001' WHERE name = 'config_error'" in upgrade
