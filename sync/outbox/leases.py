@@ -133,7 +133,7 @@ class Leases:
             return []
         plans = [_plan(item) for item in outcomes]
         # Each attempt stays in the history even when its outcome is dropped: it happened.
-        tried = [history.attempt_row(item.claimed.lsh, plan.shown) for item, plan in zip(outcomes, plans, strict=True)]
+        tried = history.attempt_rows((item.claimed.lsh, plan.shown) for item, plan in zip(outcomes, plans, strict=True))
         with self._outcome_lock, self._engine.begin() as conn:
             now_held = self._holders(conn, [item.claimed.lsh for item in outcomes])
             written = [
