@@ -73,9 +73,10 @@ class Dispatcher:
         )
         self._labels = LabelLookups(settings.key_crowd, store=store, client=client, pool=self._pool, clock=clock)
 
-    def dispatch(self, stats: CycleStats) -> None:
+    def dispatch(self, stats: CycleStats, *, reading_done: threading.Event | None = None) -> None:
         """Send everything due, with ``upstream.concurrency`` uploads in flight; every outcome
-        is in the outbox when this returns."""
+        is in the outbox when this returns. ``reading_done``: the outbox is being filled
+        meanwhile; nothing due is not the end until this is set."""
         looked_up: dict[str, LabelResult] = {}
         try:
             if self.sole_sender:
@@ -97,7 +98,7 @@ class Dispatcher:
                         # must not keep the others waiting.
                         self.store.leases.postpone([c.lsh for c in claims], until=self.circuit.next_probe_at)
                     return
-            halt = self._stream(stats, looked_up)
+            halt = self._stream(stats, looked_up, reading_done=reading_done)
             self.circuit.settle(halt, stats, paused=None, down=None)
         finally:
             self.outcomes.recorder.flush()
@@ -120,7 +121,7 @@ class Dispatcher:
 
     def _stream(
         self, stats: CycleStats, looked_up: dict[str, LabelResult], *, only: list[Claimed] | None = None,
-        refusals_to_halt: int | None = None,
+        refusals_to_halt: int | None = None, reading_done: threading.Event | None = None,
     ) -> list[SyncError]:
         """Keep ``concurrency`` uploads in flight: every decided record goes into the pool's one
         work queue, its threads take the next as soon as one is done, and the next batch is
@@ -145,6 +146,8 @@ class Dispatcher:
                 if claims:
                     self.progress.tick()
                     self._submit(self._prepare(claims, stats, looked_up, halt), stats, halt, flow)
+                elif reading_done is not None and not reading_done.is_set():
+                    reading_done.wait(0.05)  # the reader is about to commit its next batch
                 else:
                     drained = True
                 continue
