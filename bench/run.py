@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.info(f"ideal client {f.kind}, 0 ms", f"{f.per_s:.0f}/s")
         if "2" in sections:
             say("\n2. crowd-sync's dispatch, the same simulator, latency and concurrency (SQLite outbox; "
-                "upstream.rate_limit_per_s 1000, the settings' maximum)")
+                "upstream.rate_limit_per_s 5000, the settings' maximum)")
             for source, ms, n in (
                 ("column", latency, sizes.visits), ("lookup", latency, sizes.visits),
                 ("column", 0.0, sizes.uploads_0ms), ("lookup", 0.0, sizes.visits),

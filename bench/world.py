@@ -19,7 +19,7 @@ from sync.upstream.simulator import TEST_APP_KEY, TEST_PASSWORD, TEST_USERNAME
 
 
 def make_settings(
-    *, his_url: str, outbox_url: str, base_url: str, concurrency: int = 16, rate_limit_per_s: float = 1000,
+    *, his_url: str, outbox_url: str, base_url: str, concurrency: int = 16, rate_limit_per_s: float = 5000,
     source: str = "column", batch_size: int = 1000, his_query: str = HIS_QUERY,
 ) -> Settings:
     raw: dict[str, Any] = {

@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import date, datetime
 
@@ -77,9 +76,10 @@ class Dispatcher:
         )
         self._labels = LabelLookups(settings.key_crowd, store=store, client=client, pool=self._pool, clock=clock)
 
-    def dispatch(self, stats: CycleStats) -> None:
+    def dispatch(self, stats: CycleStats, *, reading_done: threading.Event | None = None) -> None:
         """Send everything due, with ``upstream.concurrency`` uploads in flight; every outcome
-        is in the outbox when this returns."""
+        is in the outbox when this returns. ``reading_done``: the outbox is being filled
+        meanwhile; nothing due is not the end until this is set."""
         looked_up: dict[str, LabelResult] = {}
         try:
             if self.sole_sender:
@@ -103,7 +103,7 @@ class Dispatcher:
                         # must not keep the others waiting.
                         self.store.leases.postpone(claims, until=self.circuit.next_probe_at)
                     return
-            halt = self._stream(stats, looked_up)
+            halt = self._stream(stats, looked_up, reading_done=reading_done)
             self.circuit.settle(halt, stats, paused=None, down=None)
         finally:
             self.outcomes.recorder.flush()
@@ -126,59 +126,71 @@ class Dispatcher:
 
     def _stream(
         self, stats: CycleStats, looked_up: dict[str, LabelResult], *, only: list[Claimed] | None = None,
-        refusals_to_halt: int | None = None,
+        refusals_to_halt: int | None = None, reading_done: threading.Event | None = None,
     ) -> list[SyncError]:
-        """Keep ``concurrency`` uploads in flight, claiming the next batch while the previous one
-        drains (``only``: send these and claim nothing more). Returns why sending had to stop
-        (configuration errors, platform faults), empty when it did not."""
+        """Keep ``concurrency`` uploads in flight: every decided record goes into the pool's one
+        work queue, its threads take the next as soon as one is done, and the next batch is
+        claimed while enough remain queued (``only``: send these and claim nothing more).
+        Returns why sending had to stop (configuration errors, platform faults), empty when it
+        did not."""
         concurrency = self.settings.upstream.concurrency
         batch_size = max(32, concurrency * 8)
-        queue: deque[tuple[Claimed, Decision, str | None]] = deque()
-        pending: dict[Future[None], Claimed] = {}
+        # Claimed ahead while this many are still queued or in flight: no thread waits for a claim.
+        refill = max(2 * concurrency, batch_size // 2)
+        flow = _Flow()
         halt = Halt(refusals_to_halt or max(BAD_IN_A_ROW, concurrency + 1))
         if only is not None:
-            self._prepare(only, stats, looked_up, queue, halt)
+            self._submit(self._prepare(only, stats, looked_up, halt), stats, halt, flow)
         drained = only is not None
         while True:
-            halted = self._stop.is_set() or bool(halt.errors)
-            if drained and only is None and halt.take_released():
-                drained = False  # records went back untouched after a platform fault: try them again
-            # Claimed before the queue runs dry: no slot waits for a batch's slowest upload.
-            if not halted and not drained and len(queue) < concurrency:
+            if not drained and not (self._stop.is_set() or halt.errors):
+                flow.wait_below(refill, self._stop)
+                if self._stop.is_set() or halt.errors:
+                    continue
                 claims = self.store.leases.claim_due(
                     now=self.clock(), limit=batch_size, owner=self.owner, institution=self.institution
                 )
                 if claims:
                     self.progress.tick()
-                    self._prepare(claims, stats, looked_up, queue, halt)
+                    self._submit(self._prepare(claims, stats, looked_up, halt), stats, halt, flow)
+                elif reading_done is not None and not reading_done.is_set():
+                    reading_done.wait(0.05)  # the reader is about to commit its next batch
                 else:
                     drained = True
-                if not queue and not pending and not drained:
-                    continue  # nothing to send or wait for yet: claim more first
-            while queue and len(pending) < concurrency and not (self._stop.is_set() or halt.errors):
-                c, d, new_hash = queue.popleft()
-                pending[self._pool.submit(self._upload_one, c, d, stats, halt, new_hash)] = c
-            if not pending:
-                if halted or drained:
-                    break
                 continue
-            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-            for fut in done:
-                c = pending.pop(fut)
-                exc = fut.exception()
-                if exc is not None:
-                    self.outcomes.crashed(c, exc, stats)
-        if queue:
-            # Not sent: back as they were, nothing charged.
-            self.store.leases.release([c for c, _, _ in queue], now=self.clock())
+            flow.wait_below(1, None)
+            if only is None and not self._stop.is_set() and halt.take_released():
+                drained = False  # records went back untouched after a platform fault: try them again
+                continue
+            break
+        if flow.unsent:
+            # Not sent (sending stopped first): back as they were, nothing charged.
+            self.store.leases.release(flow.unsent, now=self.clock())
         return list(halt.errors)
 
-    def _prepare(
-        self, claims: list[Claimed], stats: CycleStats, looked_up: dict[str, LabelResult],
-        queue: deque[tuple[Claimed, Decision, str | None]], halt: Halt,
+    def _submit(self, queue: list[tuple[Claimed, Decision, str | None]], stats: CycleStats, halt: Halt,
+                flow: _Flow) -> None:
+        for c, d, new_hash in queue:
+            flow.add()
+            self._pool.submit(self._upload_guarded, c, d, stats, halt, new_hash, flow).add_done_callback(flow.done)
+
+    def _upload_guarded(
+        self, c: Claimed, d: Decision, stats: CycleStats, halt: Halt, new_hash: str | None, flow: _Flow
     ) -> None:
+        if self._stop.is_set() or halt.errors:
+            flow.hand_back(c)
+            return
+        try:
+            self._upload_one(c, d, stats, halt, new_hash, flow)
+        except Exception as exc:  # noqa: BLE001 - counted against the record (sync.outcomes.crashed)
+            self.outcomes.crashed(c, exc, stats)
+
+    def _prepare(
+        self, claims: list[Claimed], stats: CycleStats, looked_up: dict[str, LabelResult], halt: Halt,
+    ) -> list[tuple[Claimed, Decision, str | None]]:
         """Decide one claimed batch (``keycrowd.decide``, every row, every time): park what is
-        not to be sent, queue the rest for upload."""
+        not to be sent; the rest, to upload."""
+        queue: list[tuple[Claimed, Decision, str | None]] = []
         rebuilt: dict[str, str] = {}
         today = datetime.now(self.settings.schedule.tz).date()
         claims = [r for r in (self._rebuilt(c, stats, rebuilt, today) for c in claims) if r is not None]
@@ -187,7 +199,7 @@ class Dispatcher:
         if halt.errors:
             # The platform is down or refuses the configuration: the batch goes back untouched.
             self.store.leases.release(claims, now=self.clock())
-            return
+            return queue
         unasked: list[Claimed] = []
         for c in claims:
             d = keycrowd.decide(
@@ -205,6 +217,7 @@ class Dispatcher:
                 self.outcomes.failed(c, TransientError(d.how), stats)
         if unasked:
             halt.release(self.store, unasked, now=self.clock())
+        return queue
 
     def _rebuilt(self, c: Claimed, stats: CycleStats, rebuilt: dict[str, str], today: date) -> Claimed | None:
         """``c`` as it is to be sent: a requeued record that local validation had parked is
@@ -224,7 +237,9 @@ class Dispatcher:
             c, payload_json=item.payload_json, key_crowd=item.key_crowd, card_type=item.card_type, card_no=item.card_no
         )
 
-    def _upload_one(self, c: Claimed, d: Decision, stats: CycleStats, halt: Halt, new_hash: str | None) -> None:
+    def _upload_one(
+        self, c: Claimed, d: Decision, stats: CycleStats, halt: Halt, new_hash: str | None, flow: _Flow
+    ) -> None:
         kc = self.settings.key_crowd
         if d.verdict is not Verdict.SEND or not keycrowd.may_upload(
             upload_only_key_crowd=kc.upload_only_key_crowd, key_crowd=d.key_crowd
@@ -236,7 +251,7 @@ class Dispatcher:
         body = records.with_key_crowd(c.payload_json, d.key_crowd)
         if not halt.begin():
             # Sending just stopped (platform down, configuration): this one goes back untouched.
-            self.store.leases.release([c], now=self.clock())
+            flow.hand_back(c)
             return
         try:  # the request's slot is given back once its outcome is known
             try:
@@ -273,6 +288,40 @@ class Dispatcher:
         )
         self.progress.tick()
         log.debug("record_sent", lsh=c.lsh, answer=result.message, key_population=d.how)
+
+
+class _Flow:
+    """The uploads of one dispatch that are queued or in flight, and the records handed back
+    unsent; the claiming thread waits here for room instead of for each upload."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._outstanding = 0
+        self._waiting_below = 0
+        self.unsent: list[Claimed] = []
+
+    def add(self) -> None:
+        with self._cond:
+            self._outstanding += 1
+
+    def done(self, _future: Future[None]) -> None:
+        """An upload finished (or was cancelled at shutdown)."""
+        with self._cond:
+            self._outstanding -= 1
+            if self._outstanding < self._waiting_below:
+                self._cond.notify_all()
+
+    def hand_back(self, c: Claimed) -> None:
+        with self._cond:
+            self.unsent.append(c)
+
+    def wait_below(self, n: int, stop: threading.Event | None) -> None:
+        """Until fewer than ``n`` are outstanding (or ``stop`` is set)."""
+        with self._cond:
+            self._waiting_below = n
+            while self._outstanding >= n and not (stop is not None and stop.is_set()):
+                self._cond.wait(0.5)
+            self._waiting_below = 0
 
 
 class LabelLookups:

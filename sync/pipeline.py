@@ -138,7 +138,7 @@ class Pipeline:
                 nxt = until + timedelta(days=1)
                 end = datetime(nxt.year, nxt.month, nxt.day)
             if end > start:
-                self.read_window(start, end, stats, move_cursor=False)
+                self._read_while_sending(start, end, stats)
             if self.settings.key_crowd.source == "lookup":
                 n = self.store.queue.recheck_skipped(now=self.clock(), changed_since=start)
                 if n:
@@ -146,6 +146,34 @@ class Pipeline:
             self.dispatch(stats)
 
         return self._run("reconcile", work)
+
+    def _read_while_sending(self, since: datetime, until: datetime, stats: CycleStats) -> None:
+        """Read a window of the HIS into the outbox while what it makes due is already sent:
+        a dispatch beside the read claims each batch once committed, so a back-fill takes
+        about the longer of reading and sending, not their sum. What is left when the read
+        ends is the next dispatch's."""
+        reading_done = threading.Event()
+        sending = CycleStats()  # its own figures: the reader's thread counts skips and invalids too
+        failures: list[Exception] = []
+
+        def send() -> None:
+            try:
+                if self.before_dispatch is not None:
+                    self.before_dispatch()
+                self.dispatcher.dispatch(sending, reading_done=reading_done)
+            except Exception as exc:  # noqa: BLE001 - raised in the run's thread below
+                failures.append(exc)
+
+        sender = threading.Thread(target=send, name="dispatch-while-reading", daemon=True)
+        sender.start()
+        try:
+            self.read_window(since, until, stats, move_cursor=False)
+        finally:
+            reading_done.set()
+            sender.join()
+            stats.add(sending)
+        if failures:
+            raise failures[0]
 
     def _run(self, kind: str, work: Callable[[CycleStats], object]) -> CycleStats:
         stats = CycleStats()

@@ -64,9 +64,10 @@ class Routes:
     def probe_due(self, now: datetime | None = None) -> bool:
         return any(c.probe_due(now) for c in self.circuits)
 
-    def dispatch(self, stats: CycleStats) -> None:
+    def dispatch(self, stats: CycleStats, *, reading_done: threading.Event | None = None) -> None:
         """Send what is due, one institution after the other (each keeps the shared pool busy);
-        what holds one back is noted per institution in ``stats.paused``."""
+        what holds one back is noted per institution in ``stats.paused``. ``reading_done``: a
+        window is still being read beside this dispatch (see ``Dispatcher.dispatch``)."""
         if len(self.codes) > 1 or not self._strays_checked:
             stats.invalid += self._store.queue.park_unrouted(self.codes, now=self._clock())
             self._strays_checked = True
@@ -75,7 +76,7 @@ class Routes:
             if self._stop.is_set():
                 break
             stats.paused = None
-            dispatcher.dispatch(stats)
+            dispatcher.dispatch(stats, reading_done=reading_done)
             if stats.paused:
                 paused.append(stats.paused if len(self.codes) == 1 else f"{code}: {stats.paused}")
         stats.paused = "; ".join(paused) or None

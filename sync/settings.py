@@ -111,7 +111,7 @@ class Upstream(_Model):
     timeout_s: float = Field(default=15.0, gt=0, le=600)
     connect_timeout_s: float = Field(default=5.0, gt=0, le=120)
     concurrency: int = Field(default=4, ge=1, le=64)
-    rate_limit_per_s: float = Field(default=20.0, gt=0, le=1000)
+    rate_limit_per_s: float = Field(default=20.0, gt=0, le=5000)
     verify_tls: bool = True
     ca_bundle: str | None = None
     # How long a token is trusted before logging in again (the document: 12 hours in prod).

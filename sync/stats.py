@@ -45,6 +45,17 @@ class CycleStats:
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def add(self, other: CycleStats) -> None:
+        """Count ``other``'s work in this run too (a part of the run kept its own figures)."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if f.name == "duration_s":
+                continue
+            if isinstance(mine, int) and isinstance(theirs, int):
+                setattr(self, f.name, mine + theirs)
+            elif theirs is not None:
+                setattr(self, f.name, theirs)
+
 
 KIND_NAMES = {
     "once": "轮询 poll", "cycle": "轮询 poll", "reconcile": "对账 reconcile", "dispatch": "发送 dispatch",

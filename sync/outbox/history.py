@@ -8,7 +8,8 @@ transaction, and one per crash. Its texts never hold an ID number in clear.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -61,10 +62,56 @@ def attempt_row(
     }
 
 
+def attempt_rows(outcomes: Iterable[tuple[str, Mapping[str, Any], str | None]]) -> list[dict[str, Any]]:
+    """``attempt_row`` of many (lsh, outcome columns, institution); each distinct text is masked once (a batch of
+    visits skipped by the key_crowd column all share one reason)."""
+    masked: dict[str, str | None] = {}
+
+    def once(text: Any) -> Any:
+        if not isinstance(text, str):
+            return text
+        got = masked.get(text)
+        if got is None:
+            got = masked[text] = _text(text)
+        return got
+
+    rows = []
+    for lsh, values, institution in outcomes:
+        row = attempt_row(lsh, {**values, "last_error": None, "last_answer": None}, institution=institution)
+        row["answer"] = _cut(once(values.get("last_answer")), 200)
+        row["error"] = once(values.get("last_error"))
+        rows.append(row)
+    return rows
+
+
+def _cut(text: str | None, size: int) -> str | None:
+    return text if text is None else text[:size]
+
+
 def insert_attempts(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
     """Written inside the transaction that records the outcomes: one statement for them all."""
-    if rows:
-        conn.execute(sa.insert(sync_attempt), list(rows))
+    if not rows:
+        return
+    if conn.dialect.name == "sqlite":
+        # The driver's executemany loops in C; SQLAlchemy's would process every parameter of
+        # every row in Python (a back-fill writes one row here per visit it skips).
+        sql, stamp = _sqlite_insert(conn.dialect)
+        conn.exec_driver_sql(sql, [
+            (r["lsh"], r["institution"], stamp(r["at"]), r["kind"], r["outcome"], r["http_status"], r["answer"], r["error"]) for r in rows
+        ])
+        return
+    conn.execute(sa.insert(sync_attempt), list(rows))
+
+
+_ATTEMPT_COLUMNS = ("lsh", "institution", "at", "kind", "outcome", "http_status", "answer", "error")
+
+
+@functools.cache
+def _sqlite_insert(dialect: sa.Dialect) -> tuple[str, Callable[[Any], Any]]:
+    compiled = sa.insert(sync_attempt).values({c: sa.bindparam(c) for c in _ATTEMPT_COLUMNS}).compile(dialect=dialect)
+    assert list(compiled.positiontup or ()) == list(_ATTEMPT_COLUMNS), compiled.positiontup
+    stamp = sync_attempt.c.at.type.dialect_impl(dialect).bind_processor(dialect) or (lambda value: value)
+    return str(compiled), stamp
 
 
 def attempts(conn: sa.Connection, lsh: str, institution: str | None = None) -> list[dict[str, Any]]:

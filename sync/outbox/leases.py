@@ -13,6 +13,7 @@ import contextlib
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -53,31 +54,9 @@ class Leases:
             return []
         o = sync_outbox
         free = sa.or_(o.c.lease_until.is_(None), o.c.lease_until < now)
-        due = sa.and_(o.c.status.in_(DUE), o.c.next_attempt_at <= now, free)
-        if institution is not None:
-            due = sa.and_(o.c.institution == institution, due)
         until = now + timedelta(seconds=self.lease_s)
         with self._claim_connection() as conn, conn.begin():
-            if self._dialect == "oracle":
-                # Oracle refuses FOR UPDATE together with FETCH FIRST (ORA-02014):
-                # pick candidates first, then lock those still free.
-                candidates = conn.execute(
-                    sa.select(o.c.institution, o.c.lsh).where(due).order_by(o.c.next_attempt_at).limit(limit)
-                ).all()
-                keys = [
-                    (r.institution, r.lsh)
-                    for inst, chunk in by_institution((c.institution, c.lsh) for c in candidates).items()
-                    for r in conn.execute(
-                        sa.select(o.c.institution, o.c.lsh)
-                        .where(o.c.institution == inst, o.c.lsh.in_(chunk), due)
-                        .with_for_update(skip_locked=True)
-                    )
-                ]
-            else:
-                query = sa.select(o.c.institution, o.c.lsh).where(due).order_by(o.c.next_attempt_at, o.c.lsh).limit(limit)
-                if self._dialect != "sqlite":
-                    query = query.with_for_update(skip_locked=skip_locked_ok(self._engine.dialect))
-                keys = [(r.institution, r.lsh) for r in conn.execute(query)]
+            keys = self._pick_due(conn, now=now, limit=limit, free=free, institution=institution)
             if not keys:
                 return []
             rows: list[Any] = []
@@ -103,6 +82,43 @@ class Leases:
             log.debug("outbox_claimed", count=len(claims), owner=owner)
         return claims
 
+    def _pick_due(
+        self, conn: sa.Connection, *, now: datetime, limit: int, free: sa.ColumnElement[bool],
+        institution: str | None,
+    ) -> list[tuple[str, str]]:
+        """The (institution, lsh) of up to ``limit`` free due rows, oldest due first, locked
+        where the dialect can.
+
+        One query per due status, each in the order of the (institution, status,
+        next_attempt_at, lsh) index with a LIMIT: the database reads the rows it returns and stops, so a claim
+        costs its batch, not the backlog (``status IN (...)`` would sort every due row).
+        The few candidates of the statuses are merged here.
+        """
+        o = sync_outbox
+        found: list[tuple[datetime, str, str]] = []
+        for status in DUE:
+            due = sa.and_(o.c.status == status, o.c.next_attempt_at <= now, free)
+            if institution is not None:
+                due = sa.and_(o.c.institution == institution, due)
+            picked = (o.c.next_attempt_at, o.c.lsh, o.c.institution)
+            query = sa.select(*picked).where(due).order_by(o.c.next_attempt_at, o.c.lsh).limit(limit)
+            if self._dialect == "oracle":
+                # Oracle refuses FOR UPDATE together with FETCH FIRST (ORA-02014):
+                # pick candidates first, then lock those still free.
+                candidates = conn.execute(query.with_only_columns(o.c.institution, o.c.lsh)).all()
+                for inst, lshs in by_institution((c.institution, c.lsh) for c in candidates).items():
+                    locked = (
+                        sa.select(*picked).where(o.c.institution == inst, o.c.lsh.in_(lshs), due)
+                        .with_for_update(skip_locked=True)
+                    )
+                    found.extend((r.next_attempt_at, r.lsh, r.institution) for r in conn.execute(locked))
+                continue
+            elif self._dialect != "sqlite":
+                query = query.with_for_update(skip_locked=skip_locked_ok(self._engine.dialect))
+            found.extend((r.next_attempt_at, r.lsh, r.institution) for r in conn.execute(query))
+        found.sort()
+        return [(inst, lsh) for _, lsh, inst in found[:limit]]
+
     @contextmanager
     def _claim_connection(self) -> Iterator[sa.Connection]:
         with self._engine.connect() as conn:
@@ -118,37 +134,58 @@ class Leases:
         and its payload unchanged; our lease is dropped either way. True per outcome written.
 
         One commit for many outcomes: the upload threads hand them to one writer instead of
-        each holding its slot through a transaction of its own.
+        each holding its slot through a transaction of its own. The rows are read (and locked
+        where the dialect can) once for the group, then each kind of outcome is one prepared
+        UPDATE executed for all its rows, not a statement built per row.
         """
         if not outcomes:
             return []
-        o = sync_outbox
-        written: list[bool] = []
-        columns = [_columns(item) for item in outcomes]
+        plans = [_plan(item) for item in outcomes]
         # Each attempt stays in the history even when its outcome is dropped: it happened.
-        tried = [
-            history.attempt_row(item.claimed.lsh, values, institution=item.claimed.institution)
-            for item, values in zip(outcomes, columns, strict=True)
-        ]
+        tried = history.attempt_rows(
+            (item.claimed.lsh, plan.shown, item.claimed.institution) for item, plan in zip(outcomes, plans, strict=True)
+        )
         with self._outcome_lock, self._engine.begin() as conn:
-            for item, values in zip(outcomes, columns, strict=True):
+            now_held = self._holders(conn, [(item.claimed.institution, item.claimed.lsh) for item in outcomes])
+            written = [
+                now_held.get((item.claimed.institution, item.claimed.lsh)) == (item.claimed.lease_owner, item.claimed.payload_hash)
+                for item in outcomes
+            ]
+            by_shape: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+            lost: list[dict[str, Any]] = []
+            for item, plan, done in zip(outcomes, plans, written, strict=True):
                 c = item.claimed
-                ours = sa.and_(o.c.institution == c.institution, o.c.lsh == c.lsh, o.c.lease_owner == c.lease_owner)
-                done = conn.execute(
-                    sa.update(o)
-                    .where(ours, o.c.payload_hash == c.payload_hash)
-                    .values(**values, lease_owner=None, lease_until=None)
-                ).rowcount
-                if not done:
-                    # The source changed while uploading (or the lease ran out and the
-                    # row went elsewhere): the row keeps its new state, due as it was.
-                    conn.execute(sa.update(o).where(ours).values(lease_owner=None, lease_until=None))
-                written.append(bool(done))
+                if done:
+                    by_shape.setdefault(plan.shape, []).append(plan.params)
+                elif now_held.get((c.institution, c.lsh), (None, None))[0] == c.lease_owner:
+                    # The source changed while uploading: the row keeps its new state, due as it was.
+                    lost.append({"k_institution": c.institution, "k_lsh": c.lsh, "k_owner": c.lease_owner})
+            for shape, params in by_shape.items():
+                conn.execute(_statement(shape), params)
+            if lost:
+                conn.execute(_RELEASE, lost)
             history.insert_attempts(conn, tried)
         for item, done in zip(outcomes, written, strict=True):
             if not done:
                 log.info("outbox_outcome_dropped", lsh=item.claimed.lsh, reason="payload changed or lease lost")
         return written
+
+    def _holders(
+        self, conn: sa.Connection, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[str | None, str]]:
+        """Who holds each row and its payload hash now; locked until the transaction ends (SQLite's
+        BEGIN IMMEDIATE holds the whole file), so that the UPDATEs find what was read."""
+        o = sync_outbox
+        found: dict[tuple[str, str], tuple[str | None, str]] = {}
+        for institution, lshs in by_institution(keys).items():
+            for chunk in chunks(lshs):
+                query = sa.select(o.c.lsh, o.c.lease_owner, o.c.payload_hash).where(
+                    o.c.institution == institution, o.c.lsh.in_(chunk)
+                )
+                if self._dialect != "sqlite":
+                    query = query.with_for_update()
+                found.update(((institution, r.lsh), (r.lease_owner, r.payload_hash)) for r in conn.execute(query))
+        return found
 
     def record_crash(
         self, c: Claimed, *, error: str, now: datetime, next_attempt_at: datetime, limit: int
@@ -246,30 +283,95 @@ class Leases:
             )
 
 
-def _columns(outcome: Outcome) -> dict[str, Any]:
-    """The columns an outcome sets (SQL expressions where it counts on the row's own values)."""
-    o = sync_outbox
+@dataclass(frozen=True)
+class _Plan:
+    """One outcome as SQL: the shape of its UPDATE (one prepared statement per shape), the
+    statement's parameters for this row, and the values the attempt history shows."""
+
+    shape: tuple[Any, ...]
+    params: dict[str, Any]
+    shown: dict[str, Any]
+
+
+# Columns an outcome sets from its own values (``v_<column>`` parameters); the counters and
+# first_failed_at are expressions over the row's own values.
+_SENT = ("status", "sent_at", "sent_hash", "payload_hash", "payload", "key_crowd", "last_answer", "last_http_status",
+         "last_error", "next_attempt_at", "updated_at")
+_FAILED = ("status", "last_error", "last_http_status", "next_attempt_at", "updated_at")
+
+
+def _plan(outcome: Outcome) -> _Plan:
+    c = outcome.claimed
     now = utc(outcome.at)
+    values: dict[str, Any]
     if isinstance(outcome, Sent):
-        new_hash = outcome.payload_hash or outcome.claimed.payload_hash
-        return {
+        new_hash = outcome.payload_hash or c.payload_hash
+        values = {
             "status": Status.SENT.value, "sent_at": now, "sent_hash": new_hash, "payload_hash": new_hash,
             "payload": outcome.body, "key_crowd": fit(outcome.key_crowd, 1), "last_answer": fit(outcome.answer, 200),
             "last_http_status": outcome.http_status, "last_error": None, "next_attempt_at": None, "updated_at": now,
         }
-    if isinstance(outcome, Failed):
-        return {
+        shape: tuple[Any, ...] = ("sent", _SENT)
+        extra: dict[str, Any] = {}
+    elif isinstance(outcome, Failed):
+        values = {
             "status": Status.FAILED.value, "last_error": outcome.error, "last_http_status": outcome.http_status,
-            "next_attempt_at": utc(outcome.retry_at), "attempts": o.c.attempts + 1,
-            "generic_failures": o.c.generic_failures + (1 if outcome.generic else 0),
-            "first_failed_at": sa.func.coalesce(o.c.first_failed_at, now), "updated_at": now,
+            "next_attempt_at": utc(outcome.retry_at), "updated_at": now,
         }
-    values: dict[str, Any] = {
-        "status": outcome.status.value, "last_error": outcome.error, "last_http_status": outcome.http_status,
-        "next_attempt_at": None, "updated_at": now,
-    }
-    if outcome.status is not Status.SKIPPED:
+        shape = ("failed", _FAILED)
+        extra = {"x_generic": 1 if outcome.generic else 0}
+    else:
+        values = {
+            "status": outcome.status.value, "last_error": outcome.error, "last_http_status": outcome.http_status,
+            "next_attempt_at": None, "updated_at": now,
+        }
+        if outcome.key_crowd is not None:
+            values["key_crowd"] = outcome.key_crowd
+        # A skip is a decision, not an attempt at the platform.
+        shape = ("parked", tuple(values), outcome.status is not Status.SKIPPED)
+        extra = {}
+    params = {f"v_{name}": value for name, value in values.items()}
+    params.update(extra, k_institution=c.institution, k_lsh=c.lsh, k_owner=c.lease_owner, k_hash=c.payload_hash)
+    return _Plan(shape=shape, params=params, shown=values)
+
+
+_STATEMENTS: dict[tuple[Any, ...], sa.Update] = {}
+
+
+def _statement(shape: tuple[Any, ...]) -> sa.Update:
+    """The prepared UPDATE of one shape of outcome (built once; SQLAlchemy caches its compiled form)."""
+    stmt = _STATEMENTS.get(shape)
+    if stmt is not None:
+        return stmt
+    o = sync_outbox
+    kind, names = shape[0], shape[1]
+    values: dict[str, Any] = {name: sa.bindparam(f"v_{name}", type_=o.c[name].type) for name in names}
+    if kind == "failed":
         values["attempts"] = o.c.attempts + 1
-    if outcome.key_crowd is not None:
-        values["key_crowd"] = outcome.key_crowd
-    return values
+        values["generic_failures"] = o.c.generic_failures + sa.bindparam("x_generic", type_=sa.Integer)
+        values["first_failed_at"] = sa.func.coalesce(o.c.first_failed_at, sa.bindparam("v_updated_at", type_=o.c.updated_at.type))
+    elif kind == "parked" and shape[2]:
+        values["attempts"] = o.c.attempts + 1
+    stmt = (
+        sa.update(o)
+        .where(
+            o.c.institution == sa.bindparam("k_institution", type_=o.c.institution.type),
+            o.c.lsh == sa.bindparam("k_lsh", type_=o.c.lsh.type),
+            o.c.lease_owner == sa.bindparam("k_owner", type_=o.c.lease_owner.type),
+            o.c.payload_hash == sa.bindparam("k_hash", type_=o.c.payload_hash.type),
+        )
+        .values(**values, lease_owner=None, lease_until=None)
+    )
+    _STATEMENTS[shape] = stmt
+    return stmt
+
+
+_RELEASE = (
+    sa.update(sync_outbox)
+    .where(
+        sync_outbox.c.institution == sa.bindparam("k_institution", type_=sync_outbox.c.institution.type),
+        sync_outbox.c.lsh == sa.bindparam("k_lsh", type_=sync_outbox.c.lsh.type),
+        sync_outbox.c.lease_owner == sa.bindparam("k_owner", type_=sync_outbox.c.lease_owner.type),
+    )
+    .values(lease_owner=None, lease_until=None)
+)

@@ -137,14 +137,12 @@ class Queue:
             if cursor is not None:
                 self._move_cursor(conn, cursor, now)
             # Rows parked at once (local validation, the key_crowd column) start their story here.
-            history.insert_attempts(conn, [
-                history.attempt_row(i.lsh, {"status": Status(i.status).value, "last_error": i.reason, "updated_at": now},
-                                    institution=i.institution)
+            history.insert_attempts(conn, history.attempt_rows([
+                (i.lsh, {"status": Status(i.status).value, "last_error": i.reason, "updated_at": now}, i.institution)
                 for i in inserts if i.status is not Status.PENDING
             ] + [
-                history.attempt_row(v["b_lsh"], v, institution=v["b_institution"])
-                for v in updates if v["status"] != Status.PENDING.value
-            ])
+                (v["b_lsh"], v, v["b_institution"]) for v in updates if v["status"] != Status.PENDING.value
+            ]))
         written = [Status(i.status).value for i in inserts] + [v["status"] for v in updates]
         result = EnqueueResult(
             inserted=len(inserts),

@@ -96,9 +96,9 @@ sync_outbox = sa.Table(
               comment="worker currently uploading the row (host:pid:id); NULL = free / 当前处理进程"),
     sa.Column("lease_until", Timestamp, nullable=True,
               comment="UTC, the lease ends here; a crashed worker's rows come back after it / 租约到期时间(UTC)"),
-    sa.Index(None, "status", "next_attempt_at"),
+    # The claim's: one institution's rows of one status in the order it takes them.
+    sa.Index(None, "institution", "status", "next_attempt_at", "lsh"),
     sa.Index(None, "lsh"),
-    sa.Index(None, "institution", "status"),
     sa.Index(None, "card_no"),
     sa.Index(None, "source_changed_at"),
     sa.Index(None, "settlement_date"),

@@ -168,7 +168,7 @@ class Client:
         message = str(answer.data).strip()
         created = message == "新增成功"
         self._count("creates" if created else "updates")
-        log.info("record_uploaded", lsh=lsh, created=created, message=message)
+        log.debug("record_uploaded", lsh=lsh, created=created, message=message)
         return UploadResult(created=created, message=message, http_status=answer.http_status)
 
     def clock_skew_s(self) -> float | None:

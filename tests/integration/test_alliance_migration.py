@@ -57,7 +57,7 @@ def test_a_single_institution_outbox_migrates_in_place_and_sends_nothing_again(
         new = write_settings(tmp_path / "new.yaml", his_url=his.url, outbox_url=url, base_url=sim.url,
                              overrides={"institution": {"code": CODE}, "his": {"start_from": str(changed.date())}})
         store.migrate(institution=new.members[0].code)
-        assert current_revision(store.engine) == "0007"
+        assert current_revision(store.engine) == "0008"
         with store.engine.connect() as conn:
             rows = conn.execute(sa.text("SELECT institution, status FROM sync_outbox")).all()
         assert sorted(rows) == [(CODE, "sent")] * 5

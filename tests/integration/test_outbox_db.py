@@ -71,7 +71,8 @@ def test_every_outbox_column_carries_a_comment(server_url: str) -> None:
     assert "平台应答" in (next(c["comment"] for c in columns if c["name"] == "last_answer") or "")
     assert inspector.get_table_comment("sync_outbox")["text"]
     indexed = {tuple(ix["column_names"]) for ix in inspector.get_indexes("sync_outbox")}
-    assert ("status", "next_attempt_at") in indexed
+    # The claim reads each due status in this index's order and stops at its batch.
+    assert ("institution", "status", "next_attempt_at", "lsh") in indexed
     store.dispose()
 
 

@@ -35,7 +35,7 @@ def test_sql_server_text_columns_hold_chinese() -> None:
 
 
 def test_head_is_the_newest_revision() -> None:
-    assert head_revision() == "0007"
+    assert head_revision() == "0008"
 
 
 def test_lsh_gets_a_binary_collation_where_the_default_ignores_case() -> None:
