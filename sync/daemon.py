@@ -87,11 +87,12 @@ class Daemon:
         self.metrics = Metrics(
             store=pipeline.store,
             poll_every_s=settings.schedule.poll_every_s,
-            logins=lambda: pipeline.client.counters["logins"],
+            logins=lambda: sum(c.counters["logins"] for c in pipeline.dispatcher.clients),
             progress_at=lambda: pipeline.progress.at,
             institutions=[m.code for m in settings.members],
         )
-        pipeline.client.on_answer = self.metrics.upstream_answered
+        for client in pipeline.dispatcher.clients:
+            client.on_answer = self.metrics.upstream_answered
         pipeline.his.on_query = self.metrics.his_queried
         self.metrics_server: MetricsServer | None = None
         self.scheduler = BackgroundScheduler(

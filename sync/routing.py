@@ -52,6 +52,11 @@ class Routes:
         }
 
     @property
+    def clients(self) -> list[Client]:
+        """Each institution's platform client, the first institution's first."""
+        return [d.client for d in self.dispatchers.values()]
+
+    @property
     def circuits(self) -> list[Circuit]:
         return [d.circuit for d in self.dispatchers.values()]
 

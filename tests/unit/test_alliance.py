@@ -102,6 +102,22 @@ def test_colliding_lsh_of_two_members_are_two_records_each_under_its_own_account
     assert alliance.pipeline.cycle().sent == 0
 
 
+def test_the_service_counts_every_members_logins_and_uploads(alliance: Alliance) -> None:
+    from sync.daemon import Daemon
+
+    daemon = Daemon(alliance.settings, alliance.pipeline)
+    alliance.his.insert_alliance(TEST_ORG_ID, visits(1, 3, seed=1))
+    alliance.his.insert_alliance(TOWNSHIP, visits(1, 2, seed=2))
+
+    assert alliance.pipeline.cycle().sent == 5
+
+    registry = daemon.metrics.registry
+    assert registry.get_sample_value("crowd_sync_logins_total") == 2  # one per member's account
+    count = "crowd_sync_upstream_request_duration_seconds_count"
+    assert registry.get_sample_value(count, {"endpoint": "upload"}) == 5
+    assert registry.get_sample_value(count, {"endpoint": "login"}) == 2
+
+
 def test_one_members_revoked_key_pauses_only_that_member(alliance: Alliance) -> None:
     alliance.his.insert_alliance(TEST_ORG_ID, visits(1, 5, seed=3))
     alliance.his.insert_alliance(TOWNSHIP, visits(1, 5, seed=4))
