@@ -396,13 +396,13 @@ class Settings(_Model):
             return self
         problems: list[str] = []
         if not self.institutions:
-            problems.append("institutions: is empty; list each institution, or remove it and use institution:")
+            problems.append("institutions: 列表为空 / is empty; list each institution, or remove it and use institution:")
         if "institution" in self.model_fields_set:
-            problems.append("institution: give either institution: (one institution) or institutions: (several), not both")
+            problems.append("institution: 二者只能写一个 / give either institution: (one institution) or institutions: (several), not both")
         for key in ("app_key", "username", "password"):
             if getattr(self.upstream, key) is not None:
                 problems.append(
-                    f"upstream.{key}: with institutions:, each institution has its own; move it into its entry"
+                    f"upstream.{key}: 多机构时写在各机构条目中 / with institutions:, each institution has its own; move it into its entry"
                 )
         for attr in ("code", "username"):
             seen: dict[str, int] = {}
@@ -411,7 +411,7 @@ class Settings(_Model):
                 if value in seen:
                     why = " (each institution must use its own account, document FAQ 4 and 14)" if attr == "username" else ""
                     problems.append(
-                        f"institutions[{i}].{attr}: {value!r} is institutions[{seen[value]}]'s already{why}; "
+                        f"institutions[{i}].{attr}: {value!r} 与 institutions[{seen[value]}] 重复 / is institutions[{seen[value]}]'s already{why}; "
                         f"give each institution its own {attr}"
                     )
                 seen.setdefault(value, i)
