@@ -40,10 +40,12 @@ def claim_ms(
         w.pipeline.read_window(seed.HISTORY_START, seed.HISTORY_START + timedelta(seconds=due), stats, move_cursor=False)
         if stats.enqueued != due:
             raise RuntimeError(f"expected {due} due rows, the outbox took {stats.enqueued}")
+        institution = w.settings.members[0].code
         spent: list[float] = []
         for i in range(samples + 1):
             started = time.perf_counter()
-            got = w.store.leases.claim_due(now=utcnow(), limit=batch, owner="bench")
+            # As a dispatcher claims: its own institution's rows (the only one here).
+            got = w.store.leases.claim_due(now=utcnow(), limit=batch, owner="bench", institution=institution)
             elapsed = time.perf_counter() - started
             if len(got) != min(batch, due):
                 raise RuntimeError(f"a claim got {len(got)} rows, expected {min(batch, due)}")
