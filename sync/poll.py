@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 
-from sync import intake
+from sync import building
 from sync.clock import ClockWatch, HisClock, cursor_ahead, human_offset
 from sync.crashpoints import crash_point
 from sync.his import HisSource, polling_window
@@ -98,33 +99,50 @@ class Poller:
 
     def read_window(self, since: datetime, until: datetime, stats: CycleStats, *, move_cursor: bool) -> None:
         """Stream the window into the outbox batch by batch; with ``move_cursor`` the cursor
-        moves in the same transaction as the rows it covers, and to ``until`` at the end."""
-        batch: list[Incoming] = []
-        last: tuple[datetime, str] | None = None
+        moves in the same transaction as the rows it covers, and to ``until`` at the end.
+
+        Rows are read here, built by ``sync.building`` (in a worker process once the window
+        proves large) and written by a writer thread, in order: the three overlap."""
         size = self._settings.his.batch_size
         today = datetime.now(self._settings.schedule.tz).date()
         codes = tuple(m.code for m in self._settings.members)
+        builder = building.Builder(key_crowd=self._settings.key_crowd, today=today, institutions=codes)
         writer = _BatchWriter(lambda b, c: self._enqueue(b, stats, c))
+        building_now: deque[Any] = deque()  # batches being built, oldest first
+        last: tuple[datetime, str] | None = None
+
+        def hand_over(keep: int) -> None:
+            """Pass built batches to the writer, oldest first, until ``keep`` remain in building."""
+            nonlocal last
+            while len(building_now) > keep:
+                items: list[Incoming] = building_now.popleft().result()
+                for item in reversed(items):
+                    if item.source_changed_at is not None:
+                        last = (item.source_changed_at, item.lsh)
+                        break
+                self._progress.read_up_to(last[0] if last else None)
+                writer.submit(items, last if move_cursor else None)
+
         self._progress.reading(since, until)
+        rows: list[dict[str, Any]] = []
         try:
             for row in self._his.rows(since, until):
                 stats.rows_read += 1
-                item = intake.incoming(row, key_crowd=self._settings.key_crowd, today=today, institutions=codes)
-                batch.append(item)
-                changed_at = row.get("changed_at")
-                if isinstance(changed_at, datetime):
-                    last = (changed_at, item.lsh)
-                if len(batch) >= size:
-                    self._progress.read_up_to(last[0] if last else None)
-                    writer.submit(batch, last if move_cursor else None)
-                    batch = []
+                rows.append(row)
+                if len(rows) >= size:
+                    building_now.append(builder.submit(rows))
+                    rows = []
+                    hand_over(builder.in_flight)
                     if self._stop.is_set():
                         # The cursor covers what was recorded; the rest is read again next time.
+                        hand_over(0)
                         writer.wait()
                         return
-            writer.submit(batch, (until, "") if move_cursor else None)
+            hand_over(0)
+            writer.submit(builder.here(rows), (until, "") if move_cursor else None)
             writer.wait()
         finally:
+            builder.close()
             writer.close()
 
     def _enqueue(self, batch: list[Incoming], stats: CycleStats, cursor: tuple[datetime, str] | None) -> None:
@@ -138,35 +156,78 @@ class Poller:
 
 
 class _BatchWriter:
-    """Writes batches to the outbox one at a time, in order, in a thread of its own.
+    """Writes batches to the outbox in order, in a thread of its own.
 
-    A back-fill is bound by one core: while one batch is written (time spent mostly
-    inside the database driver, outside the GIL) the next is read and built. At most
-    one batch is in flight, so a batch and the cursor covering it are committed only
-    after every earlier batch, exactly as when writing inline.
+    While one write runs (mostly inside the database driver, outside the GIL) the next
+    batches are read and built. Batches that arrive during a write are written together
+    by the next one, in one transaction with the cursor of the last of them (fewer,
+    larger commits when the outbox is the slower side); at most ``most`` batches wait. A
+    batch and the cursor covering it are committed only after every earlier batch,
+    exactly as when writing inline.
     """
 
-    def __init__(self, write: Callable[[list[Incoming], tuple[datetime, str] | None], None]) -> None:
+    def __init__(self, write: Callable[[list[Incoming], tuple[datetime, str] | None], None], *, most: int = 4) -> None:
         self._write = write
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enqueue")
-        self._inflight: Future[None] | None = None
+        self._most = most
+        self._waiting: list[tuple[list[Incoming], tuple[datetime, str] | None]] = []
+        self._busy = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="enqueue", daemon=True)
+        self._thread.start()
 
     def submit(self, batch: list[Incoming], cursor: tuple[datetime, str] | None) -> None:
-        """Wait for the batch in flight (raising its error), then start writing this one."""
-        self.wait()
-        self._inflight = self._pool.submit(self._write, batch, cursor)
+        """Queue a batch (raising the error of an earlier write); waits while ``most`` batches wait."""
+        with self._changed:
+            while len(self._waiting) >= self._most and self._error is None:
+                self._changed.wait()
+            self._raise()
+            self._waiting.append((batch, cursor))
+            self._changed.notify_all()
 
     def wait(self) -> None:
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            inflight.result()
+        """Until every batch submitted is written (raising a write's error)."""
+        with self._changed:
+            while (self._waiting or self._busy) and self._error is None:
+                self._changed.wait()
+            self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._waiting.clear()
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._waiting and not self._closed:
+                    self._changed.wait()
+                if not self._waiting:
+                    return
+                taken, self._waiting = self._waiting, []
+                self._busy = True
+                self._changed.notify_all()
+            try:
+                items = taken[0][0] if len(taken) == 1 else [item for batch, _ in taken for item in batch]
+                self._write(items, taken[-1][1])
+            except BaseException as exc:  # noqa: BLE001 - raised in the reading thread
+                with self._changed:
+                    self._error = exc
+                    self._waiting.clear()  # written after a failed batch, they would move the cursor past it
+            finally:
+                with self._changed:
+                    self._busy = False
+                    self._changed.notify_all()
 
     def close(self) -> None:
-        """Let a batch still in flight finish (its error is not raised: the caller is already
-        leaving with one of its own), then stop the thread."""
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            wait([inflight])
-            if inflight.exception() is not None:
-                log.warning("outbox_batch_failed", error=repr(inflight.exception()))
-        self._pool.shutdown(wait=True)
+        """Write what was handed over (the reader may be leaving on an error of the HIS: what
+        it read is kept), then stop the thread; a write's error is logged, not raised (the
+        caller is already leaving with one of its own, or waited)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._thread.join()
+        if self._error is not None:
+            log.warning("outbox_batch_failed", error=repr(self._error))
