@@ -31,9 +31,11 @@ from sync.settings import KeyCrowd
 
 log = structlog.get_logger(__name__)
 
-# Batches of a window built in the reading process before the worker takes over: a
-# regular poll (a few hundred rows) never starts a process.
-INLINE_BATCHES = 2
+# Rows of a window built in the reading process before the worker takes over: a regular
+# poll (a few hundred rows) never starts a process.
+INLINE_ROWS = 5000
+# Whether windows use a worker: None, when this machine has more than one CPU.
+WORKER: bool | None = None
 # Batches handed to the worker and not yet taken back: one being built, one waiting.
 IN_FLIGHT = 2
 
@@ -84,15 +86,17 @@ class _Sent:
 
 
 class Builder:
-    """Builds the batches of one window, in order: here at first, then in a worker process
-    (from the ``INLINE_BATCHES + 1``-th batch on, when this machine has more than one CPU)."""
+    """Builds the batches of one window, in order: here at first, then, once more than
+    ``INLINE_ROWS`` rows came, in a worker process (when this machine has more than one CPU)."""
 
     def __init__(
         self, *, key_crowd: KeyCrowd, today: date, institutions: tuple[str, ...], worker: bool | None = None
     ) -> None:
         self._args = (key_crowd, today, institutions)
-        self._worker = (os.cpu_count() or 1) > 1 if worker is None else worker
-        self._batches = 0
+        if worker is None:
+            worker = (os.cpu_count() or 1) > 1 if WORKER is None else WORKER
+        self._worker = worker
+        self._rows_seen = 0
         self._pool: ProcessPoolExecutor | None = None
 
     @property
@@ -102,8 +106,8 @@ class Builder:
 
     def submit(self, rows: list[dict[str, Any]]) -> _Built | _Sent:
         """Start building a batch; ``result()`` of what is returned gives its ``Incoming`` values."""
-        self._batches += 1
-        if self._worker and self._pool is None and self._batches > INLINE_BATCHES:
+        self._rows_seen += len(rows)
+        if self._worker and self._pool is None and self._rows_seen > INLINE_ROWS:
             self._start()
         if self._pool is not None:
             try:

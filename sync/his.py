@@ -24,7 +24,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import URL, Connection, Dialect, Engine, make_url
 
-from sync import dberrors
+from sync import dberrors, hisconv
 from sync.clock import MAX_OFFSET_S, DataProbe, HisClock
 from sync.columns import Unreadable, check_columns
 from sync.errors import ConfigError, TransientError
@@ -456,6 +456,8 @@ def _create_engine(url: URL, his: His) -> Engine:
         if driver in ("pymysql", "mysqldb"):
             default("connect_timeout", _CONNECT_TIMEOUT_S)
             default("read_timeout", _READ_TIMEOUT_S)
+        if driver == "pymysql" and (fast := hisconv.conversions()) is not None:
+            default("conv", fast)
     elif backend == "postgresql" and driver in ("psycopg2", "psycopg"):
         default("connect_timeout", _CONNECT_TIMEOUT_S)
     elif backend == "oracle" and driver == "oracledb":
