@@ -14,8 +14,10 @@ are their own. Each prints one JSON line of figures.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import resource
 import sys
+import threading
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -53,6 +55,37 @@ def peak_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+class WorkerPeak:
+    """The peak memory of this process's child processes (the intake's build worker), read
+    every 0.2 s while they run: the worker's memory is the intake's too. ``private_mb``: its
+    anonymous memory (``RssAnon``), what it adds to the machine (the Python and library
+    files it maps are the reading process's pages, shared); ``mb``: its whole RSS."""
+
+    def __init__(self) -> None:
+        self.mb = 0.0
+        self.private_mb = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.2):
+            for child in multiprocessing.active_children():
+                try:
+                    for line in Path(f"/proc/{child.pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            self.mb = max(self.mb, round(int(line.split()[1]) / 1024, 1))
+                        elif line.startswith("RssAnon:"):
+                            self.private_mb = max(self.private_mb, round(int(line.split()[1]) / 1024, 1))
+                except OSError:
+                    pass
+
+    def stop(self) -> float:
+        self._done.set()
+        self._thread.join()
+        return self.mb
+
+
 def raw(his_url: str, since: datetime, until: datetime) -> dict[str, Any]:
     url = make_url(his_url)
     dialect = MySQLDialect_pymysql()
@@ -86,13 +119,20 @@ def intake(his_url: str, outbox_url: str, base_url: str, since: datetime, until:
     with open_world(his_url, outbox_url, base_url, his_query=vendor.QUERY, source="column") as w:
         out["rss_world_mb"] = peak_mb()
         stats = CycleStats()
+        worker = WorkerPeak()
         started, cpu = time.perf_counter(), time.process_time()
         w.pipeline.read_window(since, until, stats, move_cursor=False)
         elapsed = time.perf_counter() - started
+        worker.stop()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         out.update(
             rows=stats.rows_read, enqueued=stats.enqueued, skipped=stats.skipped, invalid=stats.invalid,
             seconds=round(elapsed, 3), cpu_s=round(time.process_time() - cpu, 2),
-            rows_per_s=stats.rows_read / elapsed, peak_rss_mb=peak_mb(),
+            worker_cpu_s=round(children.ru_utime + children.ru_stime, 2),
+            rows_per_s=stats.rows_read / elapsed, peak_rss_mb=peak_mb(), worker_peak_rss_mb=worker.mb,
+            worker_peak_private_mb=worker.private_mb,
+            # Both processes at their peaks at once: an upper bound of what the intake holds.
+            peak_rss_total_mb=round(peak_mb() + worker.private_mb, 1),
         )
         if dispatch:
             stats = CycleStats()

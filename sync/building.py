@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import threading
 import time
-from collections.abc import Sequence
+import types
+from collections.abc import Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from datetime import date
 from typing import Any
 
@@ -56,6 +59,18 @@ def _watch_parent(parent: int) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+@contextmanager
+def _without_main() -> Iterator[None]:
+    """A bare ``__main__`` while a worker process is spawned, so that it imports only what
+    its tasks need."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 class _Built:
@@ -121,11 +136,17 @@ class Builder:
 
     def _start(self) -> None:
         try:
-            self._pool = ProcessPoolExecutor(
+            pool = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_watch_parent, initargs=(os.getpid(),),
             )
-        except (OSError, ValueError) as exc:
+            # The worker process starts here, with the first task. multiprocessing's spawn
+            # would import this process's __main__ in it (crowd-sync's command: the whole
+            # CLI, SQLAlchemy, requests, the drivers: twice the memory); it needs intake only.
+            with _without_main():
+                pool.submit(int).result()
+            self._pool = pool
+        except (OSError, ValueError, BrokenProcessPool) as exc:
             self._worker = False
             log.warning("build_worker_unavailable", error=repr(exc),
                         fix="nothing to do: the rows are built in this process (one core)")

@@ -166,7 +166,7 @@ class _BatchWriter:
     exactly as when writing inline.
     """
 
-    def __init__(self, write: Callable[[list[Incoming], tuple[datetime, str] | None], None], *, most: int = 4) -> None:
+    def __init__(self, write: Callable[[list[Incoming], tuple[datetime, str] | None], None], *, most: int = 2) -> None:
         self._write = write
         self._most = most
         self._waiting: list[tuple[list[Incoming], tuple[datetime, str] | None]] = []

@@ -359,7 +359,7 @@ def test_an_upload_cut_off_by_a_kill_is_dropped_unanswered(sim: Simulator) -> No
         # Inside the 3rd batch's transaction: rows inserted, the cursor not yet moved.
         ("mid_enqueue:3", 0),
         # The first poll's 4th write, before its transaction: 3 writes recorded. (A write
-        # takes at most 4 batches, so the first poll's 22 batches take at least 6 writes.)
+        # takes at most 2 batches, so the first poll's 22 batches take at least 11 writes.)
         ("before_cursor_move:4", 0),
     ],
 )
