@@ -7,6 +7,7 @@ Each measurement runs in a child process (bench/child.py) against a fresh SQLite
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -66,8 +67,19 @@ def intake_vs_raw(
         f"({got['skipped']:,} skipped); peak RSS {got['peak_rss_mb']:.0f} MB (at start {got['rss_start_mb']:.0f} MB) "
         f"+ build worker {got['worker_peak_private_mb']:.0f} MB of its own (RSS {got['worker_peak_rss_mb']:.0f} MB, "
         f"the rest the same library pages)")
+    # What the machine's cores allow: at 60 % of the raw read the intake would have
+    # raw seconds / 0.6 of wall time, so at most that many seconds x cores of busy cores.
+    cores = os.cpu_count() or 1
+    per_row = got["machine_busy_s"] / got["rows"] * 1e6
+    raw_per_row = raw["machine_busy_s"] / raw["rows"] * 1e6
+    budget = cores / (0.60 * raw["rows_per_s"]) * 1e6
+    say(f"  the machine's cores busy per row (every process: crowd-sync, its build worker, MariaDB): raw read "
+        f"{raw_per_row:.0f} µs, intake {per_row:.0f} µs; at 60 % of the raw read's rate {cores} cores allow "
+        f"{budget:.0f} µs a row")
     rows = f"{got['rows']:,} rows"
     results.info(f"raw read, PyMySQL SSCursor ({rows})", f"{raw['rows_per_s']:,.0f} rows/s")
+    results.info("intake: busy core time a row, every process / what 60 % of the raw read allows",
+                 f"{per_row:.0f} µs / {budget:.0f} µs (raw read {raw_per_row:.0f} µs)")
     results.at_least(f"intake ({rows}) / raw read", f"{got['rows_per_s']:,.0f} rows/s", ratio, 0.60)
     total = got["peak_rss_total_mb"]
     results.below(f"intake peak RSS ({rows}), reader + build worker's own", f"{got['peak_rss_mb']:.0f} + "
@@ -101,6 +113,18 @@ def backfill(
     say(f"  end to end (reconcile {since:%Y-%m-%d} to {until - timedelta(days=1):%Y-%m-%d}): {whole['rows']:,} rows read, "
         f"{whole['sent']:,} sent in {whole['seconds']:.1f} s = {times(ratio)} max(intake, dispatch) "
         f"= {longer:.1f} s (sum {halves['seconds'] + halves['dispatch_s']:.1f} s); peak RSS {whole['peak_rss_mb']:.0f} MB")
+    # What the machine's cores allow: the halves kept them busy for this many core-seconds
+    # (every process: crowd-sync, its build worker, the simulator, MariaDB); run together on
+    # this machine's cores they cannot take less than that divided by the cores.
+    cores = os.cpu_count() or 1
+    busy = halves["machine_busy_s"] + halves["dispatch_machine_busy_s"]
+    floor = busy / cores
+    say(f"  the machine's cores busy: intake {halves['machine_busy_s']:.1f} core-s, dispatch "
+        f"{halves['dispatch_machine_busy_s']:.1f} core-s, end to end {whole['machine_busy_s']:.1f} core-s; together on "
+        f"{cores} cores the halves need at least {busy:.1f} / {cores} = {floor:.1f} s = {times(floor / longer)} "
+        f"max(intake, dispatch)")
+    results.info("back-fill: the halves' busy core-seconds / cores, the least end to end could take",
+                 f"{floor:.1f} s = {times(floor / longer)} max(intake, dispatch)")
     results.at_most(
         f"back-fill end to end ({whole['rows']:,} rows, {whole['sent']:,} uploads, 0 ms) / max(intake, dispatch)",
         f"{whole['seconds']:.1f} s against {longer:.1f} s", ratio, 1.25,
