@@ -21,6 +21,17 @@ from sync.upstream.simulator import SimConfig, Simulator
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# Code under test that logs before any ``logs.configure`` (pipelines built in-process) goes through
+# structlog's default set-up, whose console renderer draws each traceback with rich: locals,
+# highlighted source, a second or more per traceback. The product's own console format renders
+# them as plain text (sync/logs.py); so does this process. Only the exception formatter changes.
+structlog.configure(
+    processors=[
+        *structlog.get_config()["processors"][:-1],
+        structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),
+    ]
+)
+
 MARIADB_ADMIN = os.environ.get("CROWD_SYNC_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/test")
 POSTGRES_ADMIN = os.environ.get("CROWD_SYNC_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 

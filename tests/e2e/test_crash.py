@@ -57,6 +57,9 @@ POLL_EVERY_S = 5  # the smallest the settings allow
 BATCH_SIZE = 7  # small, so one poll records many batches (many cursor moves to crash between)
 LATENCY_S = 0.02  # every answer of the platform waits this long, so uploads are in flight when killed
 DRAIN_TIMEOUT_S = 90.0
+# SIGKILLs of the random-kill run, alternately at a random moment and with uploads in flight;
+# ``CROWD_SYNC_CRASH_KILLS`` runs more.
+RANDOM_KILLS = int(os.environ.get("CROWD_SYNC_CRASH_KILLS", "5"))
 
 
 @dataclass(kw_only=True, repr=False)
@@ -490,7 +493,7 @@ def random_kills(
 def test_random_kills_during_dispatch_lose_nothing(tmp_path: Path, sim: Simulator) -> None:
     # A slower platform than the named points use, so that dispatching spans the kills.
     h = Harness.create(tmp_path, sim, visits=300, seed=7, latency_s=0.04)
-    figures = random_kills(h, kills=7, seed=20240611)
+    figures = random_kills(h, kills=RANDOM_KILLS, seed=20240611)
     # Each kill costs only the uploads it interrupted; a restart reuses the stored token.
     h.check(figures)
     assert figures.kills_while_uploading >= 1, f"no kill landed during dispatch; {figures}"

@@ -153,6 +153,7 @@ SIGNED_PATH = (
 
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
+    saved = structlog.get_config()
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     libs = {name: logging.getLogger(name).level for name in ("urllib3", "sqlalchemy", "apscheduler", "alembic")}
@@ -161,7 +162,7 @@ def restore_logging() -> Iterator[None]:
     root.setLevel(level)
     for name, lvl in libs.items():
         logging.getLogger(name).setLevel(lvl)
-    structlog.reset_defaults()
+    structlog.configure(**saved)
 
 
 def emit_everything() -> None:
