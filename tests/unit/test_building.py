@@ -166,3 +166,20 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_worker_that_cannot_start_leaves_the_rows_built_here(monkeypatch: Any) -> None:
+    def no_processes(*_args: Any, **_kwargs: Any) -> Any:
+        raise ImportError("This platform lacks a functioning sem_open implementation")
+
+    monkeypatch.setattr(building, "ProcessPoolExecutor", no_processes)
+    monkeypatch.setattr(building, "INLINE_ROWS", 0)
+    rows = canonical_rows(30)
+    today = date(2026, 12, 8)
+    builder = building.Builder(key_crowd=COLUMN, today=today, institutions=("default",), worker=True)
+    try:
+        built = [item for k in range(0, 30, 10) for item in builder.submit(rows[k:k + 10]).result()]
+        assert builder.in_flight == 0
+    finally:
+        builder.close()
+    assert built == [intake.incoming(r, key_crowd=COLUMN, today=today) for r in rows]
