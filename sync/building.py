@@ -135,6 +135,7 @@ class Builder:
         return build_batch(rows, *self._args)
 
     def _start(self) -> None:
+        pool: ProcessPoolExecutor | None = None
         try:
             pool = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),
@@ -147,6 +148,8 @@ class Builder:
                 pool.submit(int).result()
             self._pool = pool
         except Exception as exc:  # noqa: BLE001 - whatever stops a process (no sem_open, a sandbox): build here
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
             self._worker = False
             log.warning("build_worker_unavailable", error=repr(exc),
                         fix="nothing to do: the rows are built in this process (one core)")
