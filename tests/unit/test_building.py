@@ -13,7 +13,7 @@ from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import sqlalchemy as sa
@@ -182,4 +182,32 @@ def test_a_worker_that_cannot_start_leaves_the_rows_built_here(monkeypatch: Any)
         assert builder.in_flight == 0
     finally:
         builder.close()
+    assert built == [intake.incoming(r, key_crowd=COLUMN, today=today) for r in rows]
+
+
+def test_a_worker_whose_first_task_fails_is_shut_down_and_the_rows_built_here(monkeypatch: Any) -> None:
+    class DeadOnArrival:
+        shut: ClassVar[list[bool]] = []
+
+        def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+            pass
+
+        def submit(self, *_args: Any) -> Future[Any]:
+            failed: Future[Any] = Future()
+            failed.set_exception(BrokenProcessPool("the worker died while starting"))
+            return failed
+
+        def shutdown(self, *, wait: bool, cancel_futures: bool) -> None:
+            DeadOnArrival.shut.append(cancel_futures)
+
+    monkeypatch.setattr(building, "ProcessPoolExecutor", DeadOnArrival)
+    monkeypatch.setattr(building, "INLINE_ROWS", 0)
+    rows = canonical_rows(20)
+    today = date(2026, 12, 8)
+    builder = building.Builder(key_crowd=COLUMN, today=today, institutions=("default",), worker=True)
+    try:
+        built = [item for k in range(0, 20, 10) for item in builder.submit(rows[k:k + 10]).result()]
+    finally:
+        builder.close()
+    assert DeadOnArrival.shut == [True]  # shut down once; no second attempt for the same window
     assert built == [intake.incoming(r, key_crowd=COLUMN, today=today) for r in rows]
