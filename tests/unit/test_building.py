@@ -168,21 +168,29 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def built_with_pool(monkeypatch: Any, pool: Any, visits: int) -> tuple[list[Any], list[Any], int]:
+    """A window of ``visits`` rows in batches of 10, the worker's pool replaced by ``pool``:
+    (what was built, what building here gives, batches left in flight at the end)."""
+    monkeypatch.setattr(building, "ProcessPoolExecutor", pool)
+    monkeypatch.setattr(building, "INLINE_ROWS", 0)
+    rows = canonical_rows(visits)
+    today = date(2026, 12, 8)
+    builder = building.Builder(key_crowd=COLUMN, today=today, institutions=("default",), worker=True)
+    try:
+        built = [item for k in range(0, visits, 10) for item in builder.submit(rows[k:k + 10]).result()]
+        in_flight = builder.in_flight
+    finally:
+        builder.close()
+    return built, [intake.incoming(r, key_crowd=COLUMN, today=today) for r in rows], in_flight
+
+
 def test_a_worker_that_cannot_start_leaves_the_rows_built_here(monkeypatch: Any) -> None:
     def no_processes(*_args: Any, **_kwargs: Any) -> Any:
         raise ImportError("This platform lacks a functioning sem_open implementation")
 
-    monkeypatch.setattr(building, "ProcessPoolExecutor", no_processes)
-    monkeypatch.setattr(building, "INLINE_ROWS", 0)
-    rows = canonical_rows(30)
-    today = date(2026, 12, 8)
-    builder = building.Builder(key_crowd=COLUMN, today=today, institutions=("default",), worker=True)
-    try:
-        built = [item for k in range(0, 30, 10) for item in builder.submit(rows[k:k + 10]).result()]
-        assert builder.in_flight == 0
-    finally:
-        builder.close()
-    assert built == [intake.incoming(r, key_crowd=COLUMN, today=today) for r in rows]
+    built, here, in_flight = built_with_pool(monkeypatch, no_processes, 30)
+    assert in_flight == 0
+    assert built == here
 
 
 def test_a_worker_whose_first_task_fails_is_shut_down_and_the_rows_built_here(monkeypatch: Any) -> None:
@@ -200,14 +208,6 @@ def test_a_worker_whose_first_task_fails_is_shut_down_and_the_rows_built_here(mo
         def shutdown(self, *, wait: bool, cancel_futures: bool) -> None:
             DeadOnArrival.shut.append(cancel_futures)
 
-    monkeypatch.setattr(building, "ProcessPoolExecutor", DeadOnArrival)
-    monkeypatch.setattr(building, "INLINE_ROWS", 0)
-    rows = canonical_rows(20)
-    today = date(2026, 12, 8)
-    builder = building.Builder(key_crowd=COLUMN, today=today, institutions=("default",), worker=True)
-    try:
-        built = [item for k in range(0, 20, 10) for item in builder.submit(rows[k:k + 10]).result()]
-    finally:
-        builder.close()
+    built, here, _ = built_with_pool(monkeypatch, DeadOnArrival, 20)
     assert DeadOnArrival.shut == [True]  # shut down once; no second attempt for the same window
-    assert built == [intake.incoming(r, key_crowd=COLUMN, today=today) for r in rows]
+    assert built == here
